@@ -1,0 +1,432 @@
+"""The component contracts: one base class per kind.
+
+This is what a plugin author reads. A component is a class with a unique
+``name`` for its kind, an ``options`` schema and the methods below; a plugin
+hands the class to ``register`` from the matching hook in ``core.hookspecs``.
+The training loop creates one instance per run with the resolved options
+(``self.opts``) and calls plain methods on it. Nothing here is called per
+sample; the per-step methods (losses) run inside the hot loop and must stay on
+the device: no ``.item()``, ``.cpu()`` or printing. Report numbers with
+``ctx.report(name, tensor)``; the loop gathers them every few steps.
+
+Anything a component must carry across a checkpoint goes in ``state_dict()``:
+a flat mapping of string keys to tensors or JSON values (numbers, strings,
+lists, dicts). Tensors are stored in safetensors, the rest in JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+
+from .options import Option, OptionValues, resolve_options
+
+if TYPE_CHECKING:  # torch is imported lazily so that `dyngan --help` stays instant
+    import torch
+    from torch import Tensor, nn
+
+ReportFn = Callable[[str, "Tensor | float"], None]
+
+__all__ = [
+    "Component",
+    "Option",
+    "Dataset",
+    "Model",
+    "ConditioningSpec",
+    "Conditioner",
+    "Loss",
+    "DStepContext",
+    "GStepContext",
+    "CollapseDetector",
+    "Detection",
+    "Partitioner",
+    "PartitionUpdate",
+    "Metric",
+    "Preset",
+    "TrainContext",
+    "Comm",
+    "KINDS",
+]
+
+
+class Component:
+    """Base of every component.
+
+    Class attributes to set:
+      name: unique among the components of this kind (e.g. ``"ns"``).
+      options: ``{key: Option(default, help, ...)}``; values reach the instance
+        validated, as ``self.opts.key``.
+    Set by dyngan: ``kind`` (by the base class) and ``plugin`` (the plugin that
+    registered it, by the registry).
+    """
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    options: ClassVar[Mapping[str, Option]] = {}
+    plugin: ClassVar[str | None] = None
+
+    def __init__(self, **options: Any) -> None:
+        self.opts = OptionValues(self.resolve_options(options))
+
+    @classmethod
+    def describe(cls) -> str:
+        return f"{cls.kind} {cls.name!r}"
+
+    @classmethod
+    def resolve_options(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with ``values``; raises OptionError on a bad key or value."""
+        return resolve_options(cls.describe(), cls.options, values)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a checkpoint: string keys to tensors or JSON values."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (tensors arrive on the CPU)."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Dataset(Component):
+    """A training set that fits in memory.
+
+    ``load`` returns every training sample as one float32 CPU tensor of shape
+    ``(N, *data_shape)``; image data is scaled to [-1, 1]. It must be a pure
+    function of the options and ``generator`` (the training set is fixed: the
+    collapse detector relies on per-sample identity).
+    """
+
+    kind: ClassVar[str] = "dataset"
+    #: the model used when the user names none
+    default_model: ClassVar[str] = "mlp"
+    #: metric names computed by ``dyngan evaluate`` and during training
+    default_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def load(self, generator: "torch.Generator") -> "Tensor":
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        """JSON facts the metrics need (e.g. ``{"centres": [...], "sigma": 0.05}``)."""
+        return {}
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ConditioningSpec:
+    """What a conditioner asks of the networks.
+
+    g_dim: width of the code appended to the generator's input (0: none).
+    d_dim: width of the code given to the discriminator (0: none).
+    d_heads: number of discriminator output logits; with more than one, the
+      logit of each sample's condition is used.
+    capacity: number of condition slots (K_max); conditions are 0..capacity-1.
+    """
+
+    g_dim: int = 0
+    d_dim: int = 0
+    d_heads: int = 1
+    capacity: int = 1
+
+
+class Model(Component):
+    """Builds a generator and a discriminator for a data shape.
+
+    ``build`` returns ``(G, D)`` as ``nn.Module``s:
+      ``G(z, code)``: z ``(B, z_dim)``, code ``(B, spec.g_dim)`` or None -> ``(B, *data_shape)``
+      ``D(x, code)``: x ``(B, *data_shape)``, code ``(B, spec.d_dim)`` or None ->
+        ``(logits (B, spec.d_heads), features (B, F))``; features are the
+        penultimate activations (used by detectors and partitioners).
+    Options should include ``z_dim``.
+    """
+
+    kind: ClassVar[str] = "model"
+
+    @property
+    def z_dim(self) -> int:
+        return int(self.opts["z_dim"])
+
+    def build(self, data_shape: tuple[int, ...], spec: ConditioningSpec) -> tuple["nn.Module", "nn.Module"]:
+        raise NotImplementedError
+
+
+class Conditioner(Component):
+    """How a condition id reaches the networks.
+
+    ``spec()`` sizes the networks; ``generator_code()`` / ``discriminator_code()``
+    return modules mapping condition ids ``(B,)`` (long) to codes ``(B, dim)``
+    (or None); their parameters train with G and D respectively. Capacity is
+    fixed so that adding conditions never resizes a network or an optimiser.
+    ``fake_conditions``: ``"prior"`` draws fake conditions from the partition
+    prior, ``"real"`` reuses the real batch's labels.
+    """
+
+    kind: ClassVar[str] = "conditioner"
+
+    def spec(self) -> ConditioningSpec:
+        raise NotImplementedError
+
+    def generator_code(self) -> "nn.Module | None":
+        return None
+
+    def discriminator_code(self) -> "nn.Module | None":
+        return None
+
+    @property
+    def fake_conditions(self) -> str:
+        return str(self.opts.get("fake_conditions", "prior"))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+@dataclass
+class DStepContext:
+    """What a loss sees in a discriminator step.
+
+    real / fake: the batches (fake is detached from G); real has
+      ``requires_grad`` when the loss's ``wants_real_grad`` is true.
+    real_logits / fake_logits: D's logits ``(B,)`` under each sample's condition.
+    real_cond / fake_cond: condition ids ``(B,)``.
+    discriminator: ``discriminator(x, cond) -> logits (B,)``, for penalties on
+      other points (e.g. WGAN-GP interpolates).
+    report: ``report(name, tensor)`` logs a scalar (gathered every few steps).
+    """
+
+    real: "Tensor"
+    fake: "Tensor"
+    real_logits: "Tensor"
+    fake_logits: "Tensor"
+    real_cond: "Tensor"
+    fake_cond: "Tensor"
+    discriminator: Callable[["Tensor", "Tensor"], "Tensor"]
+    report: ReportFn
+    generator: "torch.Generator | None" = None
+
+
+@dataclass
+class GStepContext:
+    """What a loss sees in a generator step.
+
+    fake_logits carry gradients to G. real_logits is given (detached) only when
+    the loss sets ``needs_real_in_g_step``; otherwise None.
+    """
+
+    fake: "Tensor"
+    fake_logits: "Tensor"
+    fake_cond: "Tensor"
+    real_logits: "Tensor | None"
+    report: ReportFn
+
+
+class Loss(Component):
+    """A GAN objective on logits. Both methods return a scalar to minimise.
+
+    Class or instance attributes the loop reads:
+      d_steps: discriminator steps per generator step (WGAN-GP: 5).
+      wants_real_grad: the real batch needs ``requires_grad`` (R1).
+      needs_real_in_g_step: G's loss needs D's logits on a real batch (RaGAN).
+      optimizer_defaults(): recommended ``{"lr_g", "lr_d", "betas"}``, used
+        when the user sets none.
+    Losses must stay finite for logits of +-100 and for a batch of one.
+    """
+
+    kind: ClassVar[str] = "loss"
+    needs_real_in_g_step: ClassVar[bool] = False
+
+    @property
+    def d_steps(self) -> int:
+        return 1
+
+    @property
+    def wants_real_grad(self) -> bool:
+        return False
+
+    def optimizer_defaults(self) -> dict[str, Any]:
+        return {}
+
+    def d_loss(self, ctx: DStepContext) -> "Tensor":
+        raise NotImplementedError
+
+    def g_loss(self, ctx: GStepContext) -> "Tensor":
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- training-time context
+
+
+class Comm:
+    """Collective helpers; the single-process version does nothing.
+
+    Under torchrun the loop passes a distributed implementation: detectors
+    shard their work with ``shard(n)`` and gather with ``all_gather``; a
+    decision made on rank 0 reaches every rank with ``broadcast``.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """The half-open index range ``[start, stop)`` of ``n`` items this rank handles."""
+        per = -(-n // self.world_size)
+        start = min(n, self.rank * per)
+        return start, min(n, start + per)
+
+    def all_gather(self, t: "Tensor") -> "Tensor":
+        """Concatenate along dim 0 the tensors of all ranks, in rank order (shapes may differ in dim 0)."""
+        return t
+
+    def broadcast(self, t: "Tensor", src: int = 0) -> "Tensor":
+        """Rank ``src``'s tensor on every rank (same shape and dtype everywhere)."""
+        return t
+
+    def all_reduce_mean(self, t: "Tensor") -> "Tensor":
+        return t
+
+
+@dataclass
+class TrainContext:
+    """What detectors and partitioners see when the loop calls them.
+
+    data: the whole training set ``(N, *shape)`` on ``device``.
+    labels: every sample's partition ``(N,)`` long, on ``device``.
+    prior: probability of each condition slot ``(capacity,)``.
+    generator(z, cond) / discriminator(x, cond, features=True) -> (logits, features):
+      the current networks (call them under ``torch.no_grad()``; switch nothing).
+    rng: a ``torch.Generator`` on ``device`` for the component's randomness.
+    """
+
+    step: int
+    device: "torch.device"
+    data: "Tensor"
+    labels: "Tensor"
+    prior: "Tensor"
+    capacity: int
+    z_dim: int
+    generator: Callable[..., "Tensor"]
+    discriminator: Callable[..., Any]
+    rng: "torch.Generator"
+    report: ReportFn
+    comm: Comm = field(default_factory=Comm)
+    batch_size: int = 1024
+
+
+# --------------------------------------------------------------------------- detection and partitions
+
+
+@dataclass
+class Detection:
+    """A detector's verdict over the whole training set.
+
+    collapsed: bool ``(N,)``, the real samples the generator misses.
+    fraction: 0-d float tensor, ``collapsed.mean()``.
+    score: optional ``(N,)`` per-sample score (higher = more missed).
+    features: optional ``(N, F)`` features for a partitioner.
+    """
+
+    collapsed: "Tensor"
+    fraction: "Tensor"
+    score: "Tensor | None" = None
+    features: "Tensor | None" = None
+
+
+class CollapseDetector(Component):
+    """Finds the real samples the generator does not produce.
+
+    ``setup(ctx)`` once before training (and again after a resume, after
+    ``load_state_dict``); ``detect(ctx)`` every ``self.every`` steps (option
+    ``every``). Batched on ``ctx.device``; no Python loop over samples.
+    """
+
+    kind: ClassVar[str] = "detector"
+
+    @property
+    def every(self) -> int:
+        return int(self.opts["every"])
+
+    def setup(self, ctx: TrainContext) -> None:
+        pass
+
+    def detect(self, ctx: TrainContext) -> Detection:
+        raise NotImplementedError
+
+
+@dataclass
+class PartitionUpdate:
+    """New labels for every training sample (values < capacity), and optionally a prior.
+
+    With ``prior`` None, the loop sets prior[c] = |P_c| / N.
+    """
+
+    labels: "Tensor"
+    prior: "Tensor | None" = None
+
+
+class Partitioner(Component):
+    """Splits the training set into conditions.
+
+    ``partition(ctx, detection)`` is called every ``self.every`` steps with the
+    latest detection (None when no detector runs); it returns a
+    ``PartitionUpdate`` or None to leave the partition as it is.
+    """
+
+    kind: ClassVar[str] = "partitioner"
+
+    @property
+    def every(self) -> int:
+        return int(self.opts["every"])
+
+    def setup(self, ctx: TrainContext) -> None:
+        pass
+
+    def partition(self, ctx: TrainContext, detection: Detection | None) -> PartitionUpdate | None:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- metrics and presets
+
+
+class Metric(Component):
+    """Scores generated samples.
+
+    ``supports(dataset)`` says whether the metric applies; ``compute`` returns
+    ``{name: float}`` from generated samples ``fake`` ``(M, *shape)``, the
+    training set ``real`` and the dataset (for ``info()``). Every key is
+    prefixed by the metric's name and ``protocol`` names the protocol.
+    """
+
+    kind: ClassVar[str] = "metric"
+    protocol: ClassVar[str] = ""
+
+    def supports(self, dataset: Dataset) -> bool:
+        return True
+
+    def compute(self, fake: "Tensor", real: "Tensor", dataset: Dataset) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Preset(Component):
+    """A named bundle of settings for ``dyngan train --preset NAME``.
+
+    ``settings``: config keys (``loss``, ``detector``, ``partitioner``,
+    ``conditioner``, ``model``, ``steps``, ``lr_g`` ...) and per-kind options
+    under ``options`` (``{"detector": {"delta": 0.2}}``). Flags and ``-o``
+    override them.
+    """
+
+    kind: ClassVar[str] = "preset"
+    settings: ClassVar[Mapping[str, Any]] = {}
+
+
+KINDS: dict[str, type[Component]] = {
+    "loss": Loss,
+    "detector": CollapseDetector,
+    "partitioner": Partitioner,
+    "conditioner": Conditioner,
+    "dataset": Dataset,
+    "model": Model,
+    "metric": Metric,
+    "preset": Preset,
+}

@@ -1,0 +1,61 @@
+"""The exceptions of dyngan, in layers.
+
+The library raises these; only the CLI turns them into messages and exit codes
+(``UsageError`` -> 2, ``RunFailure`` -> 1). A user never sees a traceback for a
+mistake of theirs.
+"""
+
+from __future__ import annotations
+
+
+class DynganError(Exception):
+    """Base class of every error dyngan raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(DynganError):
+    """Bad input: an unknown name, a bad option, a bad file. Exit code 2."""
+
+    exit_code = 2
+
+
+class UnknownComponentError(UsageError):
+    """A component name that no plugin registered."""
+
+
+class OptionError(UsageError):
+    """An option of a component that is unknown, of the wrong type or out of range."""
+
+
+class DuplicateComponentError(UsageError):
+    """Two plugins registered the same name for one kind."""
+
+
+class PluginError(UsageError):
+    """A plugin could not be loaded or misbehaved while registering."""
+
+
+class DataError(UsageError):
+    """Training data that cannot be used (NaN, wrong shape, unreadable, empty)."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint or run directory that is corrupt, foreign or missing."""
+
+
+class RunFailure(DynganError):
+    """A failure while running (divergence, a component raising). Exit code 1."""
+
+
+class ComponentFailure(RunFailure):
+    """A component method raised; names the plugin and the component."""
+
+    def __init__(self, kind: str, name: str, plugin: str | None, method: str, error: BaseException):
+        self.kind, self.name, self.plugin, self.method, self.error = kind, name, plugin, method, error
+        where = f"{kind} {name!r}" + (f" (plugin {plugin!r})" if plugin else "")
+        super().__init__(f"{where} raised in {method}(): {type(error).__name__}: {error}")
+
+
+class DivergenceError(RunFailure):
+    """NaN or inf in a loss or in the weights."""

@@ -1,0 +1,189 @@
+"""Option schemas for components.
+
+A component declares ``options = {"delta": Option(0.2, "threshold ...", min=0.0)}``.
+``resolve_options`` turns user values (Python values from TOML/JSON, or strings
+from ``-o kind.key=value``) into a validated dict, or raises ``OptionError``
+naming the component, the option and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import OptionError
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a component.
+
+    default: the value used when the user gives none; its type is the option's
+      type unless ``type`` is given (``None`` as default needs ``type``).
+    help: one line for ``dyngan plugins`` and the docs.
+    min, max: inclusive bounds for numbers.
+    choices: the allowed values, for strings.
+    nullable: whether ``None`` (``none`` on the command line) is allowed.
+    """
+
+    default: Any
+    help: str = ""
+    type: type | None = None
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+
+    @property
+    def value_type(self) -> type:
+        if self.type is not None:
+            return self.type
+        if self.default is None:
+            raise TypeError("an Option whose default is None needs type=")
+        return type(self.default)
+
+    def describe(self) -> str:
+        """What a valid value looks like, for error messages and docs."""
+        t = self.value_type
+        text = _TYPE_NAMES.get(t, t.__name__)
+        if self.choices is not None:
+            text = "one of " + ", ".join(map(str, self.choices))
+        if self.min is not None and self.max is not None:
+            text += f" in [{self.min}, {self.max}]"
+        elif self.min is not None:
+            text += f" >= {self.min}"
+        elif self.max is not None:
+            text += f" <= {self.max}"
+        if self.nullable:
+            text += " or none"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "default": self.default,
+            "type": self.value_type.__name__,
+            "help": self.help,
+            "min": self.min,
+            "max": self.max,
+            "choices": list(self.choices) if self.choices is not None else None,
+            "nullable": self.nullable,
+        }
+
+
+def _coerce(value: Any, opt: Option) -> Any:
+    """Convert ``value`` to the option's type or raise ValueError."""
+    t = opt.value_type
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if opt.nullable:
+            return None
+        raise ValueError
+    if isinstance(value, str) and t is not str:
+        s = value.strip()
+        if t is bool:
+            low = s.lower()
+            if low in ("true", "yes", "1", "on"):
+                return True
+            if low in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if t is int:
+            f = float(s)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if t is float:
+            return float(s)
+        return t(s)
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if t is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    if not isinstance(value, t):
+        raise ValueError
+    return value
+
+
+def check_value(where: str, key: str, value: Any, opt: Option) -> Any:
+    """Validate one option value; ``where`` names the component (e.g. ``detector 'dyngan'``)."""
+    try:
+        v = _coerce(value, opt)
+    except (ValueError, TypeError):
+        raise OptionError(
+            f"{where}: option {key!r} must be {opt.describe()}, got {value!r}"
+        ) from None
+    if v is None:
+        return v
+    if isinstance(v, float) and not math.isfinite(v):
+        raise OptionError(f"{where}: option {key!r} must be a finite number, got {value!r}")
+    if opt.choices is not None and v not in opt.choices:
+        raise OptionError(f"{where}: option {key!r} must be {opt.describe()}, got {value!r}")
+    if opt.min is not None and v < opt.min:
+        raise OptionError(f"{where}: option {key!r} must be {opt.describe()}, got {value!r}")
+    if opt.max is not None and v > opt.max:
+        raise OptionError(f"{where}: option {key!r} must be {opt.describe()}, got {value!r}")
+    return v
+
+
+def resolve_options(where: str, schema: Mapping[str, Option], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults overlaid with ``values``, every value checked against ``schema``."""
+    unknown = [k for k in values if k not in schema]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(schema), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        known = ", ".join(sorted(schema)) or "none"
+        raise OptionError(f"{where}: unknown option {key!r}{hint} (options: {known})")
+    out = {k: opt.default for k, opt in schema.items()}
+    for k, v in values.items():
+        out[k] = check_value(where, k, v, schema[k])
+    return out
+
+
+class OptionValues(Mapping[str, Any]):
+    """Read-only resolved options with attribute access: ``self.opts.delta``."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("options are read-only")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"OptionValues({self._values!r})"

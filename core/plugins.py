@@ -1,0 +1,230 @@
+"""The plugin manager: entry-point discovery, allow/deny lists, guarded loading.
+
+Every plugin, built-in or third-party, is a module declared in the entry-point
+group ``dyngan``. ``load_plugins`` imports each one on its own, registers it
+with pluggy, checks its hook implementations against the specs and runs its
+registration hooks. A plugin that fails at any of these steps is recorded with
+its error and skipped; the others load as if it were not there.
+
+Environment switches:
+  DYNGAN_LOAD_PLUGINS   comma-separated allow-list of plugin (entry-point) or
+                        distribution names; set but empty loads none.
+  DYNGAN_BLOCK_PLUGINS  comma-separated deny-list, same names.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import ModuleType
+from typing import Any, Callable, Iterable, Mapping
+
+import pluggy
+
+from . import hookspecs
+from .errors import DynganError, PluginError
+from .registry import Registry
+
+GROUP = "dyngan"
+
+
+@dataclass
+class PluginInfo:
+    """What ``dyngan plugins`` shows for one plugin."""
+
+    name: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    components: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "distribution": self.distribution,
+            "version": self.version,
+            "hooks": self.hooks,
+            "components": self.components,
+            "error": self.error,
+        }
+
+
+def _split_env(value: str | None) -> set[str] | None:
+    if value is None:
+        return None
+    return {v.strip() for v in value.split(",") if v.strip()}
+
+
+class PluginHost:
+    """The loaded plugins and the registry they filled."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("dyngan")
+        self.pm.add_hookspecs(hookspecs)
+        self.registry = Registry()
+        self.plugins: dict[str, PluginInfo] = {}
+
+    # ------------------------------------------------------------------ loading
+
+    @property
+    def failed(self) -> list[PluginInfo]:
+        return [p for p in self.plugins.values() if p.error is not None]
+
+    @property
+    def loaded(self) -> list[PluginInfo]:
+        return [p for p in self.plugins.values() if p.error is None]
+
+    def add_plugin(
+        self,
+        name: str,
+        load: Callable[[], ModuleType | object],
+        *,
+        module: str = "",
+        distribution: str | None = None,
+        version: str | None = None,
+    ) -> PluginInfo:
+        """Import, register and run the registration hooks of one plugin, guarded."""
+        info = PluginInfo(name=name, module=module, distribution=distribution, version=version)
+        if name in self.plugins:
+            info.error = f"a plugin named {name!r} is already loaded (from {self.plugins[name].module})"
+            self.plugins[f"{name} ({module})"] = info
+            return info
+        self.plugins[name] = info
+        try:
+            obj = load()
+        except BaseException as e:  # noqa: BLE001 - a plugin may raise anything on import
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            info.error = f"failed to import: {type(e).__name__}: {e}"
+            info.traceback = traceback.format_exc()
+            return info
+        if not info.module:
+            info.module = getattr(obj, "__name__", repr(obj))
+        try:
+            self.pm.register(obj, name=name)
+        except Exception as e:
+            info.error = f"invalid plugin: {type(e).__name__}: {e}"
+            return info
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            self.pm.unregister(name=name)
+            info.error = f"unknown hook: {e}"
+            return info
+        info.hooks = sorted(hc.name for hc in (self.pm.get_hookcallers(obj) or []))
+        try:
+            self._run_registration(name, info)
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            self.registry.remove_plugin(name)
+            self.pm.unregister(name=name)
+            msg = str(e) if isinstance(e, DynganError) else f"{type(e).__name__}: {e}"
+            info.error = f"failed while registering: {msg}"
+            info.components = {}
+        return info
+
+    def _impls(self, hook_name: str, plugin_name: str) -> list[pluggy.HookImpl]:
+        caller = getattr(self.pm.hook, hook_name)
+        return [impl for impl in caller.get_hookimpls() if impl.plugin_name == plugin_name]
+
+    def _run_registration(self, plugin_name: str, info: PluginInfo) -> None:
+        for hook_name, kind in hookspecs.REGISTRATION_HOOKS.items():
+            for impl in self._impls(hook_name, plugin_name):
+
+                def register(cls: type, _kind: str = kind) -> None:
+                    self.registry.add(_kind, cls, plugin_name)
+                    info.components.setdefault(_kind, []).append(cls.name)
+
+                impl.function(**{a: register for a in impl.argnames})
+
+    def add_commands(self, cli: Any) -> None:
+        """Run every plugin's ``register_commands(cli)``; a failure marks the plugin."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(**{a: cli for a in impl.argnames})
+            except Exception as e:  # noqa: BLE001
+                info = self.plugins.get(impl.plugin_name)
+                if info is not None:
+                    info.error = f"failed in register_commands: {type(e).__name__}: {e}"
+
+    # ------------------------------------------------------------------ queries
+
+    def versions(self, used: Iterable[str] | None = None) -> dict[str, dict[str, str | None]]:
+        """``{plugin: {"distribution", "version"}}`` for the loaded plugins (or those in ``used``)."""
+        names = set(used) if used is not None else None
+        return {
+            p.name: {"distribution": p.distribution, "version": p.version}
+            for p in self.loaded
+            if names is None or p.name in names
+        }
+
+    def report(self) -> list[dict[str, Any]]:
+        return [p.to_json() for p in self.plugins.values()]
+
+
+def _allowed(name: str, dist: str | None, allow: set[str] | None, block: set[str] | None) -> bool:
+    keys = {name} | ({dist} if dist else set())
+    if allow is not None and not (keys & allow):
+        return False
+    if block and keys & block:
+        return False
+    return True
+
+
+def entry_points() -> list[metadata.EntryPoint]:
+    eps = list(metadata.entry_points(group=GROUP))
+    # built-ins first, then third-party, each by name: a stable order for messages
+    def dist_name(ep: metadata.EntryPoint) -> str:
+        return ep.dist.name if ep.dist is not None else ""
+
+    return sorted(eps, key=lambda ep: (dist_name(ep) != "dyngan", ep.name))
+
+
+def load_plugins(env: Mapping[str, str] | None = None) -> PluginHost:
+    """Discover and load every plugin of the entry-point group ``dyngan``."""
+    env = os.environ if env is None else env
+    allow = _split_env(env.get("DYNGAN_LOAD_PLUGINS"))
+    block = _split_env(env.get("DYNGAN_BLOCK_PLUGINS"))
+    host = PluginHost()
+    seen: set[tuple[str, str]] = set()
+    for ep in entry_points():
+        dist = ep.dist.name if ep.dist is not None else None
+        if (ep.name, ep.value) in seen:  # the same distribution seen twice on sys.path
+            continue
+        seen.add((ep.name, ep.value))
+        if not _allowed(ep.name, dist, allow, block):
+            continue
+        version = ep.dist.version if ep.dist is not None else None
+        host.add_plugin(ep.name, ep.load, module=ep.value, distribution=dist, version=version)
+    return host
+
+
+_HOST: PluginHost | None = None
+
+
+def get_host() -> PluginHost:
+    """The process-wide plugin host, loaded on first use."""
+    global _HOST
+    if _HOST is None:
+        _HOST = load_plugins()
+    return _HOST
+
+
+def set_host(host: PluginHost | None) -> None:
+    """Replace the process-wide host (tests; ``None`` reloads on next use)."""
+    global _HOST
+    _HOST = host
+
+
+def require_plugin(host: PluginHost, name: str) -> PluginInfo:
+    info = host.plugins.get(name)
+    if info is None:
+        raise PluginError(f"no plugin named {name!r} is loaded")
+    return info

@@ -1,0 +1,87 @@
+"""2D Gaussian mixtures: ring8 and grid25.
+
+Defaults follow the PacGAN / VEEGAN protocol (100,000 fixed training points);
+``points_per_mode``, ``sigma`` and ``radius`` / ``spacing`` select the DynGAN
+code's protocol (e.g. ``-o dataset.points_per_mode=50 -o dataset.sigma=0.1``).
+The training set is drawn once from the run's seed and then kept fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from core import hookimpl
+from core.components import Dataset, Option
+
+
+class _Mixture(Dataset):
+    default_model = "mlp"
+    default_metrics = ("mixture",)
+
+    def centres(self) -> list[list[float]]:
+        raise NotImplementedError
+
+    def load(self, generator):
+        import torch
+
+        centres = torch.tensor(self.centres(), dtype=torch.float64)
+        k = centres.shape[0]
+        if self.opts.points_per_mode is not None:
+            # DynGAN code: the same number of points in every mode
+            modes = torch.arange(k).repeat_interleave(self.opts.points_per_mode)
+        else:
+            modes = torch.randint(k, (self.opts.n,), generator=generator)
+        noise = torch.randn(modes.shape[0], 2, generator=generator, dtype=torch.float64)
+        return (centres[modes] + self.opts.sigma * noise).to(torch.float32)
+
+    def info(self) -> dict[str, Any]:
+        return {"centres": self.centres(), "sigma": self.opts.sigma}
+
+
+_COMMON = {
+    "n": Option(100_000, "number of training points (PacGAN protocol)", min=1),
+    "points_per_mode": Option(
+        None, "points per mode instead of n (DynGAN code: 50)", type=int, min=1, nullable=True
+    ),
+}
+
+
+class Ring8(_Mixture):
+    """Eight Gaussians evenly spaced on a circle."""
+
+    name = "ring8"
+    options = {
+        **_COMMON,
+        "radius": Option(1.0, "radius of the ring (DynGAN code: 2)", min=0.0),
+        "sigma": Option(0.01, "standard deviation of each mode (DynGAN code: 0.05)", min=0.0),
+        "modes": Option(8, "number of modes on the ring", min=1),
+    }
+
+    def centres(self) -> list[list[float]]:
+        r, k = self.opts.radius, self.opts.modes
+        # k distinct angles: 2*pi*i/k for i < k (never linspace with the endpoint)
+        return [[r * math.cos(2 * math.pi * i / k), r * math.sin(2 * math.pi * i / k)] for i in range(k)]
+
+
+class Grid25(_Mixture):
+    """A 5x5 grid of Gaussians, centres {-4,-2,0,2,4}^2."""
+
+    name = "grid25"
+    options = {
+        **_COMMON,
+        "spacing": Option(2.0, "distance between neighbouring centres", min=0.0),
+        "sigma": Option(0.05, "standard deviation of each mode (DynGAN code: 0.1)", min=0.0),
+        "side": Option(5, "modes per side", min=1),
+    }
+
+    def centres(self) -> list[list[float]]:
+        side, s = self.opts.side, self.opts.spacing
+        offs = [(i - (side - 1) / 2) * s for i in range(side)]
+        return [[x, y] for x in offs for y in offs]
+
+
+@hookimpl
+def register_datasets(register):
+    register(Ring8)
+    register(Grid25)
