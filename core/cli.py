@@ -95,6 +95,115 @@ def plugins(as_json: bool) -> None:
             click.echo(f"  {kind}: {', '.join(names)}")
 
 
+
+def _opt(*names: str, **kw: Any):
+    return click.option(*names, default=None, show_default=False, **kw)
+
+
+@cli.command(context_settings={"show_default": True})
+@_opt("--dataset", help="Dataset name (default grid25).")
+@_opt("--loss", help="Loss name (default ns).")
+@_opt("--detector", help="Collapse detector name, or none.")
+@_opt("--partitioner", help="Partitioner name, or none.")
+@_opt("--conditioner", help="Conditioner name, or none.")
+@_opt("--preset", help="A named bundle of the above, e.g. dyngan.")
+@_opt("--model", help="Model name (default: the dataset's).")
+@_opt("--metrics", help="Comma-separated metric names (default: the dataset's).")
+@_opt("--steps", type=int, help="Generator steps (default 30000).")
+@_opt("--batch-size", "batch_size", type=int, help="Batch size (default 128).")
+@_opt("--lr-g", "lr_g", type=float, help="Generator learning rate (default: the loss's, else 1e-3).")
+@_opt("--lr-d", "lr_d", type=float, help="Discriminator learning rate.")
+@_opt("--betas", help="Adam betas as B1,B2 (default: the loss's, else 0.5,0.999).")
+@_opt("--seed", type=int, help="Seed for data, initialisation and batches (default 0).")
+@_opt("--device", help="auto | cpu | cuda | cuda:N (default auto).")
+@_opt("--out", type=click.Path(), help="Run directory (default: a new numbered one under runs/).")
+@click.option("-o", "--option", "options", multiple=True, metavar="KIND.KEY=VALUE",
+              help="A component option, e.g. -o detector.delta=0.1 (repeatable).")
+@_opt("--config", "config", type=click.Path(), help="A TOML file with the same settings; flags override it.")
+@_opt("--log-every", "log_every", type=int, help="Gather and log scalars every N steps (default 100).")
+@_opt("--eval-every", "eval_every", type=int, help="Compute metrics every N steps, 0 = at the end only "
+      "(default 5000).")
+@_opt("--checkpoint-every", "checkpoint_every", type=int, help="Checkpoint every N steps (default 5000).")
+@_opt("--amp", type=click.Choice(["none", "bf16"]), help="bf16 autocast (CUDA).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the networks.")
+@_opt("--on-divergence", "on_divergence", type=click.Choice(["stop", "rollback"]),
+      help="On NaN/inf: stop, or roll back to the last checkpoint and go on with a new random stream.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the resolved config; train nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run: bool, quiet: bool,
+          **flags: Any) -> None:
+    """Train a GAN; prints the run directory."""
+    from . import api
+    from .config import parse_option_flags
+
+    settings = {k: v for k, v in flags.items() if v is not None}
+    if compile_ is not None:
+        settings["compile"] = compile_
+    if options:
+        settings["options"] = parse_option_flags(options)
+    if dry_run:
+        if resume:
+            cfg, _ = api.prepare(settings, resume=True)
+        else:
+            cfg = api.resolve_settings(settings)
+        click.echo(json.dumps(cfg, indent=2, sort_keys=True))
+        return
+    result = api.train(settings, resume=resume, quiet=quiet)
+    click.echo(str(result.run_dir))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--n", "n", type=int, required=True, help="Number of samples.")
+@click.option("--out", "out", type=click.Path(), required=True, help="Output .npy file.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def sample(run_dir: str, n: int, out: str, seed: int, device: str) -> None:
+    """Write N samples of a run's latest checkpoint to a .npy file."""
+    import numpy as np
+
+    from . import api
+    from .checkpoint import atomic_write_bytes
+    from .errors import UsageError
+
+    if not out.endswith(".npy"):
+        raise UsageError(f"--out must name a .npy file, got {out!r}")
+    arr = api.sample(run_dir, n, seed, device=device)
+    import io
+    from pathlib import Path
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    try:
+        atomic_write_bytes(Path(out), buf.getvalue())
+    except OSError as e:
+        raise UsageError(f"cannot write {out!r}: {e.strerror or e}") from None
+    click.echo(f"{out}: {arr.shape[0]} samples of shape {tuple(arr.shape[1:])}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--n", "n", type=int, default=None, help="Samples to score (default: the dataset's, e.g. 2500).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool) -> None:
+    """Mode-coverage metrics of a run's latest checkpoint."""
+    from . import api
+
+    res = api.evaluate(run_dir, n, seed, device=device)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"{res['run']}  step {res['step']}  {res['dataset']}  {res['samples']} samples")
+    for name, proto in res["protocols"].items():
+        if proto:
+            click.echo(f"  [{name}] {proto}")
+    for k, v in res["metrics"].items():
+        click.echo(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:

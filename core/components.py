@@ -102,6 +102,8 @@ class Dataset(Component):
     default_model: ClassVar[str] = "mlp"
     #: metric names computed by ``dyngan evaluate`` and during training
     default_metrics: ClassVar[tuple[str, ...]] = ()
+    #: how many generated samples ``dyngan evaluate`` scores by default
+    eval_samples: ClassVar[int] = 2500
 
     def load(self, generator: "torch.Generator") -> "Tensor":
         raise NotImplementedError

@@ -1,0 +1,203 @@
+"""The library behind the CLI: ``train``, ``sample``, ``evaluate``.
+
+Each takes plain values and returns plain values; errors are ``core.errors``
+exceptions. ``train`` settings use the config keys (``dataset``, ``loss``,
+``steps``, ``options={"detector": {"delta": 0.1}}`` ...) plus ``out`` (the run
+directory) and ``config`` (a TOML file read beneath the other settings).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import __version__, rundir
+from .config import DEFAULTS, SLOTS, read_toml, resolve
+from .errors import CheckpointError, UsageError
+from .plugins import PluginHost, get_host
+
+#: keys of a saved config that are records, not settings
+_RECORD_KEYS = ("dyngan_version", "plugins", "created")
+#: settings that may change when a run is resumed
+_RESUMABLE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device")
+
+
+def _settings_only(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in _RECORD_KEYS}
+
+
+def resolve_settings(settings: Mapping[str, Any], host: PluginHost | None = None) -> dict[str, Any]:
+    """The fully resolved config for ``settings`` (no files written)."""
+    host = host or get_host()
+    settings = dict(settings)
+    settings.pop("out", None)
+    layers: list[Mapping[str, Any]] = []
+    file = settings.pop("config", None)
+    if file is not None:
+        layers.append(read_toml(file))
+    layers.append({k: v for k, v in settings.items() if v is not None})
+    cfg = resolve(host.registry, layers)
+    used = set()
+    for slot in SLOTS:
+        if cfg.get(slot) is not None:
+            used.add(host.registry.get(SLOTS[slot], cfg[slot]).plugin)
+    for m in cfg["metrics"]:
+        used.add(host.registry.get("metric", m).plugin)
+    cfg["dyngan_version"] = __version__
+    cfg["plugins"] = host.versions(p for p in used if p)
+    return cfg
+
+
+def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost) -> dict[str, Any]:
+    saved = rundir.read_config(run_dir)
+    try:
+        cfg = resolve(host.registry, [_settings_only(saved)])
+    except UsageError as e:
+        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be resumed with the installed plugins: {e}") from None
+    given = {k: v for k, v in settings.items() if v is not None and k not in ("out", "config")}
+    if settings.get("config") is not None:
+        raise UsageError("--config cannot be combined with --resume: the run's own config.json is used")
+    changed = {}
+    for k, v in given.items():
+        if k in _RESUMABLE:
+            changed[k] = v
+        elif k == "options" and not v:
+            continue
+        elif k not in DEFAULTS:
+            raise UsageError(f"unknown setting {k!r}")
+        elif saved.get(k) != v:
+            raise UsageError(
+                f"--resume continues the run as it was configured; {k} was {saved.get(k)!r}, "
+                f"not {v!r} (only {', '.join(_RESUMABLE)} may change)")
+    if changed:
+        cfg = resolve(host.registry, [_settings_only(saved), changed])
+    cfg["dyngan_version"] = __version__
+    cfg["plugins"] = host.versions(saved.get("plugins", {}).keys())
+    cfg["created"] = saved.get("created")
+    return cfg
+
+
+def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHost | None = None,
+            runs_root: Path = Path("runs")) -> tuple[dict[str, Any], Path]:
+    """Resolve the config and create (or find, with ``resume``) the run directory."""
+    host = host or get_host()
+    out = settings.get("out")
+    if resume:
+        if out is None:
+            raise UsageError("--resume needs --out RUN_DIR: the run to continue")
+        run_dir = Path(out)
+        cfg = _resume_config(run_dir, settings, host)
+        if not (run_dir / rundir.CHECKPOINTS).is_dir():
+            raise CheckpointError(f"{str(run_dir)!r} has no checkpoints to resume from")
+        return cfg, run_dir
+    cfg = resolve_settings(settings, host)
+    cfg["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    run_dir = rundir.create(Path(out) if out is not None else None, runs_root)
+    return cfg, run_dir
+
+
+def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = True,
+          host: PluginHost | None = None, stream: Any = None, comm: Any = None):
+    """Train a run; returns ``core.training.TrainResult`` (run_dir, step, metrics, config)."""
+    from .training import Trainer
+
+    host = host or get_host()
+    if comm is not None and comm.rank != 0:
+        # only rank 0 creates and writes the run directory
+        cfg = (_resume_config(Path(settings["out"]), settings, host) if resume
+               else resolve_settings(settings, host))
+        run_dir = Path(settings["out"])
+    else:
+        cfg, run_dir = prepare(settings, resume=resume, host=host)
+        if not resume:
+            try:
+                rundir.write_config(run_dir, cfg)
+            except OSError as e:
+                raise UsageError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}") from None
+    trainer = Trainer(cfg, host.registry, run_dir, resume=resume, quiet=quiet, comm=comm, stream=stream)
+    if not quiet and (comm is None or comm.rank == 0):
+        trainer.progress.message(
+            f"run directory: {run_dir}  ({cfg['dataset']}, loss {cfg['loss']}, device {trainer.device}, "
+            f"{cfg['steps']} steps)")
+    return trainer.run()
+
+
+# ---------------------------------------------------------------------- using a finished run
+
+
+def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu"):
+    """A run's config, components and generator, from its latest good checkpoint."""
+    import torch
+
+    from . import checkpoint as ckpt_io
+    from .networks import build_networks
+    from .training import instantiate, resolve_device
+
+    saved = rundir.read_config(run_dir)
+    try:
+        cfg = resolve(host.registry, [_settings_only(saved)])
+    except UsageError as e:
+        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be loaded with the installed plugins: {e}") from None
+    comps = instantiate(cfg, host.registry)
+    dev = resolve_device(device)
+    holder: dict[str, Any] = {}
+
+    def apply(ck: ckpt_io.Checkpoint) -> None:
+        shape = ck.meta.get("data_shape")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise CheckpointError(f"{ck.path.name}: bad data_shape {shape!r}")
+        G, _, spec = build_networks(comps.model, comps.conditioner, tuple(shape))
+        try:
+            G.load_state_dict({k[2:]: v for k, v in ck.tensors.items() if k.startswith("G/")})
+            prior = ck.tensors["train/prior"].float()
+        except (RuntimeError, KeyError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{ck.path.name} does not fit this run's networks: {msg}") from None
+        if prior.shape != (spec.capacity,) or not torch.isfinite(prior).all() or (prior < 0).any() \
+                or float(prior.sum()) <= 0:
+            raise CheckpointError(f"{ck.path.name}: bad condition prior")
+        holder.update(G=G.to(dev), prior=(prior / prior.sum()).to(dev), shape=tuple(shape))
+
+    ck = ckpt_io.load_latest(run_dir / rundir.CHECKPOINTS, apply)
+    return cfg, comps, holder["G"], holder["prior"], dev, ck.step
+
+
+def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
+           host: PluginHost | None = None):
+    """``n`` samples from the run's latest checkpoint as a float32 NumPy array ``(n, *data_shape)``."""
+    import torch
+
+    from .training import generate
+
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
+    host = host or get_host()
+    cfg, comps, G, prior, dev, _ = _load_run(Path(run_dir), host, device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return generate(G, n, comps.model.z_dim, prior, dev, g).cpu().numpy().astype("float32")
+
+
+def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device: str = "cpu",
+             host: PluginHost | None = None) -> dict[str, Any]:
+    """The dataset's metrics on ``n`` samples from the run's latest checkpoint."""
+    import torch
+
+    from .training import call_component, generate, load_dataset
+
+    host = host or get_host()
+    cfg, comps, G, prior, dev, step = _load_run(Path(run_dir), host, device)
+    n = n or cfg["eval_samples"]
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
+    real = load_dataset(comps, cfg["seed"]).to(dev)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    fake = generate(G, n, comps.model.z_dim, prior, dev, g)
+    values: dict[str, float] = {}
+    protocols: dict[str, str] = {}
+    for m in comps.metrics:
+        if call_component(m, "supports", comps.dataset):
+            values.update(call_component(m, "compute", fake, real, comps.dataset))
+            protocols[m.name] = m.protocol
+    return {"run": str(run_dir), "step": step, "samples": n, "dataset": cfg["dataset"],
+            "metrics": values, "protocols": protocols}

@@ -1,0 +1,246 @@
+"""Resolving a run's settings: defaults < preset < loss recommendations < config file < flags.
+
+The result is a plain JSON-able dict (``config.json`` of the run) in which every
+component is named and every option of every component has its validated value.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import UsageError
+from .registry import Registry
+
+#: the component slots of a run and the kind each one takes
+SLOTS: dict[str, str] = {
+    "dataset": "dataset",
+    "model": "model",
+    "loss": "loss",
+    "detector": "detector",
+    "partitioner": "partitioner",
+    "conditioner": "conditioner",
+}
+#: slots that may be "none"
+OPTIONAL_SLOTS = ("detector", "partitioner", "conditioner")
+
+DEFAULTS: dict[str, Any] = {
+    "dataset": "grid25",
+    "model": None,  # the dataset's default_model
+    "loss": "ns",
+    "detector": None,
+    "partitioner": None,
+    "conditioner": None,
+    "preset": None,
+    "metrics": None,  # the dataset's default_metrics
+    "steps": 30_000,
+    "batch_size": 128,
+    "lr_g": None,  # the loss's recommendation, else 1e-3
+    "lr_d": None,
+    "betas": None,  # the loss's recommendation, else (0.5, 0.999)
+    "seed": 0,
+    "device": "auto",
+    "log_every": 100,
+    "eval_every": 5000,
+    "eval_samples": None,  # the dataset's eval_samples
+    "checkpoint_every": 5000,
+    "keep_checkpoints": 3,
+    "amp": "none",
+    "compile": False,
+    "on_divergence": "stop",
+    "options": {},
+}
+FALLBACK_OPTIMIZER = {"lr_g": 1e-3, "lr_d": 1e-3, "betas": [0.5, 0.999]}
+
+_INT_KEYS = {"steps": 1, "batch_size": 1, "seed": 0, "log_every": 1, "eval_every": 0,
+             "checkpoint_every": 0, "keep_checkpoints": 1, "eval_samples": 1}
+_FLOAT_KEYS = ("lr_g", "lr_d")
+_CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file: the same keys as the flags (``steps = 1000``, ``[options.detector]``)."""
+    try:
+        import tomllib  # type: ignore[import-not-found]
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"config file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config file {str(p)!r}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    return data
+
+
+def parse_option_flags(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``["detector.delta=0.1"]`` -> ``{"detector": {"delta": "0.1"}}`` (values typed later)."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        kind, dot, opt = key.strip().partition(".")
+        if not sep or not dot or not kind or not opt:
+            raise UsageError(f"option {item!r} must look like KIND.KEY=VALUE, e.g. detector.delta=0.1")
+        if kind not in SLOTS:
+            raise UsageError(f"option {item!r}: unknown kind {kind!r} (kinds: {', '.join(SLOTS)})")
+        out.setdefault(kind, {})[opt.strip()] = value.strip()
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if k == "options":
+            opts = {kind: dict(vals) for kind, vals in out.get("options", {}).items()}
+            if not isinstance(v, Mapping):
+                raise UsageError("`options` must be a table of component kinds")
+            for kind, vals in v.items():
+                if not isinstance(vals, Mapping):
+                    raise UsageError(f"`options.{kind}` must be a table of option values")
+                opts.setdefault(kind, {}).update(vals)
+            out["options"] = opts
+        else:
+            out[k] = v
+    return out
+
+
+def _check_scalars(cfg: dict[str, Any]) -> None:
+    unknown = [k for k in cfg if k not in DEFAULTS]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(DEFAULTS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"unknown setting {unknown[0]!r}{hint}")
+    for key, lo in _INT_KEYS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            try:
+                f = float(v)
+                if not f.is_integer():
+                    raise ValueError
+                v = int(f)
+            except (TypeError, ValueError):
+                raise UsageError(f"setting {key!r} must be an integer, got {cfg[key]!r}") from None
+        if v < lo:
+            raise UsageError(f"setting {key!r} must be >= {lo}, got {v}")
+        cfg[key] = v
+    for key in _FLOAT_KEYS:
+        v = cfg.get(key)
+        if v is None:
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise UsageError(f"setting {key!r} must be a number, got {v!r}") from None
+        if not math.isfinite(f) or f <= 0:
+            raise UsageError(f"setting {key!r} must be a positive number, got {v!r}")
+        cfg[key] = f
+    b = cfg.get("betas")
+    if b is not None:
+        if isinstance(b, str):
+            b = [p for p in b.replace(" ", "").split(",") if p]
+        try:
+            b = [float(x) for x in b]
+        except (TypeError, ValueError):
+            raise UsageError(f"setting 'betas' must be two numbers like 0.5,0.999, got {cfg['betas']!r}") from None
+        if len(b) != 2 or not all(0.0 <= x < 1.0 for x in b):
+            raise UsageError(f"setting 'betas' must be two numbers in [0, 1), got {cfg['betas']!r}")
+        cfg["betas"] = b
+    for key, choices in _CHOICES.items():
+        if cfg.get(key) not in choices:
+            raise UsageError(f"setting {key!r} must be one of {', '.join(choices)}, got {cfg.get(key)!r}")
+    if not isinstance(cfg.get("compile"), bool):
+        raise UsageError(f"setting 'compile' must be true or false, got {cfg.get('compile')!r}")
+    dev = cfg.get("device")
+    if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda") or
+                                        (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UsageError(f"setting 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
+
+
+def _none(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null"))
+
+
+def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge ``layers`` (config file, then flags) over the defaults and a preset; validate all.
+
+    Raises UsageError (unknown names, bad values) before anything is built.
+    """
+    user: dict[str, Any] = {}
+    for layer in layers:
+        user = _merge(user, layer)
+    cfg = copy.deepcopy(DEFAULTS)
+    preset_name = user.get("preset")
+    if not _none(preset_name):
+        preset = registry.get("preset", str(preset_name))
+        cfg = _merge(cfg, copy.deepcopy(dict(preset.settings)))
+        cfg["preset"] = preset.name
+    cfg = _merge(cfg, user)
+    if _none(cfg.get("preset")):
+        cfg["preset"] = None
+    _check_scalars(cfg)
+
+    opts_in: dict[str, Any] = cfg.get("options") or {}
+    for kind in opts_in:
+        if kind not in SLOTS:
+            raise UsageError(f"options for unknown kind {kind!r} (kinds: {', '.join(SLOTS)})")
+
+    # names: required slots must name a registered component; optional ones may be none
+    for slot in SLOTS:
+        if slot in OPTIONAL_SLOTS and _none(cfg.get(slot)):
+            cfg[slot] = None
+    if _none(cfg.get("dataset")) or _none(cfg.get("loss")):
+        raise UsageError("a run needs a dataset and a loss")
+    dataset_cls = registry.get("dataset", str(cfg["dataset"]))
+    if _none(cfg.get("model")):
+        cfg["model"] = dataset_cls.default_model
+    resolved_opts: dict[str, dict[str, Any]] = {}
+    classes = {}
+    for slot, kind in SLOTS.items():
+        name = cfg.get(slot)
+        if name is None:
+            if opts_in.get(slot):
+                raise UsageError(f"options given for {slot}, but no {slot} is chosen")
+            continue
+        cls = registry.get(kind, str(name))
+        cfg[slot] = cls.name
+        classes[slot] = cls
+        resolved_opts[slot] = cls.resolve_options(opts_in.get(slot, {}))
+    cfg["options"] = resolved_opts
+
+    # a detector without a partitioner is allowed: it reports the collapse fraction only
+    if cfg["partitioner"] is not None and cfg["conditioner"] is None:
+        raise UsageError(
+            f"partitioner {cfg['partitioner']!r} needs a conditioner to tell the networks the partition "
+            "(e.g. --conditioner onehot)"
+        )
+
+    # optimiser: the user's values, else the loss's recommendation, else the fallback
+    loss = classes["loss"](**resolved_opts["loss"])
+    rec = loss.optimizer_defaults() or {}
+    for key in ("lr_g", "lr_d", "betas"):
+        if cfg.get(key) is None:
+            cfg[key] = rec.get(key, FALLBACK_OPTIMIZER[key])
+    _check_scalars(cfg)
+
+    metrics = cfg.get("metrics")
+    if metrics is None:
+        metrics = list(dataset_cls.default_metrics)
+    elif isinstance(metrics, str):
+        metrics = [m for m in metrics.replace(" ", "").split(",") if m and m.lower() != "none"]
+    for m in metrics:
+        registry.get("metric", m)
+    cfg["metrics"] = list(metrics)
+    if cfg.get("eval_samples") is None:
+        cfg["eval_samples"] = int(getattr(dataset_cls, "eval_samples", 2500))
+    return cfg
+

@@ -1,0 +1,130 @@
+"""The run directory: config.json, metrics.jsonl, checkpoints/ and pictures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_bytes, list_checkpoints
+from .errors import CheckpointError, UsageError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+def next_numbered(root: Path) -> Path:
+    """``runs/001``, ``runs/002`` ...: one past the highest number already there."""
+    highest = 0
+    if root.is_dir():
+        for p in root.iterdir():
+            if re.fullmatch(r"\d+", p.name):
+                highest = max(highest, int(p.name))
+    return root / f"{highest + 1:03d}"
+
+
+def is_run(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def create(path: Path | None, root: Path = Path("runs")) -> Path:
+    """Make a new run directory; refuses one that already holds a run."""
+    if path is None:
+        root_abs = root
+        for _ in range(100):
+            path = next_numbered(root_abs)
+            try:
+                path.mkdir(parents=True, exist_ok=False)
+                return path
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise UsageError(f"cannot create run directory {str(path)!r}: {e.strerror or e}") from None
+        raise UsageError(f"cannot find a free run directory under {str(root)!r}")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {str(path)!r} exists and is not a directory")
+    if is_run(path) or list_checkpoints(path / CHECKPOINTS):
+        raise UsageError(
+            f"{str(path)!r} already holds a run; use --resume to continue it or choose another --out"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create run directory {str(path)!r}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"run directory {str(path)!r} is not writable")
+    return path
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    atomic_write_bytes(path / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    f = path / CONFIG
+    if not path.is_dir():
+        raise UsageError(f"{str(path)!r} is not a run directory (it does not exist)")
+    if not f.is_file():
+        raise UsageError(f"{str(path)!r} is not a run directory (no {CONFIG})")
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: unreadable ({e})") from None
+    if not isinstance(cfg, dict) or "dataset" not in cfg or "loss" not in cfg:
+        raise CheckpointError(f"{f}: not a dyngan run configuration")
+    return cfg
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN; keep the fact visible
+    return v
+
+
+class MetricsLog:
+    """Appends one JSON object per line; flushed on every write so a crash loses nothing logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path / METRICS
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records logged after the checkpoint's step (they will be logged again)."""
+        self._f.close()
+        keep = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+                    continue
+                keep.append(line)
+        atomic_write_bytes(self.path, ("\n".join(keep) + ("\n" if keep else "")).encode())
+        self._f = open(self.path, "a", encoding="utf-8")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    f = path / METRICS
+    out = []
+    if f.exists():
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out

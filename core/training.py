@@ -1,0 +1,660 @@
+"""The training pipeline: build a run from its resolved config, train, checkpoint, resume.
+
+The loop knows no method by name. It alternates discriminator and generator
+steps with the chosen loss, and calls the detector, partitioner and metrics at
+their own intervals through their contracts. Per step it does no host
+synchronisation: scalars are gathered every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import checkpoint as ckpt_io
+from . import rundir
+from .components import (
+    CollapseDetector,
+    Comm,
+    Component,
+    Conditioner,
+    Dataset,
+    Detection,
+    DStepContext,
+    GStepContext,
+    Loss,
+    Metric,
+    Model,
+    Partitioner,
+    PartitionUpdate,
+    TrainContext,
+)
+from .errors import (
+    CheckpointError,
+    ComponentFailure,
+    DataError,
+    DivergenceError,
+    DynganError,
+    RunFailure,
+    UsageError,
+)
+from .networks import ConditionalDiscriminator, ConditionalGenerator, build_networks
+from .registry import Registry
+
+
+class Interrupted(DynganError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        self.exit_code = 128 + signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} at step {step}; checkpoint saved in {run_dir}; "
+                         f"continue with: dyngan train --out {run_dir} --resume")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name!r} asked for, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+    return dev
+
+
+def check_data(x: Any, where: str) -> torch.Tensor:
+    """A dataset's tensor must be float, non-empty, (N, ...) and finite."""
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{where} returned {type(x).__name__}, not a tensor")
+    if x.dim() < 2 or x.shape[0] == 0 or x.numel() == 0:
+        raise DataError(f"{where} returned shape {tuple(x.shape)}; expected (N, ...) with N > 0")
+    if not x.is_floating_point():
+        raise DataError(f"{where} returned dtype {x.dtype}; expected a floating-point tensor")
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        n = int(bad.flatten(1).any(1).sum())
+        first = int(bad.flatten(1).any(1).nonzero()[0])
+        raise DataError(f"{where}: {n} sample(s) contain NaN or inf (first: sample {first})")
+    return x.float().contiguous()
+
+
+@dataclass
+class Components:
+    """The instantiated components of a run, by slot."""
+
+    dataset: Dataset
+    model: Model
+    loss: Loss
+    detector: CollapseDetector | None
+    partitioner: Partitioner | None
+    conditioner: Conditioner | None
+    metrics: list[Metric] = field(default_factory=list)
+
+    def stateful(self) -> dict[str, Component]:
+        out: dict[str, Component] = {}
+        for slot in ("dataset", "model", "loss", "detector", "partitioner", "conditioner"):
+            c = getattr(self, slot)
+            if c is not None:
+                out[slot] = c
+        return out
+
+
+def instantiate(cfg: dict[str, Any], registry: Registry) -> Components:
+    opts = cfg["options"]
+
+    def make(slot: str, kind: str) -> Any:
+        name = cfg.get(slot)
+        if name is None:
+            return None
+        cls = registry.get(kind, name)
+        try:
+            return cls(**opts.get(slot, {}))
+        except DynganError:
+            raise
+        except Exception as e:  # a plugin's __init__ raised
+            raise ComponentFailure(kind, name, cls.plugin, "__init__", e) from e
+
+    metrics = []
+    for m in cfg.get("metrics", []):
+        metrics.append(registry.get("metric", m)())
+    return Components(
+        dataset=make("dataset", "dataset"),
+        model=make("model", "model"),
+        loss=make("loss", "loss"),
+        detector=make("detector", "detector"),
+        partitioner=make("partitioner", "partitioner"),
+        conditioner=make("conditioner", "conditioner"),
+        metrics=metrics,
+    )
+
+
+def call_component(component: Component, method: str, *args: Any) -> Any:
+    """Call a component method; an exception becomes ComponentFailure naming plugin and component."""
+    try:
+        return getattr(component, method)(*args)
+    except DynganError:
+        raise
+    except Exception as e:
+        raise ComponentFailure(component.kind, component.name, component.plugin, method, e) from e
+
+
+def load_dataset(comps: Components, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    data = call_component(comps.dataset, "load", gen)
+    return check_data(data, f"dataset {comps.dataset.name!r}")
+
+
+@torch.no_grad()
+def generate(
+    G: torch.nn.Module,
+    n: int,
+    z_dim: int,
+    prior: torch.Tensor,
+    device: torch.device,
+    generator: torch.Generator,
+    batch: int = 4096,
+) -> torch.Tensor:
+    """``n`` samples with conditions drawn from ``prior``, in eval mode, batched."""
+    was_training = G.training
+    G.eval()
+    out = []
+    try:
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            cond = torch.multinomial(prior, b, replacement=True, generator=generator)
+            z = torch.randn(b, z_dim, device=device, generator=generator)
+            out.append(G(z, cond).float())
+    finally:
+        G.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+class Progress:
+    """Step, losses, steps/s and collapse state: one updating line on a terminal, periodic lines otherwise."""
+
+    def __init__(self, total: int, quiet: bool, stream: Any = None) -> None:
+        import sys
+
+        self.total = total
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = max(1, total // 20)
+        self._last_line_step = -1
+        self._width = 0
+
+    def update(self, step: int, text: str, final: bool = False) -> None:
+        if self.quiet:
+            return
+        pct = 100.0 * step / max(1, self.total)
+        line = f"step {step}/{self.total} ({pct:3.0f}%)  {text}"
+        if self.tty:
+            pad = max(0, self._width - len(line))
+            self.stream.write("\r" + line + " " * pad + ("\n" if final else ""))
+            self._width = len(line)
+            self.stream.flush()
+        elif final or step - self._last_line_step >= self.every or self._last_line_step < 0:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self._last_line_step = step
+
+    def message(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self._width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+class _SignalFlag:
+    """SIGINT / SIGTERM set a flag that the loop checks between steps, so no step is cut in half."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalFlag":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: list[dict[str, Any]]
+    config: dict[str, Any]
+
+
+class Trainer:
+    """One training run. ``Trainer(cfg, registry, run_dir).run()``."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        registry: Registry,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        quiet: bool = False,
+        comm: Comm | None = None,
+        stream: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.resume = resume
+        self.comm = comm or Comm()
+        self.is_main = self.comm.rank == 0
+        self.progress = Progress(cfg["steps"], quiet or not self.is_main, stream)
+        self.device = resolve_device(cfg["device"])
+        self.comps = instantiate(cfg, registry)
+        self._reports: dict[str, Any] = {}
+        self._build()
+
+    # ------------------------------------------------------------------ building
+
+    def _build(self) -> None:
+        cfg, comps, dev = self.cfg, self.comps, self.device
+        seed = cfg["seed"]
+        torch.manual_seed(seed)
+        self.data = load_dataset(comps, seed).to(dev)
+        self.N = self.data.shape[0]
+        self.data_shape = tuple(self.data.shape[1:])
+        try:
+            G, D, spec = build_networks(comps.model, comps.conditioner, self.data_shape)
+        except DynganError:
+            raise
+        except Exception as e:
+            m = comps.model
+            raise ComponentFailure(m.kind, m.name, m.plugin, "build", e) from e
+        self.spec = spec
+        self.G, self.D = G.to(dev), D.to(dev)
+        self.z_dim = comps.model.z_dim
+        self.capacity = spec.capacity
+        betas = tuple(cfg["betas"])
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg["lr_g"], betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg["lr_d"], betas=betas)
+        self.labels = torch.zeros(self.N, dtype=torch.long, device=dev)
+        self.prior = torch.zeros(self.capacity, device=dev)
+        self.prior[0] = 1.0
+        self.gen = torch.Generator(device=dev).manual_seed(seed)
+        self.comp_rng = torch.Generator(device=dev).manual_seed(seed + 1)
+        self.step = 0
+        self.last_detection: Detection | None = None
+        self.partition_count = 1
+        self.last_fraction: float | None = None
+        # the callables the hot loop uses (compiled when asked)
+        self.G_call: Callable[..., torch.Tensor] = self.G
+        self.D_call: Callable[..., Any] = self.D
+        if cfg.get("compile"):
+            self.G_call = torch.compile(self.G)
+            self.D_call = torch.compile(self.D)
+        if cfg.get("amp") == "bf16" and dev.type != "cuda":
+            raise UsageError("--amp bf16 needs a CUDA device")
+
+    def context(self) -> TrainContext:
+        return TrainContext(
+            step=self.step,
+            device=self.device,
+            data=self.data,
+            labels=self.labels,
+            prior=self.prior,
+            capacity=self.capacity,
+            z_dim=self.z_dim,
+            generator=self.G,
+            discriminator=self.D,
+            rng=self.comp_rng,
+            report=self._report,
+            comm=self.comm,
+            batch_size=max(1024, self.cfg["batch_size"]),
+        )
+
+    def _report(self, name: str, value: Any) -> None:
+        self._reports[name] = value
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        for k, v in self.G.state_dict().items():
+            tensors[f"G/{k}"] = v
+        for k, v in self.D.state_dict().items():
+            tensors[f"D/{k}"] = v
+        meta: dict[str, Any] = {
+            "optim": {
+                "G": ckpt_io.flatten_optimizer("optim/G", self.opt_g.state_dict(), tensors),
+                "D": ckpt_io.flatten_optimizer("optim/D", self.opt_d.state_dict(), tensors),
+            },
+            "components": {},
+            "partition_count": self.partition_count,
+            "dyngan_version": self.cfg.get("dyngan_version"),
+            "plugins": self.cfg.get("plugins", {}),
+            "data_shape": list(self.data_shape),
+            "n_train": self.N,
+        }
+        tensors["train/labels"] = self.labels
+        tensors["train/prior"] = self.prior
+        tensors["rng/cpu"] = torch.get_rng_state()
+        tensors["rng/train"] = self.gen.get_state()
+        tensors["rng/components"] = self.comp_rng.get_state()
+        if self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        for slot, comp in self.comps.stateful().items():
+            st = call_component(comp, "state_dict")
+            meta["components"][slot] = ckpt_io.split_state(f"component/{slot}", st, tensors)
+        return tensors, meta
+
+    def _apply(self, ck: ckpt_io.Checkpoint) -> None:
+        t, meta = ck.tensors, ck.meta
+        if meta.get("data_shape") != list(self.data_shape) or meta.get("n_train") != self.N:
+            raise CheckpointError(
+                f"{ck.path.name}: made for data of shape {meta.get('data_shape')} x {meta.get('n_train')}, "
+                f"this run has {list(self.data_shape)} x {self.N}")
+        try:
+            self.G.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("G/")})
+            self.D.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("D/")})
+            self.opt_g.load_state_dict(ckpt_io.unflatten_optimizer("optim/G", meta["optim"]["G"], t))
+            self.opt_d.load_state_dict(ckpt_io.unflatten_optimizer("optim/D", meta["optim"]["D"], t))
+            labels, prior = t["train/labels"], t["train/prior"]
+            if labels.shape != self.labels.shape or prior.shape != self.prior.shape:
+                raise ValueError("partition labels or prior do not match this run")
+            if int(labels.min()) < 0 or int(labels.max()) >= self.capacity:
+                raise ValueError("partition labels out of range")
+            self.labels.copy_(labels)
+            self.prior.copy_(prior)
+            torch.set_rng_state(t["rng/cpu"])
+            self.gen.set_state(t["rng/train"])
+            self.comp_rng.set_state(t["rng/components"])
+            if self.device.type == "cuda" and "rng/cuda" in t:
+                torch.cuda.set_rng_state(t["rng/cuda"], self.device)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{ck.path.name} does not fit this run: {msg}") from None
+        for slot, comp in self.comps.stateful().items():
+            js = meta.get("components", {}).get(slot, {})
+            call_component(comp, "load_state_dict", ckpt_io.join_state(f"component/{slot}", js, t))
+        self.partition_count = int(meta.get("partition_count", 1))
+        self.step = ck.step
+
+    def save(self) -> None:
+        if not self.is_main:
+            return
+        for net in (self.G, self.D):
+            for p in net.parameters():
+                if not torch.isfinite(p).all():
+                    raise DivergenceError(
+                        f"weights became NaN or inf by step {self.step}; not saving them "
+                        "(the last good checkpoint is kept)")
+        tensors, meta = self.state()
+        directory = self.run_dir / rundir.CHECKPOINTS
+        existing = ckpt_io.list_checkpoints(directory)
+        if existing and existing[-1][0] == self.step:
+            return  # already saved at this step
+        ckpt_io.save(directory, self.step, tensors, meta, keep=self.cfg["keep_checkpoints"])
+
+    def load_latest(self) -> int:
+        ck = ckpt_io.load_latest(self.run_dir / rundir.CHECKPOINTS, self._apply, self.progress.message)
+        return ck.step
+
+    # ------------------------------------------------------------------ events
+
+    def _setup_components(self) -> None:
+        ctx = self.context()
+        if self.comps.detector is not None:
+            call_component(self.comps.detector, "setup", ctx)
+        if self.comps.partitioner is not None:
+            call_component(self.comps.partitioner, "setup", ctx)
+
+    def _detect(self, log: rundir.MetricsLog | None) -> None:
+        det = self.comps.detector
+        assert det is not None
+        self._reports.clear()
+        with torch.no_grad():
+            result = call_component(det, "detect", self.context())
+        if not isinstance(result, Detection) or result.collapsed.shape != (self.N,):
+            raise ComponentFailure(det.kind, det.name, det.plugin, "detect",
+                                   TypeError("must return a Detection whose `collapsed` has shape (N,)"))
+        self.last_detection = result
+        frac = float(result.fraction)
+        self.last_fraction = frac
+        rec = {"step": self.step, "event": "detection", "collapse/fraction": frac,
+               "collapse/count": int(result.collapsed.sum())}
+        rec.update(self._gather_reports())
+        if log is not None:
+            log.write(rec)
+
+    def _partition(self, log: rundir.MetricsLog | None) -> None:
+        part = self.comps.partitioner
+        assert part is not None
+        self._reports.clear()
+        with torch.no_grad():
+            upd = call_component(part, "partition", self.context(), self.last_detection)
+        if upd is None:
+            return
+        if not isinstance(upd, PartitionUpdate):
+            raise ComponentFailure(part.kind, part.name, part.plugin, "partition",
+                                   TypeError("must return a PartitionUpdate or None"))
+        labels = upd.labels.to(self.device, torch.long)
+        if labels.shape != (self.N,) or int(labels.min()) < 0 or int(labels.max()) >= self.capacity:
+            raise ComponentFailure(part.kind, part.name, part.plugin, "partition", ValueError(
+                f"labels must have shape ({self.N},) with values in [0, {self.capacity})"))
+        sizes = torch.bincount(labels, minlength=self.capacity)
+        prior = upd.prior.to(self.device, torch.float32) if upd.prior is not None else sizes.float() / self.N
+        if prior.shape != (self.capacity,) or not torch.isfinite(prior).all() or float(prior.sum()) <= 0:
+            raise ComponentFailure(part.kind, part.name, part.plugin, "partition",
+                                   ValueError("prior must be finite, non-negative, one entry per condition"))
+        changed = int((labels != self.labels).sum())
+        self.labels.copy_(labels)
+        self.prior.copy_(prior / prior.sum())
+        sizes_list = sizes.tolist()
+        while len(sizes_list) > 1 and sizes_list[-1] == 0:
+            sizes_list.pop()
+        self.partition_count = int((sizes > 0).sum())
+        rec = {"step": self.step, "event": "partition", "partition/count": self.partition_count,
+               "partition/sizes": sizes_list, "partition/relabelled": changed}
+        rec.update(self._gather_reports())
+        if log is not None:
+            log.write(rec)
+        self.progress.message(f"step {self.step}: partition -> {self.partition_count} conditions "
+                              f"(sizes {sizes_list}, {changed} samples relabelled)")
+
+    def evaluate(self, n: int | None = None) -> dict[str, float]:
+        n = n or self.cfg["eval_samples"]
+        g = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] + 7919 * (self.step + 1))
+        fake = generate(self.G, n, self.z_dim, self.prior, self.device, g)
+        out: dict[str, float] = {}
+        for m in self.comps.metrics:
+            if call_component(m, "supports", self.comps.dataset):
+                out.update(call_component(m, "compute", fake, self.data, self.comps.dataset))
+        return out
+
+    def _gather_reports(self) -> dict[str, float]:
+        if not self._reports:
+            return {}
+        names = list(self._reports)
+        vals = []
+        for v in self._reports.values():
+            vals.append(v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+        out = dict(zip(names, torch.stack([v.cpu() for v in vals]).tolist()))
+        self._reports.clear()
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        log = rundir.MetricsLog(self.run_dir) if self.is_main else None
+        try:
+            if self.resume:
+                self.load_latest()
+                if log is not None:
+                    log.truncate_after(self.step)
+                self.progress.message(f"resuming from step {self.step}")
+            self._setup_components()
+            with _SignalFlag() as flag:
+                self._loop(log, flag)
+            return TrainResult(self.run_dir, self.step, rundir.read_metrics(self.run_dir), cfg)
+        finally:
+            if log is not None:
+                log.close()
+
+    def _loop(self, log: rundir.MetricsLog | None, flag: _SignalFlag) -> None:
+        cfg, dev = self.cfg, self.device
+        B, N, steps = cfg["batch_size"], self.N, cfg["steps"]
+        G, D, G_call, D_call = self.G, self.D, self.G_call, self.D_call
+        opt_g, opt_d, loss = self.opt_g, self.opt_d, self.comps.loss
+        data, labels, prior, gen, z_dim = self.data, self.labels, self.prior, self.gen, self.z_dim
+        report = self._report
+        d_steps = int(loss.d_steps)
+        real_grad = bool(loss.wants_real_grad)
+        g_needs_real = bool(loss.needs_real_in_g_step)
+        conditional = self.comps.conditioner is not None
+        fake_from_prior = conditional and self.comps.conditioner.fake_conditions == "prior"
+        zero_cond = torch.zeros(B, dtype=torch.long, device=dev)
+        d_params = [p for p in D.parameters()]
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.get("amp") == "bf16")
+        det, part = self.comps.detector, self.comps.partitioner
+        log_every, eval_every, ck_every = cfg["log_every"], cfg["eval_every"], cfg["checkpoint_every"]
+        sync_grads = getattr(self.comm, "sync_grads", None)
+
+        def d_interp(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return D_call(x, c)
+
+        t_last, s_last = time.perf_counter(), self.step
+        loss_d = loss_g = None
+        G.train()
+        D.train()
+        while self.step < steps:
+            # ---- discriminator step(s)
+            for _ in range(d_steps):
+                idx = torch.randint(N, (B,), device=dev, generator=gen)
+                real = data[idx]
+                if conditional:
+                    real_cond = labels[idx]
+                    fake_cond = torch.multinomial(prior, B, replacement=True, generator=gen) \
+                        if fake_from_prior else real_cond
+                else:
+                    real_cond = fake_cond = zero_cond
+                z = torch.randn(B, z_dim, device=dev, generator=gen)
+                with amp:
+                    with torch.no_grad():
+                        fake = G_call(z, fake_cond)
+                    if real_grad:
+                        real.requires_grad_(True)
+                    real_logits = D_call(real, real_cond)
+                    fake_logits = D_call(fake, fake_cond)
+                try:
+                    loss_d = loss.d_loss(DStepContext(real, fake, real_logits, fake_logits, real_cond,
+                                                      fake_cond, d_interp, report, gen))
+                except DynganError:
+                    raise
+                except Exception as e:
+                    raise ComponentFailure(loss.kind, loss.name, loss.plugin, "d_loss", e) from e
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                if sync_grads is not None:
+                    sync_grads(D)
+                opt_d.step()
+            # ---- generator step (D frozen: no weight gradients computed for it)
+            for p in d_params:
+                p.requires_grad_(False)
+            z = torch.randn(B, z_dim, device=dev, generator=gen)
+            with amp:
+                fake = G_call(z, fake_cond)
+                fake_logits = D_call(fake, fake_cond)
+                real_logits_g = None
+                if g_needs_real:
+                    with torch.no_grad():
+                        real_logits_g = D_call(real.detach(), real_cond)
+            try:
+                loss_g = loss.g_loss(GStepContext(fake, fake_logits, fake_cond, real_logits_g, report))
+            except DynganError:
+                raise
+            except Exception as e:
+                raise ComponentFailure(loss.kind, loss.name, loss.plugin, "g_loss", e) from e
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            if sync_grads is not None:
+                sync_grads(G)
+            opt_g.step()
+            for p in d_params:
+                p.requires_grad_(True)
+            self.step += 1
+            s = self.step
+
+            # ---- periodic work, at completed-step counts
+            if det is not None and s % det.every == 0:
+                self._detect(log)
+            if part is not None and s % part.every == 0:
+                self._partition(log)
+            if s % log_every == 0 or s == steps:
+                now = time.perf_counter()
+                rate = (s - s_last) / max(1e-9, now - t_last)
+                t_last, s_last = now, s
+                self._log_step(log, loss_d, loss_g, rate)
+            if eval_every and (s % eval_every == 0 or s == steps):
+                self._eval(log)
+            if flag.signum is not None:
+                self.save()
+                self.progress.message(f"stopped at step {s}; checkpoint saved")
+                raise Interrupted(flag.signum, s, self.run_dir)
+            if (ck_every and s % ck_every == 0) or s == steps:
+                self.save()
+        if self.step >= steps and not ckpt_io.list_checkpoints(self.run_dir / rundir.CHECKPOINTS):
+            self.save()
+
+    def _log_step(self, log: rundir.MetricsLog | None, loss_d: Any, loss_g: Any, rate: float) -> None:
+        self._reports["loss/d"] = loss_d
+        self._reports["loss/g"] = loss_g
+        vals = self._gather_reports()
+        bad = [k for k, v in vals.items() if not math.isfinite(v)]
+        if bad:
+            self._diverged(bad[0], vals[bad[0]], log)
+        rec = {"step": self.step, "steps_per_s": round(rate, 2), **vals}
+        if log is not None:
+            log.write(rec)
+        text = f"D {vals['loss/d']:.4f}  G {vals['loss/g']:.4f}  {rate:.0f} steps/s"
+        if self.comps.detector is not None and self.last_fraction is not None:
+            text += f"  collapse {self.last_fraction:.3f}"
+        if self.comps.partitioner is not None:
+            text += f"  partitions {self.partition_count}"
+        self.progress.update(self.step, text, final=self.step == self.cfg["steps"])
+
+    def _eval(self, log: rundir.MetricsLog | None) -> None:
+        if not self.comps.metrics:
+            return
+        vals = self.evaluate()
+        if log is not None and vals:
+            log.write({"step": self.step, "event": "eval", **vals})
+
+    def _diverged(self, name: str, value: float, log: rundir.MetricsLog | None) -> None:
+        comp = self.comps.loss
+        where = f"{comp.kind} {comp.name!r}" + (f" (plugin {comp.plugin!r})" if comp.plugin else "")
+        existing = ckpt_io.list_checkpoints(self.run_dir / rundir.CHECKPOINTS)
+        kept = f"the last good checkpoint (step {existing[-1][0]}) is kept" if existing else "no checkpoint was saved yet"
+        if log is not None:
+            log.write({"step": self.step, "event": "divergence", "name": name, "value": value})
+        raise DivergenceError(f"{name} is {value} at step {self.step} with {where}; training stopped; {kept}")
