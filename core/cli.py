@@ -128,6 +128,8 @@ def _opt(*names: str, **kw: Any):
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the networks.")
 @_opt("--on-divergence", "on_divergence", type=click.Choice(["stop", "rollback"]),
       help="On NaN/inf: stop, or roll back to the last checkpoint and go on with a new random stream.")
+@_opt("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is often fastest "
+      "for the small 2D networks).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved config; train nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")

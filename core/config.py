@@ -51,12 +51,14 @@ DEFAULTS: dict[str, Any] = {
     "amp": "none",
     "compile": False,
     "on_divergence": "stop",
+    "threads": None,  # torch CPU threads; None keeps torch's default
     "options": {},
 }
 FALLBACK_OPTIMIZER = {"lr_g": 1e-3, "lr_d": 1e-3, "betas": [0.5, 0.999]}
 
 _INT_KEYS = {"steps": 1, "batch_size": 1, "seed": 0, "log_every": 1, "eval_every": 0,
-             "checkpoint_every": 0, "keep_checkpoints": 1, "eval_samples": 1}
+             "checkpoint_every": 0, "keep_checkpoints": 1, "eval_samples": 1,
+             "threads": 1}
 _FLOAT_KEYS = ("lr_g", "lr_d")
 _CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}
 

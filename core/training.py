@@ -279,6 +279,8 @@ class Trainer:
     def _build(self) -> None:
         cfg, comps, dev = self.cfg, self.comps, self.device
         seed = cfg["seed"]
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg["threads"])
         torch.manual_seed(seed)
         self.data = load_dataset(comps, seed).to(dev)
         self.N = self.data.shape[0]
@@ -514,12 +516,33 @@ class Trainer:
                     log.truncate_after(self.step)
                 self.progress.message(f"resuming from step {self.step}")
             self._setup_components()
+            rollbacks = 0
             with _SignalFlag() as flag:
-                self._loop(log, flag)
+                while True:
+                    try:
+                        self._loop(log, flag)
+                        break
+                    except DivergenceError as e:
+                        if cfg.get("on_divergence") != "rollback" or rollbacks >= 3 or not \
+                                ckpt_io.list_checkpoints(self.run_dir / rundir.CHECKPOINTS):
+                            raise
+                        rollbacks += 1
+                        self._rollback(e, rollbacks, log)
             return TrainResult(self.run_dir, self.step, rundir.read_metrics(self.run_dir), cfg)
         finally:
             if log is not None:
                 log.close()
+
+    def _rollback(self, error: DivergenceError, attempt: int, log: rundir.MetricsLog | None) -> None:
+        """Reload the last good checkpoint and go on with a fresh random stream (the same one would diverge again)."""
+        bad_step = self.step
+        self.load_latest()
+        self.gen.manual_seed(self.cfg["seed"] + 1_000_003 * attempt + self.step)
+        if log is not None:
+            log.truncate_after(self.step)
+            log.write({"step": self.step, "event": "rollback", "diverged_at": bad_step, "attempt": attempt})
+        self._setup_components()
+        self.progress.message(f"{error}; rolled back to step {self.step} (attempt {attempt} of 3)")
 
     def _loop(self, log: rundir.MetricsLog | None, flag: _SignalFlag) -> None:
         cfg, dev = self.cfg, self.device
@@ -615,7 +638,7 @@ class Trainer:
                 rate = (s - s_last) / max(1e-9, now - t_last)
                 t_last, s_last = now, s
                 self._log_step(log, loss_d, loss_g, rate)
-            if eval_every and (s % eval_every == 0 or s == steps):
+            if (eval_every and s % eval_every == 0) or s == steps:
                 self._eval(log)
             if flag.signum is not None:
                 self.save()

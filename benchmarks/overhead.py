@@ -1,0 +1,112 @@
+"""Overhead of `dyngan train` against a bare hand-written PyTorch loop.
+
+Both train the default grid25 setup (MLP 2x128, z 50, batch 128, Adam 1e-3 (0.5, 0.999),
+non-saturating loss, 100,000 training points) in fresh processes. The per-step time of each
+is the difference of two run lengths divided by the difference of steps, so start-up,
+imports and the final checkpoint cancel. Runs alternate between the two to share
+machine noise; the median of the repeats is reported.
+
+    python benchmarks/overhead.py [--short 1000] [--long 5000] [--repeats 3] [--threads 1]
+
+Prints one JSON line with the ratio (dyngan steps/s divided by bare steps/s) and the
+start-up time of `dyngan train` (time to the first step, and the part spent importing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BARE = r"""
+import sys, time, torch
+import torch.nn.functional as F
+from torch import nn
+torch.set_num_threads(int(sys.argv[2]))
+torch.manual_seed(0)
+steps, B, N, Z = int(sys.argv[1]), 128, 100_000, 50
+# the same networks as dyngan's mlp model, written out by hand
+G = nn.Sequential(nn.Linear(Z, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2))
+D = nn.Sequential(nn.Linear(2, 128), nn.LeakyReLU(0.1), nn.Linear(128, 128), nn.LeakyReLU(0.1),
+                  nn.Linear(128, 1))
+opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
+opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
+centres = torch.tensor([[x, y] for x in (-4., -2., 0., 2., 4.) for y in (-4., -2., 0., 2., 4.)])
+data = centres[torch.randint(25, (N,))] + 0.05 * torch.randn(N, 2)
+for step in range(steps):
+    x = data[torch.randint(N, (B,))]
+    with torch.no_grad():
+        fake = G(torch.randn(B, Z))
+    loss_d = F.softplus(-D(x)).mean() + F.softplus(D(fake)).mean()
+    opt_d.zero_grad(); loss_d.backward(); opt_d.step()
+    loss_g = F.softplus(-D(G(torch.randn(B, Z)))).mean()
+    opt_g.zero_grad(); loss_g.backward(); opt_g.step()
+"""
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--short", type=int, default=1000)
+    ap.add_argument("--long", type=int, default=5000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    tmp = tempfile.mkdtemp(prefix="dyngan-overhead-")
+
+    def bare(steps: int) -> float:
+        return timed([sys.executable, "-c", BARE, str(steps), str(args.threads)], env)
+
+    run_id = [0]
+
+    def dyngan(steps: int) -> float:
+        run_id[0] += 1
+        out = os.path.join(tmp, f"r{run_id[0]}")
+        return timed([sys.executable, "-m", "core", "train", "--steps", str(steps), "--out", out,
+                      "--device", "cpu", "--threads", str(args.threads), "--quiet",
+                      "--checkpoint-every", "0", "--eval-every", "0"], env)
+
+    per_bare, per_dyn, start_dyn = [], [], []
+    for _ in range(args.repeats):
+        b_s, d_s, b_l, d_l = bare(args.short), dyngan(args.short), bare(args.long), dyngan(args.long)
+        span = args.long - args.short
+        per_bare.append((b_l - b_s) / span)
+        per_dyn.append((d_l - d_s) / span)
+        start_dyn.append(d_s - args.short * per_dyn[-1])
+    # import share of start-up: importing what `dyngan train` imports before it builds anything
+    imp = timed([sys.executable, "-c", "import torch, core.cli, core.api, core.training; "
+                 "from core.plugins import get_host; get_host()"], env)
+    pb, pd = statistics.median(per_bare), statistics.median(per_dyn)
+    result = {
+        "benchmark": "overhead",
+        "dataset": "grid25 (100,000 points)",
+        "setup": "mlp 2x128, z 50, batch 128, Adam 1e-3 (0.5, 0.999), ns loss",
+        "threads": args.threads,
+        "steps": [args.short, args.long],
+        "repeats": args.repeats,
+        "bare_ms_per_step": round(pb * 1e3, 4),
+        "dyngan_ms_per_step": round(pd * 1e3, 4),
+        "ratio_dyngan_over_bare_steps_per_s": round(pb / pd, 4),
+        "dyngan_startup_s": round(statistics.median(start_dyn), 3),
+        "import_s": round(imp, 3),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "torch": __import__("torch").__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
