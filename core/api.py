@@ -120,7 +120,31 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
         trainer.progress.message(
             f"run directory: {run_dir}  ({cfg['dataset']}, loss {cfg['loss']}, device {trainer.device}, "
             f"{cfg['steps']} steps)")
-    return trainer.run()
+    result = trainer.run()
+    if not pictures_disabled() and (comm is None or comm.rank == 0):
+        _pictures(run_dir, trainer)
+    return result
+
+
+def pictures_disabled() -> bool:
+    import os
+
+    return os.environ.get("DYNGAN_NO_PICTURES", "") not in ("", "0")
+
+
+def _pictures(run_dir: Path, trainer: Any) -> None:
+    """Pictures at the end of training, when matplotlib is installed; never fails the run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        trainer.progress.message('no pictures: matplotlib is not installed (pip install "dyngan[plots]")')
+        return
+    try:
+        from .report import write_report
+
+        write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - pictures are a convenience; the run itself succeeded
+        trainer.progress.message(f"could not draw pictures: {type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------------- using a finished run

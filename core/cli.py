@@ -206,6 +206,20 @@ def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool)
         click.echo(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--n", "n", type=int, default=2500, show_default=True, help="Samples to draw.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def report(run_dir: str, n: int, seed: int) -> None:
+    """Pictures of a run: samples, curves, partitions (needs dyngan[plots])."""
+    from pathlib import Path
+
+    from .report import write_report
+
+    for path in write_report(Path(run_dir), n=n, seed=seed):
+        click.echo(str(path))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
