@@ -1,0 +1,160 @@
+"""MM-nsat: the formula, its sample weights in logit space, the detached R and its extremes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.components import DStepContext, GStepContext
+from core.errors import OptionError
+from dyngan_plugins.losses import MinimaxLoss, NonSaturatingLoss
+from dyngan_plugins.mmnsat import MMNSatLoss, nsat_ratio
+
+L_FAKE = torch.tensor([-3.0, -1.0, -0.2, 0.4, 1.5, 2.0])
+
+
+class Reports(dict):
+    def __call__(self, name, value):
+        assert isinstance(value, torch.Tensor), f"{name} reported as {type(value).__name__}, not a tensor"
+        self[name] = value
+
+
+def g_ctx(fake_logits):
+    reports = Reports()
+    ctx = GStepContext(
+        fake=fake_logits[:, None],
+        fake_logits=fake_logits,
+        fake_cond=torch.zeros(fake_logits.shape[0], dtype=torch.long),
+        real_logits=None,
+        report=reports,
+    )
+    return ctx, reports
+
+
+def logit_grad(loss, logits):
+    """d g_loss / d l_i for each fake logit, and what the loss reported."""
+    l = logits.clone().requires_grad_(True)
+    ctx, reports = g_ctx(l)
+    (g,) = torch.autograd.grad(loss.g_loss(ctx), l)
+    return g, reports
+
+
+def hand_R(logits):
+    d = torch.sigmoid(logits.double())
+    return (1 - d.mean()) / d.mean()
+
+
+@pytest.mark.parametrize("a", [1.0, 0.67, 0.33, 0.0])
+def test_g_loss_matches_direct_computation(a):
+    ctx, reports = g_ctx(L_FAKE.clone())
+    got = MMNSatLoss(a=a).g_loss(ctx)
+    d, R = torch.sigmoid(L_FAKE.double()), hand_R(L_FAKE)
+    # a * R * log(1 - D(G(z))) + (1 - a) * (-log D(G(z))), mean over the batch
+    expected = (a * R * torch.log(1 - d) + (1 - a) * -torch.log(d)).mean()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reports["mmnsat/R"].double(), R, rtol=1e-5, atol=0)
+
+
+def test_d_loss_is_the_logistic_loss():
+    l_r = torch.tensor([0.5, -1.0, 2.0])
+    ctx = DStepContext(
+        real=l_r[:, None],
+        fake=L_FAKE[:3, None],
+        real_logits=l_r,
+        fake_logits=L_FAKE[:3],
+        real_cond=torch.zeros(3, dtype=torch.long),
+        fake_cond=torch.zeros(3, dtype=torch.long),
+        discriminator=lambda x, c: x[:, 0],
+        report=Reports(),
+    )
+    d_r, d_f = torch.sigmoid(l_r.double()), torch.sigmoid(L_FAKE[:3].double())
+    expected = (-torch.log(d_r)).mean() - torch.log(1 - d_f).mean()
+    torch.testing.assert_close(MMNSatLoss().d_loss(ctx).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_are_mm_relative_and_ns_total():
+    g, _ = logit_grad(MMNSatLoss(), L_FAKE)
+    g_mm, _ = logit_grad(MinimaxLoss(), L_FAKE)
+    g_ns, _ = logit_grad(NonSaturatingLoss(), L_FAKE)
+    d = torch.sigmoid(L_FAKE)
+    B = L_FAKE.shape[0]
+    # all three are means, so each gradient carries the same 1/B
+    torch.testing.assert_close(g_mm, -d / B)
+    torch.testing.assert_close(g_ns, -(1 - d) / B)
+    # relative weights are MM's: g_i proportional to D_i, the same ratio R for every sample
+    ratio = g / g_mm
+    torch.testing.assert_close(ratio, torch.full_like(ratio, hand_R(L_FAKE).item()))
+    torch.testing.assert_close(g / g.sum(), d / d.sum())
+    # total weight is NS's: sum_i R D_i = sum_i (1 - D_i)
+    torch.testing.assert_close(g.abs().sum(), g_ns.abs().sum())
+    # ... while the weighting differs from NS's (NS emphasises low D_i)
+    assert not torch.allclose(g, g_ns)
+
+
+def test_a_zero_is_ns_gan_exactly():
+    g, _ = logit_grad(MMNSatLoss(a=0.0), L_FAKE)
+    g_ns, _ = logit_grad(NonSaturatingLoss(), L_FAKE)
+    assert torch.equal(g, g_ns)
+
+
+def test_R_is_detached():
+    l = L_FAKE.clone().requires_grad_(True)
+    ctx, reports = g_ctx(l)
+    loss = MMNSatLoss().g_loss(ctx)
+    R = reports["mmnsat/R"]
+    assert not R.requires_grad and R.grad_fn is None
+    (g,) = torch.autograd.grad(loss, l)
+    # the same loss with R a plain constant
+    r_const = float(hand_R(L_FAKE))
+    l2 = L_FAKE.clone().requires_grad_(True)
+    (g_const,) = torch.autograd.grad((r_const * -F.softplus(l2)).mean(), l2)
+    torch.testing.assert_close(g, g_const)
+    # and it is not the gradient one gets when R carries a graph
+    l3 = L_FAKE.clone().requires_grad_(True)
+    d = torch.sigmoid(l3)
+    (g_attached,) = torch.autograd.grad(((1 - d.mean()) / d.mean() * -F.softplus(l3)).mean(), l3)
+    assert not torch.allclose(g, g_attached)
+
+
+@pytest.mark.parametrize(
+    "logits",
+    [
+        torch.tensor([-100.0]),
+        torch.tensor([100.0]),
+        torch.full((4,), -100.0),
+        torch.full((4,), 100.0),
+        torch.tensor([-100.0, 100.0]),
+        torch.full((3,), -87.5),
+    ],
+)
+@pytest.mark.parametrize("a", [1.0, 0.5])
+def test_R_loss_and_gradient_finite_at_extremes(logits, a):
+    g, reports = logit_grad(MMNSatLoss(a=a), logits)
+    R = reports["mmnsat/R"]
+    assert torch.isfinite(R) and R >= 0
+    assert torch.isfinite(g).all()
+    ctx, _ = g_ctx(logits.clone())
+    assert torch.isfinite(MMNSatLoss(a=a).g_loss(ctx))
+
+
+def test_R_is_accurate_near_both_ends():
+    # mean D ~ 1: R -> 0 from above, computed without cancellation
+    high = torch.tensor([30.0, 40.0])
+    e = torch.exp(-high.double())  # 1 - D = e^-l / (1 + e^-l), exact in float64
+    expected = (e / (1 + e)).mean() / (1 / (1 + e)).mean()
+    torch.testing.assert_close(nsat_ratio(high).double(), expected, rtol=1e-5, atol=0)
+    assert nsat_ratio(high) > 0
+    # mean D tiny (but above the clamp): the NS total weight is still met exactly
+    low = torch.tensor([-60.0, -70.0, -65.0])
+    g, _ = logit_grad(MMNSatLoss(), low)
+    g_ns, _ = logit_grad(NonSaturatingLoss(), low)
+    torch.testing.assert_close(g.abs().sum(), g_ns.abs().sum())
+
+
+def test_option_a_must_be_in_unit_interval():
+    for bad in (2, -0.1, "x"):
+        with pytest.raises(OptionError, match=r"loss 'mm-nsat'.*option 'a'"):
+            MMNSatLoss(a=bad)
+    assert MMNSatLoss().opts.a == 1.0
+    assert MMNSatLoss(a="0.33").opts.a == pytest.approx(0.33)
