@@ -1,0 +1,714 @@
+"""Pictures of a run: samples, partitions and curves over training.
+
+``write_report(run_dir)`` reads a run directory (config.json, metrics.jsonl and the
+latest good checkpoint) and writes PNG files into ``run_dir/pictures/``:
+
+``samples.png``
+  2D data: generated samples over the real data with the mode centres, each centre
+  marked covered (green ring) or missed (red cross), and a second panel with the real
+  points coloured by the partition the run assigned them to.
+  Other vector data: the same two panels on the first two principal axes of the
+  real data (one dimension: histograms).
+  Images ``(C, H, W)``: one row of generated images per active condition (prior > 0),
+  beside real training images of the same partition when the run partitioned its data.
+``curves.png``
+  Losses of D and G over training, and, when the run logged them, modes covered,
+  sample quality, the collapse fraction and the number of partitions.
+
+A mode counts as covered as in the PacGAN protocol: at least one generated sample whose
+nearest centre it is lies closer than 3 sigma to it (``coverage``). The pictures are a
+pure function of the run directory and ``n``/``seed``; each file is written atomically.
+
+matplotlib is the optional extra ``dyngan[plots]``, imported only here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from . import rundir
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from .plugins import PluginHost
+
+PICTURES = "pictures"
+DPI = 110
+#: real points drawn at most (a denser scatter only adds ink)
+MAX_REAL_POINTS = 20_000
+#: image grid: rows and samples per row
+GRID_ROWS = 10
+GRID_COLS = 10
+#: a mode is covered by a sample closer than this many sigmas (PacGAN protocol)
+COVER_SIGMAS = 3.0
+
+
+def _pyplot():
+    """matplotlib's pyplot with the Agg backend (no display needed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError('pictures need matplotlib: pip install "dyngan[plots]"') from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+def coverage(samples: "Tensor", centres: "Tensor | Sequence[Sequence[float]]", sigma: float,
+             sigmas: float = COVER_SIGMAS, chunk: int = 65_536) -> "Tensor":
+    """Which modes the samples cover: a bool tensor, one entry per centre.
+
+    A mode is covered when at least one sample whose nearest centre it is lies strictly
+    closer than ``sigmas * sigma`` to it (the PacGAN rule behind ``mixture/modes``).
+    Non-finite samples cover nothing.
+    """
+    import torch
+
+    c = torch.as_tensor(centres, dtype=torch.float64)
+    if c.dim() != 2 or c.shape[0] == 0:
+        raise ValueError(f"centres must be a non-empty (K, D) array, got shape {tuple(c.shape)}")
+    x = samples.detach().to("cpu", torch.float64).reshape(samples.shape[0], -1)
+    if x.shape[1] != c.shape[1]:
+        raise ValueError(f"samples have {x.shape[1]} dimensions, centres {c.shape[1]}")
+    covered = torch.zeros(c.shape[0], dtype=torch.bool)
+    thr = float(sigmas) * float(sigma)
+    for start in range(0, x.shape[0], chunk):
+        xb = x[start:start + chunk]
+        xb = xb[torch.isfinite(xb).all(1)]
+        if xb.shape[0] == 0:
+            continue
+        d = torch.cdist(xb, c)
+        nearest_d, nearest = d.min(1)
+        covered[nearest[nearest_d < thr]] = True
+    return covered
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """What the pictures need from a run directory."""
+
+    def __init__(self, run_dir: Path, host: "PluginHost | None", device: str) -> None:
+        import torch
+
+        from . import checkpoint as ckpt_io
+        from .api import _load_run
+        from .errors import CheckpointError
+        from .plugins import get_host
+        from .training import load_dataset
+
+        host = host or get_host()
+        self.dir = run_dir
+        self.cfg, self.comps, self.G, self.prior, self.device, self.step = _load_run(run_dir, host, device)
+        self.z_dim = int(self.comps.model.z_dim)
+        self.metrics = rundir.read_metrics(run_dir)
+        # the partition labels of the checkpoint that was loaded (read again: _load_run keeps only G)
+        self.labels: torch.Tensor | None = None
+        for step, path in ckpt_io.list_checkpoints(run_dir / rundir.CHECKPOINTS):
+            if step == self.step:
+                try:
+                    ck = ckpt_io.read(path)
+                except CheckpointError:
+                    break  # pruned or replaced meanwhile: draw without partitions
+                lab = ck.tensors.get("train/labels")
+                if isinstance(lab, torch.Tensor) and lab.dim() == 1:
+                    self.labels = lab.long()
+                break
+        self.real = load_dataset(self.comps, self.cfg["seed"])
+        if self.labels is not None and (self.labels.shape[0] != self.real.shape[0]
+                                        or int(self.labels.min()) < 0):
+            self.labels = None
+        try:
+            self.info = dict(self.comps.dataset.info() or {})
+        except Exception:  # a plugin's info() is only decoration here
+            self.info = {}
+
+    @property
+    def name(self) -> str:
+        return self.dir.resolve().name
+
+    @property
+    def partitions(self) -> int:
+        """Conditions in use now (prior > 0)."""
+        return int((self.prior > 0).sum())
+
+    def title(self) -> str:
+        cfg = self.cfg
+        parts = [f"run {self.name}", cfg["dataset"], f"loss {cfg['loss']}"]
+        if cfg.get("preset"):
+            parts.append(f"preset {cfg['preset']}")
+        elif cfg.get("partitioner"):
+            parts.append(f"partitioner {cfg['partitioner']}")
+        parts.append(f"step {self.step}")
+        return "  |  ".join(parts)
+
+    def generate(self, n: int, seed: int) -> "Tensor":
+        """``n`` samples, conditions drawn from the prior: the samples ``dyngan sample --seed`` gives."""
+        import torch
+
+        from .training import generate
+
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return generate(self.G, n, self.z_dim, self.prior, self.device, g).cpu()
+
+    def generate_cond(self, cond: int, n: int, seed: int) -> "Tensor":
+        """``n`` samples of one fixed condition."""
+        import torch
+
+        g = torch.Generator(device=self.device).manual_seed(seed + 104_729 * (cond + 1))
+        z = torch.randn(n, self.z_dim, device=self.device, generator=g)
+        c = torch.full((n,), cond, dtype=torch.long, device=self.device)
+        return self._forward(z, c)
+
+    def _forward(self, z: "Tensor", cond: "Tensor", batch: int = 4096) -> "Tensor":
+        import torch
+
+        was = self.G.training
+        self.G.eval()
+        try:
+            with torch.no_grad():
+                out = [self.G(z[i:i + batch], cond[i:i + batch]).float().cpu()
+                       for i in range(0, z.shape[0], batch)]
+        finally:
+            self.G.train(was)
+        return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Save a figure atomically: a temporary name in the same directory, then a rename."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=DPI, format="png", metadata={"Software": None}, bbox_inches="tight",
+                    pad_inches=0.15, facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _partition_colours(k: int) -> list:
+    import matplotlib
+
+    names = ["tab10"] if k <= 10 else ["tab20", "tab20b", "tab20c"]
+    cols: list = []
+    for nm in names:
+        cmap = matplotlib.colormaps[nm]
+        cols.extend(cmap(i) for i in range(cmap.N))
+    return [cols[i % len(cols)] for i in range(k)]
+
+
+def _subsample(n_total: int, n_max: int, seed: int) -> "Tensor":
+    import torch
+
+    if n_total <= n_max:
+        return torch.arange(n_total)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:n_max].sort().values
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# --------------------------------------------------------------------------- vector data
+
+
+def _projection(real: "Tensor") -> tuple["Tensor", "Tensor", list[str]]:
+    """Mean and the two leading principal axes of the real data (identity for 2D)."""
+    import torch
+
+    d = real.shape[1]
+    mean = real.mean(0)
+    if d == 2:
+        return torch.zeros(2), torch.eye(2), ["x[0]", "x[1]"]
+    sub = real[_subsample(real.shape[0], 50_000, 0)] - mean
+    _, s, v = torch.linalg.svd(sub, full_matrices=False)
+    var = (s ** 2) / max(float((s ** 2).sum()), 1e-30)
+    return mean, v[:2].T, [f"principal axis {i + 1} ({100 * float(var[i]):.0f}% of variance)" for i in range(2)]
+
+
+def _samples_vector(run: _Run, n: int, seed: int, plt: Any) -> Path:
+    import torch
+
+    real = run.real.reshape(run.real.shape[0], -1)
+    d = real.shape[1]
+    fake = run.generate(n, seed)
+    fake = fake.reshape(n, -1)
+    finite = torch.isfinite(fake).all(1)
+    keep = _subsample(real.shape[0], MAX_REAL_POINTS, seed + 1)
+    real_pts = real[keep]
+    labels = run.labels[keep] if run.labels is not None else None
+
+    centres = run.info.get("centres")
+    sigma = run.info.get("sigma")
+    cov = None
+    if centres is not None and sigma is not None:
+        try:
+            c = torch.as_tensor(centres, dtype=torch.float32)
+            if c.dim() == 2 and c.shape[1] == d and c.shape[0] > 0:
+                cov = coverage(fake, c, float(sigma))
+            else:
+                centres = None
+        except (TypeError, ValueError):
+            centres = None
+    else:
+        centres = None
+
+    if d == 1:
+        return _samples_1d(run, real_pts, fake[finite], plt)
+
+    mean, axes, axis_names = _projection(real)
+
+    def proj(x):
+        return (x - mean) @ axes
+
+    rp, fp = proj(real_pts), proj(fake[finite])
+    # the partition panel only says something when the run partitions (or did)
+    if labels is not None and not (run.cfg.get("partitioner") or int(run.labels.max()) > 0):
+        labels = None
+    panels = 2 if labels is not None else 1
+    fig, axs = plt.subplots(1, panels, figsize=(6.2 * panels, 7.0), squeeze=False)
+    # fixed layout: equal-aspect axes, titles above, legends below (cropped by the tight bbox)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.12, wspace=0.18)
+    ax = axs[0][0]
+    ax.scatter(fp[:, 0], fp[:, 1], s=5, c="tab:blue", alpha=0.45, linewidths=0,
+               label=f"generated ({int(finite.sum())})", rasterized=True, zorder=2)
+    ax.scatter(rp[:, 0], rp[:, 1], s=2, c="0.2", alpha=0.5, linewidths=0, label="real data",
+               rasterized=True, zorder=3)
+    head = f"step {run.step}: {_plural(int(finite.sum()), 'generated sample')}"
+    if centres is not None and cov is not None:
+        cp = proj(torch.as_tensor(centres, dtype=torch.float32))
+        hit, miss = cp[cov], cp[~cov]
+        if hit.shape[0]:
+            ax.scatter(hit[:, 0], hit[:, 1], s=140, facecolors="none", edgecolors="tab:green", linewidths=2.0,
+                       label=f"mode covered ({hit.shape[0]})", zorder=4)
+        if miss.shape[0]:
+            ax.scatter(miss[:, 0], miss[:, 1], s=110, c="tab:red", marker="x", linewidths=2.5,
+                       label=f"mode missed ({miss.shape[0]})", zorder=4)
+        head = (f"step {run.step}: {int(cov.sum())}/{cov.numel()} modes covered\n"
+                f"(covered: a generated sample within {COVER_SIGMAS:g} sigma = {COVER_SIGMAS * float(sigma):.3g})")
+    if int((~finite).sum()):
+        head += f"\n{int((~finite).sum())} generated samples are NaN/inf (not drawn)"
+    ax.set_title(head, fontsize=11)
+    _vector_axes(ax, axis_names, rp, fp)
+    _point_legend(ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, fontsize=9,
+                            frameon=False))
+
+    if labels is not None:
+        ax2 = axs[0][1]
+        active = sorted(int(v) for v in torch.unique(run.labels).tolist())
+        counts = torch.bincount(run.labels, minlength=max(active) + 1)
+        cols = _partition_colours(len(active))
+        for i, lab in enumerate(active):
+            m = labels == lab
+            if not bool(m.any()):
+                continue
+            ax2.scatter(rp[m, 0], rp[m, 1], s=3, color=cols[i], linewidths=0, alpha=0.8,
+                        label=f"partition {lab} ({int(counts[lab])} points)", rasterized=True)
+        if centres is not None:
+            cp = proj(torch.as_tensor(centres, dtype=torch.float32))
+            ax2.scatter(cp[:, 0], cp[:, 1], s=16, c="black", marker="+", linewidths=0.8,
+                        label="mode centre", zorder=4)
+        ax2.set_title(f"real data coloured by partition: {_plural(len(active), 'partition')}", fontsize=11)
+        _vector_axes(ax2, axis_names, rp, fp)
+        if len(active) <= 12:
+            _point_legend(ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, fontsize=8,
+                                     frameon=False))
+        else:
+            ax2.text(0.01, 0.01, f"{len(active)} partitions; colours repeat after 20", fontsize=8,
+                     transform=ax2.transAxes, va="bottom")
+    sup = run.title()
+    if centres is not None and cov is not None:
+        sup += f"  |  {int(cov.sum())}/{cov.numel()} modes covered"
+    sup += f"  |  {_plural(run.partitions, 'partition')}"
+    fig.suptitle(sup, fontsize=12)
+    return _save(fig, run.dir / PICTURES / "samples.png")
+
+
+def _point_legend(leg: Any) -> None:
+    """Legend entries of tiny scatter points drawn big and opaque enough to read."""
+    for h in getattr(leg, "legend_handles", getattr(leg, "legendHandles", [])):
+        sizes = getattr(h, "get_sizes", lambda: [])()
+        if len(sizes) and float(sizes[0]) < 20:
+            h.set_sizes([30.0])
+            h.set_alpha(1.0)
+
+
+def _vector_axes(ax: Any, names: list[str], rp: "Tensor", fp: "Tensor") -> None:
+    import torch
+
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.set_aspect("equal", adjustable="box")
+    # frame the real data (generated outliers far away would otherwise shrink it to a dot)
+    lo = torch.quantile(rp, 0.0, dim=0)
+    hi = torch.quantile(rp, 1.0, dim=0)
+    span = (hi - lo).clamp_min(1e-6)
+    lo, hi = lo - 0.15 * span, hi + 0.15 * span
+    if fp.shape[0]:
+        flo = torch.quantile(fp, 0.01, dim=0)
+        fhi = torch.quantile(fp, 0.99, dim=0)
+        lo = torch.minimum(lo, flo - 0.05 * span)
+        hi = torch.maximum(hi, fhi + 0.05 * span)
+    # a square window: with equal scales the panel then fills its (near square) box
+    mid, half = (lo + hi) / 2, float((hi - lo).max()) / 2
+    ax.set_xlim(float(mid[0]) - half, float(mid[0]) + half)
+    ax.set_ylim(float(mid[1]) - half, float(mid[1]) + half)
+    ax.grid(True, alpha=0.25)
+
+
+def _samples_1d(run: _Run, real: "Tensor", fake: "Tensor", plt: Any) -> Path:
+    import torch
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    lo = float(torch.minimum(real.min(), fake.min() if fake.numel() else real.min()))
+    hi = float(torch.maximum(real.max(), fake.max() if fake.numel() else real.max()))
+    bins = torch.linspace(lo, hi if hi > lo else lo + 1, 81).tolist()
+    ax.hist(real[:, 0].tolist(), bins=bins, density=True, color="0.6", alpha=0.7, label="real data")
+    ax.hist(fake[:, 0].tolist(), bins=bins, density=True, histtype="step", color="tab:blue",
+            linewidth=2, label=f"generated ({fake.shape[0]})")
+    ax.set_xlabel("x")
+    ax.set_ylabel("density")
+    ax.set_title(f"step {run.step}: generated vs real  |  {_plural(run.partitions, 'partition')}", fontsize=11)
+    ax.legend()
+    ax.grid(True, alpha=0.25)
+    fig.suptitle(run.title(), fontsize=12)
+    return _save(fig, run.dir / PICTURES / "samples.png")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _to_rgb(x: "Tensor") -> "Tensor":
+    """``(B, C, H, W)`` in [-1, 1] -> ``(B, H, W, 3)`` in [0, 1] (1 channel: grey)."""
+    import torch
+
+    x = torch.nan_to_num(x.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
+    x = ((x + 1) / 2).clamp(0, 1)
+    c = x.shape[1]
+    if c == 3:
+        pass
+    elif c == 1:
+        x = x.expand(-1, 3, -1, -1)
+    else:  # no natural colour mapping: the mean over channels, in grey
+        x = x.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1)
+
+
+def _mosaic(rows: list["Tensor"], cols: int, pad: int = 1) -> "Tensor":
+    """Rows of ``(k <= cols, H, W, 3)`` images -> one ``(rows*(H+pad)+pad, cols*(W+pad)+pad, 3)`` picture."""
+    import torch
+
+    h, w = rows[0].shape[1], rows[0].shape[2]
+    out = torch.ones(len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3)
+    for r, imgs in enumerate(rows):
+        for c in range(min(cols, imgs.shape[0])):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            out[y:y + h, x:x + w] = imgs[c]
+    return out
+
+
+def _samples_images(run: _Run, seed: int, plt: Any) -> Path:
+    import torch
+
+    shape = tuple(run.real.shape[1:])
+    if len(shape) == 2:  # (H, W): one grey channel
+        def as_chw(x):
+            return x.reshape(x.shape[0], 1, *shape)
+    else:
+        def as_chw(x):
+            return x
+
+    prior = run.prior.cpu()
+    active = [int(i) for i in torch.nonzero(prior > 0).flatten().tolist()]
+    active.sort(key=lambda k: (-float(prior[k]), k))
+    shown = sorted(active[:GRID_ROWS])
+    per = max(1, GRID_ROWS // len(shown))  # rows per condition (unconditional: all ten rows)
+    gen_rows, real_rows, row_names = [], [], []
+    labels = run.labels
+    partitioned = labels is not None and len(active) > 1
+    g = torch.Generator().manual_seed(seed + 1)
+    for k in shown:
+        imgs = _to_rgb(as_chw(run.generate_cond(k, per * GRID_COLS, seed)))
+        for r in range(per):
+            gen_rows.append(imgs[r * GRID_COLS:(r + 1) * GRID_COLS])
+            row_names.append(f"condition {k}\np = {float(prior[k]):.3f}" if r == 0 else "")
+        if partitioned:
+            idx = torch.nonzero(labels == k).flatten()
+            if idx.numel():
+                pick = idx[torch.randperm(idx.numel(), generator=g)[:per * GRID_COLS]]
+                rimgs = _to_rgb(as_chw(run.real[pick]))
+            else:
+                rimgs = torch.ones(0, *gen_rows[-1].shape[1:])
+            for r in range(per):
+                real_rows.append(rimgs[r * GRID_COLS:(r + 1) * GRID_COLS]
+                                 if rimgs.shape[0] > r * GRID_COLS else torch.ones(0, *gen_rows[-1].shape[1:]))
+    if not partitioned:  # real images, drawn at random, for comparison
+        pick = torch.randperm(run.real.shape[0], generator=g)[:len(gen_rows) * GRID_COLS]
+        rimgs = _to_rgb(as_chw(run.real[pick]))
+        real_rows = [rimgs[r * GRID_COLS:(r + 1) * GRID_COLS] for r in range(len(gen_rows))]
+
+    gen = _mosaic(gen_rows, GRID_COLS)
+    real = _mosaic(real_rows, GRID_COLS) if real_rows and any(r.shape[0] for r in real_rows) else None
+    h = gen.shape[0]
+    cell = 0.62  # inches per image, whatever its pixel size
+    n_rows = len(gen_rows)
+    width = (2.0 + GRID_COLS * cell) * (2 if real is not None else 1) + 0.4
+    fig, axs = plt.subplots(1, 2 if real is not None else 1, figsize=(width, 1.3 + n_rows * cell), squeeze=False,
+                            layout="constrained")
+    step_h = (h - 1) / n_rows
+    # one label per condition, centred on its group of rows; lines between the groups
+    ticks = [0.5 + step_h * (i + per / 2) for i, nm in enumerate(row_names) if nm]
+    bounds = [step_h * i for i in range(per, n_rows, per)] if per > 1 and len(shown) > 1 else []
+    names = [nm for nm in row_names if nm]
+    ax = axs[0][0]
+    ax.imshow(gen.numpy(), interpolation="nearest")
+    ax.set_title(f"generated, {'one row' if per == 1 else f'{per} rows'} per condition "
+                 f"({len(shown)} of {len(active)} conditions shown)"
+                 if len(active) > 1 else "generated (unconditional)", fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks(ticks if len(active) > 1 else [])
+    ax.set_yticklabels(names if len(active) > 1 else [], fontsize=9)
+    ax.tick_params(length=0)
+    for y in bounds:
+        ax.axhline(y, color="black", linewidth=1.5)
+    if real is not None:
+        ax2 = axs[0][1]
+        ax2.imshow(real.numpy(), interpolation="nearest")
+        ax2.set_title("real training images of each partition" if partitioned else "real training images",
+                      fontsize=11)
+        ax2.set_xticks([])
+        ax2.set_yticks(ticks if partitioned else [])
+        ax2.set_yticklabels([f"partition {k}\n{int((labels == k).sum())} images" for k in shown]
+                            if partitioned else [], fontsize=9)
+        ax2.tick_params(length=0)
+        for y in bounds if partitioned else []:
+            ax2.axhline(y, color="black", linewidth=1.5)
+    fig.suptitle(run.title() + f"  |  {_plural(run.partitions, 'partition')}", fontsize=12)
+    return _save(fig, run.dir / PICTURES / "samples.png")
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def _num(v: Any) -> float | None:
+    """A logged number (NaN/inf are logged as strings) or None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _series(records: list[dict[str, Any]], key: str, event: str | None) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        if r.get("event") != event or not isinstance(r.get("step"), int):
+            continue
+        v = _num(r.get(key))
+        if v is not None:
+            xs.append(r["step"])
+            ys.append(v)
+    return xs, ys
+
+
+def _from_zero(ax: Any) -> None:
+    """A y axis that starts at 0, a little below it so that markers at 0 stay whole."""
+    top = ax.get_ylim()[1]
+    top = top if top > 0 else 1.0
+    ax.set_ylim(-0.03 * top, top)
+
+
+def _keys(records: list[dict[str, Any]], event: str, pred) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in records:
+        if r.get("event") == event:
+            for k in r:
+                if pred(k):
+                    seen[k] = None
+    return list(seen)
+
+
+def _curves(run: _Run, plt: Any) -> Path:
+    import re
+
+    recs = run.metrics
+    panels: list[tuple[str, Any]] = []
+
+    def losses(ax):
+        drawn = False
+        for key, lab, col in (("loss/d", "discriminator (D)", "tab:red"), ("loss/g", "generator (G)", "tab:blue")):
+            xs, ys = _series(recs, key, None)
+            if xs:
+                ax.plot(xs, ys, color=col, linewidth=1.3, label=lab)
+                drawn = True
+        for i, r in enumerate(r for r in recs if r.get("event") == "divergence" and isinstance(r.get("step"), int)):
+            ax.axvline(r["step"], color="black", linestyle=":", linewidth=1.2,
+                       label="divergence (NaN/inf)" if i == 0 else None)
+            drawn = True
+        ax.set_ylabel("loss")
+        ax.set_title(f"losses ({run.cfg['loss']})", fontsize=11)
+        if drawn:
+            ax.legend(fontsize=9, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax.transAxes)
+
+    panels.append(("losses", losses))
+
+    mode_keys = _keys(recs, "eval", lambda k: k.endswith("/modes"))
+    if mode_keys:
+        total = None
+        if isinstance(run.info.get("centres"), list):
+            total = len(run.info["centres"])
+        elif _num(run.info.get("modes")) is not None:
+            total = int(_num(run.info["modes"]))
+        else:
+            for k in _keys(recs, "eval", lambda k: k.endswith("/max_modes")):
+                _, ys = _series(recs, k, "eval")
+                if ys:
+                    total = int(ys[-1])
+
+        def modes(ax):
+            for k in mode_keys:
+                xs, ys = _series(recs, k, "eval")
+                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=k)
+            if total:
+                ax.axhline(total, color="0.4", linestyle="--", linewidth=1, label=f"all modes ({total})")
+            ax.set_ylabel("modes covered")
+            _from_zero(ax)
+            ax.set_title("modes covered (evaluation)", fontsize=11)
+            ax.legend(fontsize=9, loc="best")
+
+        panels.append(("modes", modes))
+
+    hq_keys = _keys(recs, "eval", lambda k: re.search(r"/hq\d*$", k) is not None)
+    if hq_keys:
+        def quality(ax):
+            for k in hq_keys:
+                xs, ys = _series(recs, k, "eval")
+                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=k)
+            ax.set_ylabel("fraction of samples")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title("high-quality samples (evaluation)", fontsize=11)
+            ax.legend(fontsize=9, loc="best")
+
+        panels.append(("quality", quality))
+
+    kl_keys = _keys(recs, "eval", lambda k: re.search(r"(^|/)(reverse_)?kl$", k) is not None)
+    if kl_keys:
+        def divergence(ax):
+            for k in kl_keys:
+                xs, ys = _series(recs, k, "eval")
+                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=k)
+            ax.set_ylabel("KL (nats)")
+            _from_zero(ax)
+            ax.set_title("KL(generated mode histogram || uniform), 0 is best (evaluation)", fontsize=11)
+            ax.legend(fontsize=9, loc="best")
+
+        panels.append(("kl", divergence))
+
+    cx, cy = _series(recs, "collapse/fraction", "detection")
+    if cx:
+        def collapse(ax):
+            ax.plot(cx, cy, marker="o", markersize=4, color="tab:purple", linewidth=1.3,
+                    label="collapsed fraction of training samples")
+            tau = (run.cfg.get("options", {}).get("partitioner") or {}).get("tau")
+            if _num(tau) is not None and run.cfg.get("partitioner"):
+                ax.axhline(float(tau), color="0.4", linestyle="--", linewidth=1,
+                           label=f"partition threshold tau = {float(tau):g}")
+            ax.set_ylabel("fraction")
+            _from_zero(ax)
+            det = run.cfg.get("detector")
+            ax.set_title("collapse detection" + (f" ({det})" if det else ""), fontsize=11)
+            ax.legend(fontsize=9, loc="best")
+
+        panels.append(("collapse", collapse))
+
+    px, py = _series(recs, "partition/count", "partition")
+    if px or run.cfg.get("partitioner"):
+        last = max([run.step] + [r["step"] for r in recs if isinstance(r.get("step"), int)])
+
+        def parts(ax):
+            xs = [0] + px + [max(last, px[-1] if px else 0)]
+            ys = [1.0] + py + [py[-1] if py else 1.0]
+            ax.step(xs, ys, where="post", color="tab:green", linewidth=1.8, label="partitions")
+            if px:
+                ax.plot(px, py, "o", color="tab:green", markersize=4)
+            ax.set_ylabel("partitions")
+            ax.set_ylim(0, max(ys) + 1)
+            ax.yaxis.get_major_locator().set_params(integer=True)
+            part = run.cfg.get("partitioner")
+            ax.set_title("number of partitions" + (f" ({part})" if part else "")
+                         + ("" if px else ": never partitioned"), fontsize=11)
+
+        panels.append(("partitions", parts))
+
+    fig, axs = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels) + 0.8), sharex=True, squeeze=False,
+                            layout="constrained")
+    for (_, draw), ax in zip(panels, axs[:, 0]):
+        draw(ax)
+        ax.grid(True, alpha=0.3)
+        for s in px:  # when the data were re-partitioned
+            ax.axvline(s, color="tab:green", alpha=0.25, linewidth=1)
+    axs[-1][0].set_xlabel("training step")
+    fig.suptitle(run.title(), fontsize=12)
+    return _save(fig, run.dir / PICTURES / "curves.png")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def write_report(run_dir: str | Path, n: int = 2500, seed: int = 0, host: "PluginHost | None" = None,
+                 *, device: str = "cpu") -> list[Path]:
+    """Write the pictures of a run into ``run_dir/pictures/``; returns their paths.
+
+    ``n`` generated samples are drawn for vector data (image grids draw their own ten
+    per row), with ``seed``. Raises UsageError / CheckpointError for a bad run directory,
+    UsageError when matplotlib is missing.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UsageError(f"--n must be at least 1, got {n!r}")
+    run_dir = Path(run_dir)
+    rundir.read_config(run_dir)  # a bad run directory says so before anything else
+    plt = _pyplot()
+    run = _Run(run_dir, host, device)
+    out = run_dir / PICTURES
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write pictures into {str(out)!r}: {e.strerror or e}") from None
+    shape = tuple(run.real.shape[1:])
+    written = []
+    with plt.rc_context({"figure.dpi": DPI, "axes.titleweight": "normal"}):
+        if len(shape) == 1:
+            written.append(_samples_vector(run, n, seed, plt))
+        elif len(shape) == 2 or (len(shape) == 3 and shape[1] > 1 and shape[2] > 1):
+            written.append(_samples_images(run, seed, plt))
+        written.append(_curves(run, plt))
+    return written

@@ -1,0 +1,329 @@
+"""Pictures of a run (core/report.py): files, their validity, coverage marks, panels, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+Image = pytest.importorskip("PIL.Image")
+
+from core import report  # noqa: E402
+from core.api import sample, train  # noqa: E402
+from core.errors import CheckpointError, UsageError  # noqa: E402
+from core.plugins import get_host  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+GREEN = (0x2C, 0xA0, 0x2C)  # matplotlib tab:green (covered modes)
+RED = (0xD6, 0x27, 0x28)  # matplotlib tab:red (missed modes)
+
+
+def _components(kind: str) -> set[str]:
+    return set(get_host().registry.names(kind))
+
+
+HAVE_DYNGAN = ({"dyngan"} <= _components("detector") and {"dyngan"} <= _components("partitioner")
+               and {"onehot"} <= _components("conditioner"))
+HAVE_DIGITS = "stacked-digits" in _components("dataset")
+
+
+def _train(settings: dict) -> Path:
+    # the pictures written at the end of training are switched off: write_report must make them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DYNGAN_NO_PICTURES", "1")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        res = train(settings)
+    run = Path(res.run_dir)
+    assert not (run / report.PICTURES).exists()
+    return run
+
+
+@pytest.fixture(scope="module")
+def run2d(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "r"
+    return _train({"dataset": "grid25", "steps": 60, "seed": 0, "device": "cpu", "out": str(out),
+                   "log_every": 20, "eval_every": 30, "options": {"dataset": {"n": 2000}}})
+
+
+@pytest.fixture(scope="module")
+def run2d_pictures(run2d) -> list[Path]:
+    return report.write_report(run2d)
+
+
+def _check_png(path: Path) -> "Image.Image":
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) > 10_000, f"{path} is suspiciously small ({len(data)} bytes)"
+    img = Image.open(path)
+    img.load()
+    assert img.format == "PNG"
+    assert img.width >= 400 and img.height >= 250
+    rgb = img.convert("RGB")
+    lo, hi = zip(*rgb.getextrema())
+    assert max(hi) - min(lo) > 100, f"{path} is (nearly) one flat colour"
+    assert len(rgb.getcolors(maxcolors=1 << 20) or []) > 20, f"{path} has almost no colours"
+    return rgb
+
+
+def _has_colour(img: "Image.Image", colour: tuple[int, int, int], tol: int = 12, min_pixels: int = 20) -> int:
+    t = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.int32)).reshape(-1, 3)
+    close = (t - torch.tensor(colour)).abs().max(1).values <= tol
+    return int(close.sum()) >= min_pixels
+
+
+# --------------------------------------------------------------------------- coverage helper
+
+
+def test_coverage_on_hand_made_samples():
+    centres = [[x, y] for x in (-4.0, -2.0, 0.0, 2.0, 4.0) for y in (-4.0, -2.0, 0.0, 2.0, 4.0)]
+    sigma = 0.05
+    samples = torch.tensor([
+        [-4.0, -4.0],                 # mode 0, exactly on it
+        [-4.0, -4.0],                 # mode 0 again
+        [0.0 + 2.9 * sigma, 0.0],     # mode 12, just inside 3 sigma
+        [2.0 + 3.1 * sigma, 2.0],     # mode 18, just outside 3 sigma: not covered
+        [1.0, 1.0],                   # between modes: covers nothing
+        [100.0, -100.0],              # far-off noise
+        [float("nan"), 4.0],          # a diverged sample covers nothing
+        [4.0, float("inf")],
+    ])
+    cov = report.coverage(samples, centres, sigma)
+    assert cov.dtype == torch.bool and cov.shape == (25,)
+    assert set(torch.nonzero(cov).flatten().tolist()) == {0, 12}
+
+
+def test_coverage_all_and_none():
+    centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert report.coverage(centres.repeat(3, 1), centres, 0.01).all()
+    assert not report.coverage(torch.full((50, 2), 7.0), centres, 0.01).any()
+    # chunking must not change the answer
+    x = centres[torch.arange(300) % 3] + 0.001
+    assert report.coverage(x, centres, 0.01, chunk=7).all()
+    with pytest.raises(ValueError, match="dimensions"):
+        report.coverage(torch.zeros(4, 3), centres, 0.01)
+
+
+def test_coverage_agrees_with_the_mixture_metric(run2d):
+    """The rings and crosses in the picture are the modes that `mixture/modes` counts."""
+    mm = pytest.importorskip("dyngan_plugins.mixture_metrics")
+    from dyngan_plugins.mixtures import Grid25
+
+    ds = Grid25()
+    fake = torch.from_numpy(sample(run2d, 2500, seed=0))
+    cov = report.coverage(fake, ds.info()["centres"], ds.info()["sigma"])
+    stats = mm.mixture_stats(fake, ds.info()["centres"], ds.info()["sigma"])
+    assert int(cov.sum()) == int(stats["mixture/modes"])
+
+
+# --------------------------------------------------------------------------- a 2D run
+
+
+def test_2d_run_pictures_exist_and_are_valid(run2d, run2d_pictures):
+    pics = run2d / report.PICTURES
+    assert run2d_pictures == [pics / "samples.png", pics / "curves.png"]
+    for p in run2d_pictures:
+        _check_png(p)
+    # atomic writes leave no temporary files behind
+    assert sorted(p.name for p in pics.iterdir()) == ["curves.png", "samples.png"]
+
+
+def test_2d_picture_marks_covered_and_missed_modes(run2d, run2d_pictures):
+    from dyngan_plugins.mixtures import Grid25
+
+    info = Grid25().info()
+    fake = torch.from_numpy(sample(run2d, 2500, seed=0))  # the very samples the picture draws
+    cov = report.coverage(fake, info["centres"], info["sigma"])
+    img = _check_png(run2d_pictures[0])
+    assert _has_colour(img, GREEN) == bool(cov.any())
+    assert _has_colour(img, RED) == bool((~cov).any())
+
+
+def test_marks_follow_the_coverage_rule(run2d, tmp_path, monkeypatch):
+    """All modes covered: green rings and no red cross; none covered: the reverse."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(run2d, run)
+    real_coverage = report.coverage
+    monkeypatch.setattr(report, "coverage", lambda *a, **k: torch.ones_like(real_coverage(*a, **k)))
+    img = _check_png(report.write_report(run)[0])
+    assert _has_colour(img, GREEN) and not _has_colour(img, RED)
+    monkeypatch.setattr(report, "coverage", lambda *a, **k: torch.zeros_like(real_coverage(*a, **k)))
+    img = _check_png(report.write_report(run)[0])
+    assert _has_colour(img, RED) and not _has_colour(img, GREEN)
+
+
+def test_report_is_a_pure_function_of_the_run(run2d, run2d_pictures):
+    first = [p.read_bytes() for p in run2d_pictures]
+    again = report.write_report(run2d)
+    assert again == run2d_pictures
+    assert [p.read_bytes() for p in again] == first
+    # another seed draws other samples: the samples picture changes, the curves do not
+    other = report.write_report(run2d, seed=1)
+    assert other[0].read_bytes() != first[0]
+    assert other[1].read_bytes() == first[1]
+    report.write_report(run2d)  # leave the seed-0 pictures for the other tests
+
+
+def test_curves_skip_panels_without_data(run2d, run2d_pictures, tmp_path):
+    # the same tiny run without evaluation: only the losses panel
+    bare = _train({"dataset": "grid25", "steps": 40, "seed": 0, "device": "cpu", "out": str(tmp_path / "b"),
+                   "log_every": 20, "eval_every": 0, "metrics": [], "options": {"dataset": {"n": 2000}}})
+    samples_bare, curves_bare = report.write_report(bare)
+    h_bare = _check_png(curves_bare).height
+    h_eval = _check_png(run2d_pictures[1]).height
+    # run2d logs eval events (modes, quality, KL): three more panels
+    assert h_eval > h_bare + 3 * 200
+    # with no partitioner the samples picture has one panel, not two
+    assert _check_png(samples_bare).width < 1000
+
+
+def test_curves_read_every_kind_of_record(tmp_path, run2d):
+    """A metrics log with detection, partition and divergence events draws all panels."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(run2d, run)
+    shutil.rmtree(run / report.PICTURES, ignore_errors=True)
+    h_before = _check_png(report.write_report(run)[1]).height
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        for rec in ({"step": 20, "event": "detection", "collapse/fraction": 0.3, "collapse/count": 600},
+                    {"step": 40, "event": "detection", "collapse/fraction": "nan", "collapse/count": 0},
+                    {"step": 40, "event": "partition", "partition/count": 3, "partition/sizes": [1, 1, 1]},
+                    {"step": 50, "event": "divergence", "name": "loss/d", "value": "inf"}):
+            f.write(json.dumps(rec) + "\n")
+        f.write('{"step": 60, "loss/d": 1.0, "loss/g"')  # a line cut by a crash
+    h_after = _check_png(report.write_report(run)[1]).height
+    assert h_after > h_before + 2 * 200  # collapse and partition panels added
+
+
+def test_series_and_numbers():
+    recs = [{"step": 1, "loss/d": 1.5}, {"step": 2, "loss/d": "nan"}, {"step": 3, "loss/d": None},
+            {"step": 4, "event": "eval", "loss/d": 9.0}, {"step": "x", "loss/d": 2.0}, {"step": 5, "loss/d": True}]
+    xs, ys = report._series(recs, "loss/d", None)
+    assert xs == [1, 2] and ys[0] == 1.5 and ys[1] != ys[1]  # NaN kept as NaN
+    assert report._series(recs, "loss/d", "eval") == ([4], [9.0])
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_image_helpers():
+    x = torch.tensor([-1.0, 0.0, 1.0, 5.0]).view(1, 1, 2, 2)
+    rgb = report._to_rgb(x)
+    assert rgb.shape == (1, 2, 2, 3)
+    assert rgb[0, :, :, 0].flatten().tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert torch.equal(rgb[..., 0], rgb[..., 2])  # grey
+    col = report._to_rgb(torch.stack([torch.full((2, 2), -1.0), torch.zeros(2, 2), torch.ones(2, 2)])[None])
+    assert col[0, 0, 0].tolist() == [0.0, 0.5, 1.0]  # channel order kept: RGB
+    assert report._to_rgb(torch.full((1, 3, 2, 2), float("nan"))).isfinite().all()
+    rows = [torch.zeros(3, 4, 5, 3), torch.zeros(1, 4, 5, 3)]
+    m = report._mosaic(rows, cols=3, pad=1)
+    assert m.shape == (2 * 5 + 1, 3 * 6 + 1, 3)
+    assert float(m[1:5, 1:6].max()) == 0.0  # an image
+    assert float(m[6:10, 7:12].min()) == 1.0  # the empty slot of the short row stays white
+
+
+@pytest.mark.skipif(not HAVE_DIGITS, reason="the stacked-digits dataset is not installed")
+def test_image_run_draws_a_sample_grid(tmp_path):
+    pytest.importorskip("sklearn")
+    run = _train({"dataset": "stacked-digits", "steps": 20, "seed": 0, "device": "cpu", "out": str(tmp_path / "i"),
+                  "log_every": 10, "eval_every": 0, "metrics": [], "batch_size": 32,
+                  "options": {"dataset": {"n": 500}}})
+    paths = report.write_report(run)
+    assert [p.name for p in paths] == ["samples.png", "curves.png"]
+    grid = _check_png(paths[0])
+    # generated and real grids side by side, 10 x 10 each
+    assert grid.width > 1.5 * grid.height
+    _check_png(paths[1])
+
+
+# --------------------------------------------------------------------------- DynGAN runs
+
+
+@pytest.mark.skipif(not HAVE_DYNGAN, reason="the DynGAN detector/partitioner/onehot conditioner are not installed")
+def test_partitioned_2d_run(tmp_path, run2d_pictures):
+    # a delta this large calls nearly everything collapsed, so the run partitions at step 30
+    run = _train({"dataset": "grid25", "preset": "dyngan", "steps": 60, "seed": 0, "device": "cpu",
+                  "out": str(tmp_path / "d"), "log_every": 10, "eval_every": 30,
+                  "options": {"dataset": {"n": 2000}, "detector": {"every": 15, "delta": 10.0},
+                              "partitioner": {"every": 30}}})
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    parts = [e for e in events if e.get("event") == "partition"]
+    assert parts, "the run was expected to partition its data"
+    paths = report.write_report(run)
+    samples, curves = (_check_png(p) for p in paths)
+    plain_samples, plain_curves = (Image.open(p) for p in run2d_pictures)
+    # two panels (samples, real data by partition) instead of one
+    assert samples.width > 1.6 * plain_samples.width
+    # collapse and partition panels on top of the plain run's
+    assert curves.height > plain_curves.height + 2 * 200
+    # the partitions are drawn in tab10 colours beyond the first (partition 1: orange)
+    assert _has_colour(samples, (0xFF, 0x7F, 0x0E))
+
+
+@pytest.mark.skipif(not (HAVE_DYNGAN and HAVE_DIGITS), reason="DynGAN plugins or stacked-digits missing")
+def test_partitioned_image_run(tmp_path):
+    pytest.importorskip("sklearn")
+    # partitions at step 10, when part (not all) of the data is called collapsed
+    run = _train({"dataset": "stacked-digits", "preset": "dyngan", "steps": 20, "seed": 0, "device": "cpu",
+                  "out": str(tmp_path / "di"), "log_every": 10, "eval_every": 0, "metrics": [], "batch_size": 32,
+                  "options": {"dataset": {"n": 500}, "detector": {"every": 10, "delta": 10.0},
+                              "partitioner": {"every": 10}}})
+    from core import checkpoint as ckpt_io
+
+    step, path = ckpt_io.list_checkpoints(run / "checkpoints")[-1]
+    prior = ckpt_io.read(path).tensors["train/prior"]
+    active = int((prior > 0).sum())
+    assert active > 1, "the run was expected to partition its data"
+    paths = report.write_report(run)
+    grid = _check_png(paths[0])
+    _check_png(paths[1])
+    # rows of generated images per condition beside the real images of each partition
+    assert grid.width > 1.5 * grid.height
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_bad_run_directories(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        report.write_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no config.json"):
+        report.write_report(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        report.write_report(bad)
+
+
+def test_run_without_checkpoint(tmp_path, run2d):
+    import shutil
+
+    run = tmp_path / "nock"
+    run.mkdir()
+    shutil.copy(run2d / "config.json", run / "config.json")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        report.write_report(run)
+    assert not (run / report.PICTURES).exists()
+
+
+def test_bad_n(run2d):
+    with pytest.raises(UsageError, match="--n"):
+        report.write_report(run2d, n=0)
+
+
+def test_missing_matplotlib_names_the_extra(run2d, monkeypatch):
+    for name in list(sys.modules):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(UsageError, match=r'pip install "dyngan\[plots\]"'):
+        report.write_report(run2d)
