@@ -1,0 +1,332 @@
+"""The benchmark suite: methods x seeds x datasets, resumable, rendered into BENCHMARKS.md.
+
+    python benchmarks/suite.py run TABLE [TABLE ...] [--seeds 10] [--jobs 2] [--steps N]
+    python benchmarks/suite.py render [--out BENCHMARKS.md]
+    python benchmarks/suite.py list
+
+Each run is `python -m core train` in a fresh process (one torch thread, `--jobs` at once),
+then `python -m core evaluate --json`. Results are appended as JSON lines to
+benchmarks/results/results.jsonl, one per (table, method, seed); a run already there is
+skipped, so an interrupted suite continues where it stopped. `render` rewrites the
+section between the markers in BENCHMARKS.md from the results (mean +- standard error
+over seeds), with the published figures of ../shared/reference/benchmarks.md beside ours,
+labelled as published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "results.jsonl"
+BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
+
+PACGAN_GRID = {"dataset": "grid25"}
+PACGAN_RING = {"dataset": "ring8"}
+# DynGAN code's protocol: 50 points per mode; grid sigma 0.1; ring radius 2, sigma 0.05
+DYNCODE_GRID = {"dataset": "grid25", "-o": ["dataset.points_per_mode=50", "dataset.sigma=0.1"]}
+DYNCODE_RING = {"dataset": "ring8", "-o": ["dataset.points_per_mode=50", "dataset.radius=2",
+                                            "dataset.sigma=0.05"]}
+LOSSES = ["mm", "ns", "mm-nsat", "ls", "hinge", "wgan-gp"]
+
+
+def _method(loss: str | None = None, preset: str | None = None, extra: list[str] | None = None) -> dict:
+    m: dict = {}
+    if loss:
+        m["loss"] = loss
+    if preset:
+        m["preset"] = preset
+    if extra:
+        m["-o"] = extra
+    return m
+
+
+# table -> (title, protocol text, data settings, {method label: settings}, steps, eval samples, key metrics)
+TABLES: dict[str, dict] = {
+    "losses-grid25": {
+        "title": "Every loss on grid25 (PacGAN protocol)",
+        "protocol": "grid25, 100,000 training points, sigma 0.05; 2,500 samples; HQ < 3 sigma; "
+                    "modes = modes with >= 1 HQ sample; reverse KL of nearest-centre histogram (nats). "
+                    "MLP 2x128, z 50, batch 128, Adam 1e-3 (0.5, 0.999) except WGAN-GP (1e-4, (0.5, 0.9), 5 critic steps).",
+        "data": PACGAN_GRID,
+        "methods": {name: _method(loss=name) for name in LOSSES},
+        "steps": 30000,
+        "metrics": ["mixture/modes", "mixture/hq", "mixture/reverse_kl"],
+    },
+    "losses-ring8": {
+        "title": "Every loss on ring8 (PacGAN protocol)",
+        "protocol": "ring8, radius 1, sigma 0.01, 100,000 points; otherwise as above.",
+        "data": PACGAN_RING,
+        "methods": {name: _method(loss=name) for name in LOSSES},
+        "steps": 30000,
+        "metrics": ["mixture/modes", "mixture/hq", "mixture/reverse_kl"],
+    },
+    "dyngan-grid25": {
+        "title": "DynGAN vs NS-GAN on grid25 (PacGAN protocol)",
+        "protocol": "as 'Every loss on grid25'; DynGAN = --preset dyngan (NS loss, delta 0.2, tau 0.01, "
+                    "EMA 0.1, T_detect 500, T_part 3000, one-hot K_max 30).",
+        "data": PACGAN_GRID,
+        "methods": {"ns": _method(loss="ns"), "dyngan": _method(preset="dyngan"),
+                    "mm-nsat": _method(loss="mm-nsat")},
+        "steps": 30000,
+        "metrics": ["mixture/modes", "mixture/hq", "mixture/reverse_kl"],
+        "timing": True,
+    },
+    "dyngan-code-grid25": {
+        "title": "DynGAN on grid25, DynGAN-code protocol",
+        "protocol": "grid 5x5, spacing 2, sigma 0.1, 50 points per mode (1,250); 2,500 samples; "
+                    "covered = a sample within 1 sigma; HQ at 1/2/3 sigma; KL as above.",
+        "data": DYNCODE_GRID,
+        "methods": {"ns": _method(loss="ns"), "dyngan": _method(preset="dyngan")},
+        "steps": 30000,
+        "metrics": ["mixture/dyngan/modes", "mixture/dyngan/hq1", "mixture/dyngan/hq3",
+                    "mixture/dyngan/reverse_kl"],
+        "timing": True,
+    },
+    "dyngan-code-ring8": {
+        "title": "DynGAN on ring8, DynGAN-code protocol",
+        "protocol": "ring of 8, radius 2, sigma 0.05, 50 points per mode (400); otherwise as above.",
+        "data": DYNCODE_RING,
+        "methods": {"ns": _method(loss="ns"), "dyngan": _method(preset="dyngan")},
+        "steps": 30000,
+        "metrics": ["mixture/dyngan/modes", "mixture/dyngan/hq1", "mixture/dyngan/hq3",
+                    "mixture/dyngan/reverse_kl"],
+        "timing": True,
+    },
+    "stacked-digits": {
+        "title": "Stacked digits (8x8x3, 1000 modes)",
+        "protocol": "stacked-digits, 128,000 training images; 26,000 samples; modes = distinct triples "
+                    "predicted by the bundled digit classifier; KL(generated || uniform) in nats. "
+                    "dcgan model, batch 64, Adam 2e-4 (0.5, 0.999), 5,000 steps. DynGAN here: multi-head D "
+                    "with the embedding conditioner (image-code settings scaled to the run length).",
+        "data": {"dataset": "stacked-digits", "--batch-size": "64", "--lr-g": "2e-4", "--lr-d": "2e-4"},
+        "methods": {
+            "ns": _method(loss="ns"),
+            "mm-nsat": _method(loss="mm-nsat"),
+            "dyngan": _method(loss="ns", extra=[]) | {
+                "--detector": "dyngan", "--partitioner": "dyngan", "--conditioner": "embedding",
+                "-o": ["detector.every=500", "detector.delta=0.1", "detector.lam=0.2",
+                       "partitioner.every=1000", "partitioner.tau=0.05", "detector.subset=25000"]},
+        },
+        "steps": 5000,
+        "eval_samples": 26000,
+        "metrics": ["stacked-modes/modes", "stacked-modes/kl"],
+        "timing": True,
+    },
+}
+
+# published figures (../shared/reference/benchmarks.md, dyngan.md): table -> rows
+PUBLISHED = {
+    "losses-grid25": [
+        ("GAN (PacGAN Table 1)", "17.3", "94.8%", "0.70"),
+        ("PacGAN4 (PacGAN Table 1)", "24.8", "93.6%", "0.04"),
+    ],
+    "losses-ring8": [
+        ("GAN (PacGAN Table 1)", "6.3", "98.2%", "0.45"),
+        ("PacGAN4 (PacGAN Table 1)", "7.8", "95.9%", "0.07"),
+    ],
+    "dyngan-grid25": [
+        ("GAN (PacGAN Table 1)", "17.3", "94.8%", "0.70"),
+        ("PacGAN4 (PacGAN Table 1)", "24.8", "93.6%", "0.04"),
+        ("DynGAN reference code, 3 runs (dyngan.md)", "25.0", "88.3%", "0.037"),
+    ],
+    "dyngan-code-grid25": [
+        ("DynGAN code, delta 0.2 (its plotting script)", "24.9", "0.960 (1 sigma)", "-", "-"),
+        ("DynGAN reference code, 6 runs (dyngan.md)", "24.5", "-", "0.896", "0.086"),
+    ],
+    "dyngan-code-ring8": [
+        ("DynGAN reference code, 6 runs (dyngan.md)", "8.0", "-", "0.925", "0.017"),
+    ],
+    "stacked-digits": [],
+}
+
+
+def run_one(table: str, method: str, seed: int, steps: int | None, workdir: Path) -> dict:
+    spec = TABLES[table]
+    settings = dict(spec["data"])
+    settings_m = TABLES[table]["methods"][method]
+    opts = list(settings.pop("-o", [])) + list(settings_m.get("-o", []))
+    out = workdir / f"{table}-{method}-{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "core", "train", "--out", str(out), "--seed", str(seed), "--device", "cpu",
+           "--threads", "1", "--quiet", "--steps", str(steps or spec["steps"])]
+    for k, v in settings.items():
+        cmd += [f"--{k}" if not k.startswith("-") else k, v]
+    for k, v in settings_m.items():
+        if k == "-o":
+            continue
+        cmd += [f"--{k}" if not k.startswith("-") else k, v]
+    for o in opts:
+        cmd += ["-o", o]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DYNGAN_NO_PICTURES="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    rec = {"table": table, "method": method, "seed": seed, "steps": steps or spec["steps"],
+           "command": " ".join(["dyngan"] + cmd[3:]), "wall_s": round(wall, 2), "rc": proc.returncode,
+           "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    if proc.returncode != 0:
+        rec["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return rec
+    ev = subprocess.run([sys.executable, "-m", "core", "evaluate", str(out), "--json",
+                         "--n", str(spec.get("eval_samples", 2500))], env=env, capture_output=True, text=True)
+    if ev.returncode != 0:
+        rec["error"] = (ev.stderr or ev.stdout).strip().splitlines()[-1:]
+        rec["rc"] = ev.returncode
+        return rec
+    rec["metrics"] = json.loads(ev.stdout)["metrics"]
+    # time spent in detection and partitioning, from the run's own event records
+    det = part = 0.0
+    parts = 1
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("event") == "detection":
+            det += r.get("seconds", 0.0)
+        elif r.get("event") in ("partition", "partition-check"):
+            part += r.get("seconds", 0.0)
+            if r.get("event") == "partition":
+                parts = r["partition/count"]
+    rec.update(detect_s=round(det, 3), partition_s=round(part, 3), partitions=parts)
+    shutil.rmtree(out, ignore_errors=True)
+    return rec
+
+
+def machine() -> str:
+    try:
+        import torch
+
+        tv = torch.__version__
+    except ImportError:
+        tv = "?"
+    cpu = platform.processor() or platform.machine()
+    return f"{os.cpu_count()} cores {cpu}, {platform.system()}, python {platform.python_version()}, torch {tv}"
+
+
+def load_results() -> list[dict]:
+    if not RESULTS.exists():
+        return []
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["table"], r["method"], r["seed"]) for r in load_results() if r.get("rc") == 0}
+    todo = []
+    for table in args.tables:
+        if table not in TABLES:
+            sys.exit(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
+        methods = args.methods or list(TABLES[table]["methods"])
+        for seed in range(args.seeds):
+            for m in methods:
+                if (table, m, seed) not in done:
+                    todo.append((table, m, seed))
+    print(f"{len(todo)} runs to do ({len(done)} already in {RESULTS})", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="dyngan-suite-"))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_one, t, m, s, args.steps, workdir) for t, m, s in todo]
+        for fut in futures:
+            rec = fut.result()
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            status = "ok" if rec["rc"] == 0 else f"FAILED {rec.get('error')}"
+            key = {k: round(v, 3) for k, v in rec.get("metrics", {}).items()
+                   if k in TABLES[rec["table"]]["metrics"]}
+            print(f"{rec['table']} {rec['method']} seed {rec['seed']}: {status} {rec['wall_s']}s {key}", flush=True)
+
+
+def _mean_se(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return f"{m:.3f}"
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return f"{m:.3f} ± {sd / math.sqrt(len(xs)):.3f}"
+
+
+def render() -> str:
+    results = [r for r in load_results() if r.get("rc") == 0]
+    lines = [BEGIN, ""]
+    for table, spec in TABLES.items():
+        rows = [r for r in results if r["table"] == table]
+        if not rows:
+            continue
+        lines += [f"### {spec['title']}", "", f"Protocol: {spec['protocol']}", ""]
+        keys = spec["metrics"]
+        head = ["method", "seeds"] + keys
+        if spec.get("timing"):
+            head += ["partitions", "detect+partition share"]
+        head += ["s/run"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in spec["methods"]:
+            rs = [r for r in rows if r["method"] == m]
+            if not rs:
+                continue
+            cells = [f"{m} (ours)", str(len(rs))]
+            for k in keys:
+                cells.append(_mean_se([r["metrics"][k] for r in rs if k in r["metrics"]]))
+            if spec.get("timing"):
+                cells.append(_mean_se([float(r.get("partitions", 1)) for r in rs]))
+                share = [(r.get("detect_s", 0) + r.get("partition_s", 0)) / r["wall_s"] for r in rs]
+                cells.append(f"{100 * sum(share) / len(share):.2f}%")
+            cells.append(f"{sum(r['wall_s'] for r in rs) / len(rs):.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        for pub in PUBLISHED.get(table, []):
+            cells = [f"{pub[0]} — published", "-"] + list(pub[1:1 + len(keys)])
+            cells += ["-"] * (len(head) - len(cells))
+            lines.append("| " + " | ".join(cells) + " |")
+        first = rows[0]
+        lines += ["", f"Command (one run): `{first['command']}`, then `dyngan evaluate RUN --json`. "
+                      f"Machine: {first['machine']}. Dates: {min(r['date'] for r in rows)} to "
+                      f"{max(r['date'] for r in rows)}.", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def cmd_render(args: argparse.Namespace) -> None:
+    path = Path(args.out)
+    text = path.read_text() if path.exists() else ""
+    block = render()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Mode-collapse benchmark suite\n\n" + block + "\n"
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("tables", nargs="+")
+    r.add_argument("--seeds", type=int, default=10)
+    r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--steps", type=int, default=None, help="override the table's steps (smoke runs)")
+    r.add_argument("--methods", nargs="*", default=None)
+    d = sub.add_parser("render")
+    d.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
+    sub.add_parser("list")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        cmd_run(args)
+    elif args.cmd == "render":
+        cmd_render(args)
+    else:
+        for t, spec in TABLES.items():
+            print(f"{t}: {spec['title']} ({', '.join(spec['methods'])}; {spec['steps']} steps)")
+
+
+if __name__ == "__main__":
+    main()
