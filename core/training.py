@@ -270,6 +270,9 @@ class Trainer:
         self.is_main = self.comm.rank == 0
         self.progress = Progress(cfg["steps"], quiet or not self.is_main, stream)
         self.device = resolve_device(cfg["device"])
+        map_device = getattr(self.comm, "map_device", None)  # torchrun: cuda -> cuda:LOCAL_RANK
+        if map_device is not None:
+            self.device = map_device(self.device)
         self.comps = instantiate(cfg, registry)
         self._reports: dict[str, Any] = {}
         self._build()
@@ -402,20 +405,33 @@ class Trainer:
         self.step = ck.step
 
     def save(self) -> None:
-        if not self.is_main:
-            return
-        for net in (self.G, self.D):
+        for net in (self.G, self.D):  # on every rank: the weights are the same, so is the verdict
             for p in net.parameters():
                 if not torch.isfinite(p).all():
                     raise DivergenceError(
                         f"weights became NaN or inf by step {self.step}; not saving them "
                         "(the last good checkpoint is kept)")
+        if self.is_main:
+            self._write_checkpoint()
+        barrier = getattr(self.comm, "barrier", None)
+        if barrier is not None:  # torchrun: a failed write on rank 0 stops every rank
+            barrier()
+
+    def _write_checkpoint(self) -> None:
         tensors, meta = self.state()
         directory = self.run_dir / rundir.CHECKPOINTS
         existing = ckpt_io.list_checkpoints(directory)
         if existing and existing[-1][0] == self.step:
             return  # already saved at this step
         ckpt_io.save(directory, self.step, tensors, meta, keep=self.cfg["keep_checkpoints"])
+
+    def _sync_ranks(self) -> None:
+        """Under torchrun (core.distributed): rank 0's networks (parameters and buffers) and
+        partition on every rank; ranks > 0 then draw their own batches, from a stream derived
+        from rank 0's generator state and their rank (rank 0's is the single-process stream)."""
+        sync_start = getattr(self.comm, "sync_start", None)
+        if sync_start is not None:
+            sync_start([self.G, self.D], [self.labels, self.prior], self.gen)
 
     def load_latest(self) -> int:
         ck = ckpt_io.load_latest(self.run_dir / rundir.CHECKPOINTS, self._apply, self.progress.message)
@@ -434,6 +450,7 @@ class Trainer:
         det = self.comps.detector
         assert det is not None
         self._reports.clear()
+        t0 = time.perf_counter()
         with torch.no_grad():
             result = call_component(det, "detect", self.context())
         if not isinstance(result, Detection) or result.collapsed.shape != (self.N,):
@@ -443,7 +460,7 @@ class Trainer:
         frac = float(result.fraction)
         self.last_fraction = frac
         rec = {"step": self.step, "event": "detection", "collapse/fraction": frac,
-               "collapse/count": int(result.collapsed.sum())}
+               "collapse/count": int(result.collapsed.sum()), "seconds": round(time.perf_counter() - t0, 6)}
         rec.update(self._gather_reports())
         if log is not None:
             log.write(rec)
@@ -452,9 +469,15 @@ class Trainer:
         part = self.comps.partitioner
         assert part is not None
         self._reports.clear()
+        t0 = time.perf_counter()
         with torch.no_grad():
             upd = call_component(part, "partition", self.context(), self.last_detection)
         if upd is None:
+            rec = {"step": self.step, "event": "partition-check", "changed": False,
+                   "seconds": round(time.perf_counter() - t0, 6)}
+            rec.update(self._gather_reports())  # on every rank: it is a collective under torchrun
+            if log is not None:
+                log.write(rec)
             return
         if not isinstance(upd, PartitionUpdate):
             raise ComponentFailure(part.kind, part.name, part.plugin, "partition",
@@ -476,7 +499,8 @@ class Trainer:
             sizes_list.pop()
         self.partition_count = int((sizes > 0).sum())
         rec = {"step": self.step, "event": "partition", "partition/count": self.partition_count,
-               "partition/sizes": sizes_list, "partition/relabelled": changed}
+               "partition/sizes": sizes_list, "partition/relabelled": changed,
+               "seconds": round(time.perf_counter() - t0, 6)}
         rec.update(self._gather_reports())
         if log is not None:
             log.write(rec)
@@ -500,7 +524,8 @@ class Trainer:
         vals = []
         for v in self._reports.values():
             vals.append(v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
-        out = dict(zip(names, torch.stack([v.cpu() for v in vals]).tolist()))
+        stacked = self.comm.all_reduce_mean(torch.stack([v.cpu() for v in vals]))  # mean over ranks
+        out = dict(zip(names, stacked.tolist()))
         self._reports.clear()
         return out
 
@@ -515,9 +540,13 @@ class Trainer:
                 if log is not None:
                     log.truncate_after(self.step)
                 self.progress.message(f"resuming from step {self.step}")
+            self._sync_ranks()
             self._setup_components()
             rollbacks = 0
             with _SignalFlag() as flag:
+                watch = getattr(self.comm, "watch", None)
+                if watch is not None:  # torchrun: a signal on any rank stops all after the same step
+                    flag = watch(flag)
                 while True:
                     try:
                         self._loop(log, flag)
@@ -538,6 +567,7 @@ class Trainer:
         bad_step = self.step
         self.load_latest()
         self.gen.manual_seed(self.cfg["seed"] + 1_000_003 * attempt + self.step)
+        self._sync_ranks()
         if log is not None:
             log.truncate_after(self.step)
             log.write({"step": self.step, "event": "rollback", "diverged_at": bad_step, "attempt": attempt})
@@ -650,6 +680,9 @@ class Trainer:
             self.save()
 
     def _log_step(self, log: rundir.MetricsLog | None, loss_d: Any, loss_g: Any, rate: float) -> None:
+        sync_buffers = getattr(self.comm, "sync_buffers", None)
+        if sync_buffers is not None:  # torchrun: rank 0's BatchNorm statistics everywhere
+            sync_buffers(self.G, self.D)
         self._reports["loss/d"] = loss_d
         self._reports["loss/g"] = loss_g
         vals = self._gather_reports()
