@@ -77,7 +77,10 @@ class Option:
 def _coerce(value: Any, opt: Option) -> Any:
     """Convert ``value`` to the option's type or raise ValueError."""
     t = opt.value_type
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+    # "none" from the command line means None, except for a string option that is
+    # not nullable: there it is the literal word (e.g. choices=("none", "spectral"))
+    is_none_word = isinstance(value, str) and value.strip().lower() in ("none", "null")
+    if value is None or (is_none_word and (opt.nullable or t is not str)):
         if opt.nullable:
             return None
         raise ValueError
@@ -168,12 +171,23 @@ class OptionValues(Mapping[str, Any]):
         object.__setattr__(self, "_values", dict(values))
 
     def __getattr__(self, key: str) -> Any:
+        if key.startswith("__") or key == "_values":
+            # dunder probes (copy, pickle) and the unset slot during unpickling must not
+            # recurse into self._values
+            raise AttributeError(key)
         try:
             return self._values[key]
         except KeyError:
             raise AttributeError(key) from None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy/deepcopy/pickle rebuild through __init__, since __setattr__ refuses writes
+        return (OptionValues, (self._values,))
+
     def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("options are read-only")
+
+    def __delattr__(self, key: str) -> None:
         raise AttributeError("options are read-only")
 
     def __getitem__(self, key: str) -> Any:

@@ -217,10 +217,15 @@ def get_host() -> PluginHost:
     return _HOST
 
 
-def set_host(host: PluginHost | None) -> None:
-    """Replace the process-wide host (tests; ``None`` reloads on next use)."""
+def set_host(host: PluginHost | None) -> PluginHost | None:
+    """Replace the process-wide host (tests; ``None`` reloads on next use).
+
+    Returns the host it replaced (``None`` if none was loaded yet), so that a
+    caller can put it back without loading one.
+    """
     global _HOST
-    _HOST = host
+    previous, _HOST = _HOST, host
+    return previous
 
 
 def require_plugin(host: PluginHost, name: str) -> PluginInfo:

@@ -14,8 +14,18 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_kind: dict[str, dict[str, type[Component]]] = {k: {} for k in KINDS}
+        # who registered each entry, per registry: ``cls.plugin`` is a class attribute
+        # shared by every host in the process, so removal must not rely on it
+        self._plugin_of: dict[tuple[str, str], str | None] = {}
+
+    def _table(self, kind: str) -> dict[str, type[Component]]:
+        table = self._by_kind.get(kind)
+        if table is None:
+            raise UnknownComponentError(f"unknown component kind {kind!r} (kinds: {', '.join(KINDS)})")
+        return table
 
     def add(self, kind: str, cls: type, plugin: str | None) -> None:
+        self._table(kind)
         base = KINDS[kind]
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginError(
@@ -26,21 +36,23 @@ class Registry:
         if not isinstance(name, str) or not name or name != name.strip() or name.lower() == "none":
             raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} without a valid `name`")
         existing = self._by_kind[kind].get(name)
-        if existing is not None and existing is not cls:
+        # the same class from a second plugin is a duplicate too (a plugin re-registering
+        # another's class); only the same plugin registering it again is harmless
+        if existing is not None and (existing is not cls or self._plugin_of[(kind, name)] != plugin):
             raise DuplicateComponentError(
-                f"{kind} {name!r} is registered twice: by plugin {existing.plugin!r} "
+                f"{kind} {name!r} is registered twice: by plugin {self._plugin_of[(kind, name)]!r} "
                 f"({existing.__module__}.{existing.__qualname__}) and by plugin {plugin!r} "
                 f"({cls.__module__}.{cls.__qualname__})"
             )
         cls.plugin = plugin
         self._by_kind[kind][name] = cls
+        self._plugin_of[(kind, name)] = plugin
 
     def get(self, kind: str, name: str) -> type[Component]:
-        if kind not in self._by_kind:
-            raise UnknownComponentError(f"unknown component kind {kind!r} (kinds: {', '.join(KINDS)})")
-        found = self._by_kind[kind].get(name)
+        table = self._table(kind)
+        found = table.get(name)
         if found is None:
-            names = sorted(self._by_kind[kind])
+            names = sorted(table)
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             avail = ", ".join(names) if names else "none registered"
@@ -48,13 +60,14 @@ class Registry:
         return found
 
     def names(self, kind: str) -> list[str]:
-        return sorted(self._by_kind[kind])
+        return sorted(self._table(kind))
 
     def items(self, kind: str) -> Iterator[tuple[str, type[Component]]]:
-        return iter(sorted(self._by_kind[kind].items()))
+        return iter(sorted(self._table(kind).items()))
 
     def remove_plugin(self, plugin: str) -> None:
         """Forget every component a plugin registered (used when its hook fails midway)."""
-        for table in self._by_kind.values():
-            for name in [n for n, c in table.items() if c.plugin == plugin]:
+        for kind, table in self._by_kind.items():
+            for name in [n for n in table if self._plugin_of[(kind, n)] == plugin]:
                 del table[name]
+                del self._plugin_of[(kind, name)]

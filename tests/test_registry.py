@@ -1,0 +1,202 @@
+"""The registry: lookup by kind and name, loud unknown and duplicate names."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.components import KINDS, Dataset, Loss, Metric
+from core.errors import DuplicateComponentError, PluginError, UnknownComponentError, UsageError
+from core.registry import Registry
+from core.testing import plugin_host
+
+
+def loss_class(name: str, qualname: str | None = None) -> type[Loss]:
+    """A fresh Loss subclass (a new class each call, so no test shares one)."""
+    return type(qualname or f"Loss_{name.replace('-', '_')}", (Loss,), {"name": name})
+
+
+@pytest.fixture
+def reg() -> Registry:
+    r = Registry()
+    for name in ("ns", "mm", "hinge", "wgan-gp"):
+        r.add("loss", loss_class(name), "losses")
+    return r
+
+
+# --------------------------------------------------------------------------- unknown names and kinds
+
+
+def test_unknown_name_suggests_closest_and_lists_available(reg):
+    with pytest.raises(UnknownComponentError) as exc:
+        reg.get("loss", "nss")
+    msg = str(exc.value)
+    assert "unknown loss 'nss'" in msg
+    assert "did you mean 'ns'?" in msg
+    assert "(available: hinge, mm, ns, wgan-gp)" in msg
+
+
+def test_unknown_name_without_close_match_has_no_suggestion(reg):
+    with pytest.raises(UnknownComponentError) as exc:
+        reg.get("loss", "zzzzzz")
+    assert "did you mean" not in str(exc.value)
+    assert "available: hinge, mm, ns, wgan-gp" in str(exc.value)
+
+
+def test_unknown_name_of_an_empty_kind_says_none_registered(reg):
+    with pytest.raises(UnknownComponentError, match=r"unknown detector 'dyngan'.*none registered"):
+        reg.get("detector", "dyngan")
+
+
+def test_unknown_name_against_the_builtin_plugins():
+    with plugin_host() as host:
+        with pytest.raises(UnknownComponentError) as exc:
+            host.registry.get("loss", "nss")
+    msg = str(exc.value)
+    assert "did you mean 'ns'?" in msg
+    for builtin in ("mm", "ns", "hinge", "wgan-gp"):
+        assert builtin in msg
+
+
+@pytest.mark.parametrize("call", [
+    lambda r: r.get("losses", "ns"),
+    lambda r: r.names("losses"),
+    lambda r: r.items("losses"),
+    lambda r: r.add("losses", loss_class("x"), "p"),
+])
+def test_unknown_kind_is_an_error_listing_the_kinds(reg, call):
+    with pytest.raises(UnknownComponentError) as exc:
+        call(reg)
+    msg = str(exc.value)
+    assert "unknown component kind 'losses'" in msg
+    for kind in KINDS:
+        assert kind in msg
+
+
+def test_lookup_errors_are_usage_errors_with_exit_code_2(reg):
+    with pytest.raises(UsageError) as exc:
+        reg.get("loss", "nope")
+    assert exc.value.exit_code == 2
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def test_duplicate_name_from_two_plugins_names_both(reg):
+    first = reg.get("loss", "ns")
+    impostor = loss_class("ns", "ImpostorNS")
+    with pytest.raises(DuplicateComponentError) as exc:
+        reg.add("loss", impostor, "third_party")
+    msg = str(exc.value)
+    assert "loss 'ns' is registered twice" in msg
+    assert "plugin 'losses'" in msg and "plugin 'third_party'" in msg
+    assert "ImpostorNS" in msg and first.__qualname__ in msg
+    assert exc.value.exit_code == 2
+    # the first registration stands, still credited to its plugin
+    assert reg.get("loss", "ns") is first
+    assert first.plugin == "losses"
+
+
+def test_same_class_from_a_second_plugin_is_a_duplicate_too(reg):
+    cls = reg.get("loss", "mm")
+    with pytest.raises(DuplicateComponentError, match=r"plugin 'losses'.*plugin 'copycat'"):
+        reg.add("loss", cls, "copycat")
+    assert cls.plugin == "losses"
+
+
+def test_same_class_from_the_same_plugin_again_is_harmless(reg):
+    cls = reg.get("loss", "mm")
+    reg.add("loss", cls, "losses")
+    assert reg.names("loss") == ["hinge", "mm", "ns", "wgan-gp"]
+
+
+def test_same_name_in_two_kinds_is_allowed(reg):
+    ds = type("NsDataset", (Dataset,), {"name": "ns"})
+    reg.add("dataset", ds, "data")
+    assert reg.get("dataset", "ns") is ds
+    assert reg.get("loss", "ns") is not ds
+
+
+def test_duplicate_between_two_plugin_modules_through_the_host():
+    """Through the host the second plugin fails with an error naming both, the first keeps its name."""
+    from core.hookspecs import hookimpl
+    import types
+
+    a_cls, b_cls = loss_class("shared", "SharedA"), loss_class("shared", "SharedB")
+    plug_a, plug_b = types.ModuleType("plug_a"), types.ModuleType("plug_b")
+    plug_a.register_losses = hookimpl(lambda register: register(a_cls))
+    plug_b.register_losses = hookimpl(lambda register: register(b_cls))
+    with plugin_host(plug_a, plug_b, builtins=False) as host:
+        assert host.plugins["plug_a"].error is None
+        err = host.plugins["plug_b"].error
+        assert err is not None and "plugin 'plug_a'" in err and "plugin 'plug_b'" in err
+        assert host.registry.get("loss", "shared") is a_cls
+
+
+# --------------------------------------------------------------------------- invalid classes
+
+
+@pytest.mark.parametrize("bad", [
+    type("NotAComponent", (), {"name": "x"}),
+    type("ADataset", (Dataset,), {"name": "x"}),  # right base class family, wrong kind
+    Loss,  # the base class is a subclass of itself, but has no name
+])
+def test_registering_a_non_subclass_or_nameless_base_is_an_error(reg, bad):
+    with pytest.raises(PluginError) as exc:
+        reg.add("loss", bad, "sloppy")
+    assert "plugin 'sloppy'" in str(exc.value)
+    assert bad not in dict(reg.items("loss")).values()
+
+
+def test_non_subclass_error_names_the_expected_base(reg):
+    with pytest.raises(PluginError, match=r"not a subclass of core\.components\.Loss"):
+        reg.add("loss", type("Plain", (), {"name": "plain"}), "sloppy")
+
+
+def test_registering_an_instance_instead_of_a_class_is_an_error(reg):
+    with pytest.raises(PluginError, match="not a subclass"):
+        reg.add("loss", loss_class("inst")(), "sloppy")
+
+
+@pytest.mark.parametrize("name", ["", " ns", "ns ", "none", "None", 3, None])
+def test_class_without_a_valid_name_is_an_error(reg, name):
+    cls = type("Nameless", (Loss,), {"name": name})
+    with pytest.raises(PluginError, match=r"plugin 'sloppy' registered loss class Nameless without a valid `name`"):
+        reg.add("loss", cls, "sloppy")
+
+
+# --------------------------------------------------------------------------- queries and removal
+
+
+def test_names_and_items_are_sorted_and_per_kind(reg):
+    reg.add("metric", type("M", (Metric,), {"name": "fid"}), "metrics")
+    assert reg.names("loss") == ["hinge", "mm", "ns", "wgan-gp"]
+    assert reg.names("metric") == ["fid"]
+    assert reg.names("detector") == []
+    items = list(reg.items("loss"))
+    assert [n for n, _ in items] == ["hinge", "mm", "ns", "wgan-gp"]
+    for name, cls in items:
+        assert cls.name == name and issubclass(cls, Loss) and cls.plugin == "losses"
+
+
+def test_remove_plugin_forgets_only_that_plugins_components(reg):
+    reg.add("loss", loss_class("extra"), "extras")
+    reg.add("dataset", type("D", (Dataset,), {"name": "extra-data"}), "extras")
+    reg.remove_plugin("extras")
+    assert reg.names("loss") == ["hinge", "mm", "ns", "wgan-gp"]
+    assert reg.names("dataset") == []
+    # a removed name can be registered again
+    reg.add("loss", loss_class("extra"), "extras2")
+    assert "extra" in reg.names("loss")
+
+
+def test_remove_plugin_uses_this_registrys_record_not_the_shared_class_attribute():
+    """``cls.plugin`` is shared by every registry in the process; removal must not follow it."""
+    cls = loss_class("shared-cls")
+    r1, r2 = Registry(), Registry()
+    r1.add("loss", cls, "p1")
+    r2.add("loss", cls, "p2")  # rewrites cls.plugin to "p2"
+    r1.remove_plugin("p2")
+    assert r1.names("loss") == ["shared-cls"]
+    r1.remove_plugin("p1")
+    assert r1.names("loss") == []
+    assert r2.names("loss") == ["shared-cls"]
