@@ -1,0 +1,329 @@
+"""DynGAN (Luo & Yang, TPAMI 2024): collapse detector, dynamic partitioner, preset.
+
+Detector ``dyngan``: every ``every`` steps, D scores every training sample
+under its own condition; ``score = (1 - lam) * score + lam * sigmoid(D(x_i, labels_i))``.
+A sample is collapsed when ``score > 1 / (1 + delta)``: with the optimal
+discriminator D* = p_data / (p_data + p_g) that is ``p_g(x) < delta * p_data(x)``
+(equivalently logit > -log(delta)), a real sample the generator under-produces.
+
+Partitioner ``dyngan``: when the collapsed fraction is at least ``tau`` and a
+condition slot is free, every partition holding collapsed samples gets a new
+condition and its collapsed samples move there (several at once; with too few
+free slots the partitions with the most collapsed samples go first, ties to the
+lower id). Then k-means in D's penultimate-feature space refines the
+assignment (k = number of conditions, centres from the current assignment,
+until no centre moves by ``tol``); with ``weighted`` the squared distance of a
+sample to its own current centre is multiplied by its score, so samples the
+generator already fits (low score) stay put ("own" = a sample's cluster of the
+previous Lloyd iteration; distances are squared Euclidean). Features come from
+the current D: the detection's (same D pass, each sample under its label), or
+recomputed under no_grad when the detection has none. An empty cluster keeps
+its old centre.
+
+Large data (``detector.subset = S``): a fixed random subset of S samples,
+drawn once from the run's generator and kept in the checkpoint, is scored;
+samples outside it are never flagged. At a partition the subset is split and
+refined as above and every sample outside it takes the label of a 5-nearest-
+neighbour vote among the subset's D features (as the authors' image code does).
+The reported fraction is then the fraction of the subset.
+
+Condition ids: new conditions take the lowest unused slots; a condition left
+empty (all its samples moved away) frees its slot. Capacity is never exceeded.
+
+DDP: D's pass over the samples is sharded with ``ctx.comm.shard`` and gathered
+with ``ctx.comm.all_gather``; the partition is computed on every rank from the
+gathered data and rank 0's result is broadcast, so all ranks agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from core import hookimpl
+from core.components import (
+    CollapseDetector,
+    Detection,
+    Option,
+    Partitioner,
+    PartitionUpdate,
+    Preset,
+    TrainContext,
+)
+
+
+@dataclass
+class DynGANDetection(Detection):
+    """A Detection that also names the scored subset (None: every sample)."""
+
+    subset: Any = None
+
+
+class DynGANDetector(CollapseDetector):
+    """Flags real samples whose moving-average D score exceeds 1 / (1 + delta)."""
+
+    name = "dyngan"
+    options = {
+        "every": Option(500, "detect every this many steps (2D code: 500; image code: 1000)", min=1),
+        "delta": Option(0.2, "collapsed when score > 1/(1+delta), i.e. p_g < delta * p_data", min=0.0),
+        "lam": Option(0.1, "weight of the new value in the score's moving average", min=0.0, max=1.0),
+        "subset": Option(
+            None,
+            "score only a fixed random subset of this many samples (large data); none = all",
+            type=int,
+            min=1,
+            nullable=True,
+        ),
+        "batch_size": Option(8192, "samples per discriminator pass while scoring", min=1),
+        "reset_relabelled": Option(
+            False, "reset the score of samples whose label changed since the last detection (image code)"
+        ),
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.score = None  # (S,) moving average over the scored samples
+        self.last_labels = None  # (N,) labels seen at the last detection
+        self.subset = None  # (S,) sorted indices, or None for all samples
+        self.updates = 0
+
+    @property
+    def threshold(self) -> float:
+        return 1.0 / (1.0 + float(self.opts.delta))
+
+    @property
+    def logit_threshold(self) -> float:
+        """The same rule on D's logit: -log(delta)."""
+        d = float(self.opts.delta)
+        return math.inf if d == 0 else -math.log(d)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self, ctx: TrainContext) -> None:
+        import torch
+
+        n = int(ctx.data.shape[0])
+        if self.subset is None and self.score is None and self.opts.subset is not None and self.opts.subset < n:
+            g = ctx.rng
+            perm = torch.randperm(n, generator=g, device=g.device)[: int(self.opts.subset)]
+            # every rank must score the same samples: rank 0's draw wins
+            self.subset = ctx.comm.broadcast(perm.sort().values.to(ctx.device), 0)
+        elif self.subset is not None:
+            self.subset = self.subset.to(ctx.device)
+            if self.subset.numel() and int(self.subset.max()) >= n:
+                raise ValueError(f"detector 'dyngan': saved subset does not fit a training set of {n} samples")
+        m = n if self.subset is None else int(self.subset.shape[0])
+        if self.score is None:
+            self.score = torch.zeros(m, device=ctx.device)
+        else:
+            if self.score.shape != (m,):
+                raise ValueError(
+                    f"detector 'dyngan': saved score has {tuple(self.score.shape)} entries, expected {m}"
+                )
+            self.score = self.score.to(ctx.device, torch.float32)
+        if self.last_labels is None:
+            self.last_labels = ctx.labels.detach().clone().to(ctx.device)
+        else:
+            if self.last_labels.shape != (n,):
+                raise ValueError(f"detector 'dyngan': saved labels do not match a training set of {n} samples")
+            self.last_labels = self.last_labels.to(ctx.device, torch.long)
+
+    def detect(self, ctx: TrainContext) -> DynGANDetection:
+        import torch
+
+        from ._kmeans_core import discriminator_pass
+
+        if self.score is None or self.last_labels is None:
+            self.setup(ctx)
+        n = int(ctx.data.shape[0])
+        labels = ctx.labels.to(ctx.device)
+        idx = self.subset
+        if self.opts.reset_relabelled:
+            changed = labels != self.last_labels
+            if idx is not None:
+                changed = changed[idx]
+            self.score = self.score.masked_fill(changed, 0.0)
+        self.last_labels = labels.clone()
+
+        logits, feats = discriminator_pass(ctx, labels, idx, int(self.opts.batch_size))
+        lam = float(self.opts.lam)
+        self.score = (1.0 - lam) * self.score + lam * torch.sigmoid(logits)
+        self.updates += 1
+
+        hit = self.score > self.threshold
+        fraction = hit.float().mean()
+        if idx is None:
+            collapsed, score, features = hit, self.score.clone(), feats
+        else:
+            collapsed = torch.zeros(n, dtype=torch.bool, device=ctx.device).index_fill_(0, idx[hit], True)
+            score = torch.zeros(n, device=ctx.device).index_copy_(0, idx, self.score)
+            features = None  # the partitioner recomputes features of every sample
+        ctx.report("collapse/fraction", fraction)
+        ctx.report("collapse/score_mean", self.score.mean())
+        return DynGANDetection(collapsed=collapsed, fraction=fraction, score=score, features=features, subset=idx)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"updates": self.updates}
+        if self.score is not None:
+            out["score"] = self.score.detach().cpu()
+        if self.last_labels is not None:
+            out["last_labels"] = self.last_labels.detach().cpu()
+        if self.subset is not None:
+            out["subset"] = self.subset.detach().cpu()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.updates = int(state.get("updates", 0))
+        self.score = state.get("score")
+        self.last_labels = state.get("last_labels")
+        self.subset = state.get("subset")
+        if self.subset is not None:
+            self.subset = self.subset.long()
+        if self.last_labels is not None:
+            self.last_labels = self.last_labels.long()
+
+
+class DynGANPartitioner(Partitioner):
+    """Splits off the collapsed samples of each partition, then refines with k-means."""
+
+    name = "dyngan"
+    options = {
+        "every": Option(3000, "consider a new partition every this many steps (2D code: 3000)", min=1),
+        "tau": Option(0.01, "partition only when the collapsed fraction is at least this", min=0.0, max=1.0),
+        "tol": Option(1e-4, "k-means stops when no centre moves this far", min=0.0),
+        "max_iter": Option(100, "maximum k-means iterations", min=0),
+        "weighted": Option(True, "multiply each sample's distance to its own centre by its score (2D code)"),
+        "refine": Option(True, "refine the split with k-means in D's feature space"),
+        "knn": Option(5, "neighbours voting for samples outside the detector's subset", min=1),
+        "batch_size": Option(8192, "samples per discriminator pass when features must be recomputed", min=1),
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.partitions = 0  # partitions made so far
+        self.last_step = -1
+
+    def partition(self, ctx: TrainContext, detection: Detection | None) -> PartitionUpdate | None:
+        import torch
+
+        from . import _kmeans_core as km
+
+        cap = int(ctx.capacity)
+        labels = ctx.labels.to(ctx.device)
+        counts = torch.bincount(labels, minlength=cap)
+        if counts.shape[0] > cap:
+            raise ValueError(f"partitioner 'dyngan': labels reach {counts.shape[0] - 1}, capacity is {cap}")
+        active = counts > 0
+        k_now = int(active.sum())
+        # tau with a float32 rounding allowance: a fraction of exactly tau passes the gate
+        if detection is None or float(detection.fraction) < float(self.opts.tau) * (1 - 1e-6) or k_now >= cap:
+            ctx.report("partition/count", float(k_now))
+            return None
+
+        # ---- split: one new condition per partition holding collapsed samples
+        collapsed = detection.collapsed.to(ctx.device).bool()
+        hit = torch.bincount(labels[collapsed], minlength=cap)
+        # a partition whose samples are all collapsed cannot be split (moving them would only rename it)
+        splittable = (hit > 0) & (hit < counts)
+        order = torch.sort(hit, descending=True, stable=True).indices  # most collapsed first, lower id on ties
+        order = order[splittable[order]]
+        chosen = order[: cap - k_now]
+        if chosen.numel() == 0:
+            ctx.report("partition/count", float(k_now))
+            return None
+        new_ids = torch.nonzero(~active).squeeze(1)[: chosen.numel()]
+        mapping = torch.full((cap,), -1, dtype=torch.long, device=ctx.device)
+        mapping[chosen] = new_ids
+        target = mapping[labels]
+        moved = collapsed & (target >= 0)
+        new = torch.where(moved, target, labels)
+
+        # ---- refine (and, with a detector subset, label the samples outside it)
+        subset = getattr(detection, "subset", None)
+        if self.opts.refine or subset is not None:
+            feats = detection.features
+            if feats is None or feats.shape[0] != labels.shape[0]:
+                _, feats = km.discriminator_pass(ctx, labels, None, int(self.opts.batch_size))
+            feats = feats.to(ctx.device).float()
+            rows = subset if subset is not None else torch.arange(labels.shape[0], device=ctx.device)
+            x = feats[rows]
+            ids = torch.unique(new[rows])  # sorted condition ids in use
+            k = int(ids.shape[0])
+            compact = torch.full((cap,), -1, dtype=torch.long, device=ctx.device)
+            compact[ids] = torch.arange(k, device=ctx.device)
+            lab = compact[new[rows]]
+            if self.opts.refine:
+                centres, _ = km.centres_of(x, lab, k)
+                weight = None
+                if self.opts.weighted and detection.score is not None:
+                    weight = detection.score.to(ctx.device).float()[rows]
+                res = km.lloyd(
+                    x, centres, labels=lab, own_weight=weight,
+                    tol=float(self.opts.tol), max_iter=int(self.opts.max_iter),
+                )
+                lab = res.labels
+            new[rows] = ids[lab]
+            if subset is not None:
+                outside = torch.ones(labels.shape[0], dtype=torch.bool, device=ctx.device)
+                outside[subset] = False
+                out_idx = torch.nonzero(outside).squeeze(1)
+                if out_idx.numel():
+                    vote = km.knn_vote(feats[out_idx], x, lab, k, k=int(self.opts.knn))
+                    new[out_idx] = ids[vote]
+
+        new = ctx.comm.broadcast(new, 0)
+        self.partitions += 1
+        self.last_step = int(ctx.step)
+        k_new = int((torch.bincount(new, minlength=cap) > 0).sum())
+        ctx.report("partition/count", float(k_new))
+        ctx.report("partition/opened", float(chosen.numel()))
+        ctx.report("partition/moved", moved.sum().float())
+        ctx.report("partition/changed", (new != labels).sum().float())
+        return PartitionUpdate(labels=new)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"partitions": self.partitions, "last_step": self.last_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.partitions = int(state.get("partitions", 0))
+        self.last_step = int(state.get("last_step", -1))
+
+
+class DynGANPreset(Preset):
+    """DynGAN with the defaults of the authors' 2D code (grid / ring mixtures)."""
+
+    name = "dyngan"
+    settings = {
+        "loss": "ns",
+        "detector": "dyngan",
+        "partitioner": "dyngan",
+        "conditioner": "onehot",
+        "lr_g": 1e-3,
+        "lr_d": 1e-3,
+        "betas": [0.5, 0.999],
+        "batch_size": 128,
+        "steps": 30000,
+        "options": {
+            "detector": {"every": 500, "delta": 0.2, "lam": 0.1},
+            "partitioner": {"every": 3000, "tau": 0.01},
+            "conditioner": {"capacity": 30},
+        },
+    }
+
+
+@hookimpl
+def register_collapse_detectors(register):
+    register(DynGANDetector)
+
+
+@hookimpl
+def register_partitioners(register):
+    register(DynGANPartitioner)
+
+
+@hookimpl
+def register_presets(register):
+    register(DynGANPreset)

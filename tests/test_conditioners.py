@@ -1,0 +1,95 @@
+"""The onehot and embedding conditioners: specs, code modules, fixed capacity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.errors import OptionError
+from core.plugins import load_plugins
+from dyngan_plugins.conditioners import EmbeddingConditioner, OneHotConditioner
+from dyngan_plugins.mlp import MLP
+
+
+def test_registered_through_the_entry_point():
+    host = load_plugins(env={"DYNGAN_LOAD_PLUGINS": "conditioners"})
+    assert not host.failed
+    assert host.registry.get("conditioner", "onehot") is OneHotConditioner
+    assert host.registry.get("conditioner", "embedding") is EmbeddingConditioner
+
+
+def test_onehot_spec_and_defaults():
+    c = OneHotConditioner()
+    spec = c.spec()
+    assert (spec.g_dim, spec.d_dim, spec.d_heads, spec.capacity) == (30, 30, 1, 30)
+    assert c.fake_conditions == "prior"
+    c5 = OneHotConditioner(capacity=5, fake_conditions="real")
+    assert c5.spec().capacity == 5 and c5.spec().g_dim == 5
+    assert c5.fake_conditions == "real"
+    with pytest.raises(OptionError):
+        OneHotConditioner(fake_conditions="uniform")
+    with pytest.raises(OptionError):
+        OneHotConditioner(capacity=0)
+
+
+def test_onehot_codes_are_parameter_free_one_hot_maps():
+    c = OneHotConditioner(capacity=7)
+    for mod in (c.generator_code(), c.discriminator_code()):
+        assert list(mod.parameters()) == []
+        assert mod.state_dict() == {}  # nothing to save, nothing to train
+        ids = torch.tensor([0, 3, 6, 3])
+        assert torch.equal(mod(ids), F.one_hot(ids, 7).float())
+        assert mod.to(torch.float64)(ids).dtype == torch.float64
+        with pytest.raises(IndexError):
+            mod(torch.tensor([7]))  # beyond capacity
+
+
+def test_embedding_spec_codes_and_defaults():
+    c = EmbeddingConditioner()
+    spec = c.spec()
+    assert (spec.g_dim, spec.d_dim, spec.d_heads, spec.capacity) == (256, 0, 20, 20)
+    assert c.fake_conditions == "real"
+    assert c.discriminator_code() is None
+    c = EmbeddingConditioner(capacity=4, dim=8)
+    g = c.generator_code()
+    params = list(g.parameters())
+    assert len(params) == 1 and params[0].shape == (4, 8) and params[0].requires_grad
+    codes = g(torch.tensor([0, 1, 2, 3, 1]))
+    assert codes.shape == (5, 8)
+    assert torch.allclose(codes.norm(dim=1), torch.ones(5), atol=1e-6)
+    assert torch.equal(codes[1], codes[4])
+    assert not torch.allclose(codes[0], codes[1])
+
+
+@pytest.mark.parametrize("cls,opts", [(OneHotConditioner, {"capacity": 6}), (EmbeddingConditioner, {"capacity": 6, "dim": 16})])
+def test_networks_accept_every_slot_without_resizing(cls, opts):
+    torch.manual_seed(0)
+    cond = cls(**opts)
+    spec = cond.spec()
+    G, D = MLP(hidden=16).build((2,), spec)
+    gc, dc = cond.generator_code(), cond.discriminator_code()
+    shapes = {k: v.shape for k, v in {**G.state_dict(), **D.state_dict()}.items()}
+    ids = torch.arange(spec.capacity).repeat(2)
+    z = torch.randn(ids.shape[0], 50)
+    x = G(z, gc(ids))
+    assert x.shape == (ids.shape[0], 2)
+    logits, feats = D(x, None if dc is None else dc(ids))
+    assert logits.shape == (ids.shape[0], spec.d_heads) and feats.shape == (ids.shape[0], 16)
+    # a multi-head D answers each sample with the logit of its own condition
+    picked = logits.gather(1, ids[:, None]).squeeze(1) if spec.d_heads > 1 else logits.squeeze(1)
+    assert picked.shape == (ids.shape[0],)
+    if spec.d_heads > 1:
+        assert torch.equal(picked[:spec.capacity], logits[torch.arange(spec.capacity), torch.arange(spec.capacity)])
+    # using the last slot resized nothing
+    assert {k: v.shape for k, v in {**G.state_dict(), **D.state_dict()}.items()} == shapes
+    # the generator's output depends on the condition
+    z1 = torch.randn(1, 50).expand(spec.capacity, 50)
+    out = G(z1, gc(torch.arange(spec.capacity)))
+    assert not torch.allclose(out[0], out[-1])
+
+
+def test_each_call_builds_a_fresh_module():
+    c = EmbeddingConditioner(capacity=3, dim=4)
+    a, b = c.generator_code(), c.generator_code()
+    assert a is not b

@@ -1,0 +1,438 @@
+"""DynGAN's detector, partitioner and preset, on hand-built training contexts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from core.components import Comm, Detection, TrainContext
+from dyngan_plugins.conditioners import OneHotConditioner
+from dyngan_plugins.dyngan import DynGANDetector, DynGANPartitioner, DynGANPreset
+from dyngan_plugins.mlp import MLP
+
+
+class FakeD:
+    """A discriminator whose logits and features per training sample are set by hand.
+
+    Row i of the context's data is ``[i]``, so D knows which sample it sees.
+    It records every (sample, condition) pair it was asked about.
+    """
+
+    def __init__(self, logits, features=None):
+        self.logits = torch.as_tensor(logits, dtype=torch.float32)
+        n = self.logits.shape[0]
+        self.features = features if features is not None else torch.arange(n, dtype=torch.float32)[:, None]
+        self.seen = []
+
+    def __call__(self, x, cond, features=False):
+        i = x[:, 0].long()
+        self.seen.append((i.clone(), cond.clone()))
+        out = self.logits[i]
+        return (out, self.features[i]) if features else out
+
+
+def make_ctx(D, labels, capacity=30, seed=0, comm=None):
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = labels.shape[0]
+    reports = {}
+    ctx = TrainContext(
+        step=0, device=torch.device("cpu"), data=torch.arange(n, dtype=torch.float32)[:, None], labels=labels,
+        prior=torch.bincount(labels, minlength=capacity).float() / n, capacity=capacity, z_dim=2,
+        generator=lambda z, c: z, discriminator=D, rng=torch.Generator().manual_seed(seed),
+        report=lambda k, v: reports.__setitem__(k, v), comm=comm or Comm(),
+    )
+    return ctx, reports
+
+
+def detection(collapsed, score=None, features=None):
+    c = torch.as_tensor(collapsed, dtype=torch.bool)
+    return Detection(collapsed=c, fraction=c.float().mean(), score=score, features=features)
+
+
+# ---------------------------------------------------------------- detector
+
+
+def test_threshold_rule_against_a_hand_computed_case():
+    # delta 0.2: threshold 1/1.2 = 0.8333; lam 0.5: after n updates score = p * (1 - 0.5**n)
+    # logit 4 (p 0.9820): 0.491, 0.737, 0.859 -> collapsed from the 3rd detection
+    # logit 2 (p 0.8808): 0.440, 0.661, 0.771, 0.826, 0.853 -> collapsed from the 5th
+    # logit 1 (p 0.7311) and -3 never cross
+    D = FakeD([4.0, 2.0, 1.0, -3.0])
+    ctx, rep = make_ctx(D, [0, 0, 0, 0])
+    det = DynGANDetector(delta=0.2, lam=0.5)
+    det.setup(ctx)
+    expected = [[], [], [0], [0], [0, 1]]
+    p = torch.sigmoid(D.logits)
+    for n, want in enumerate(expected, start=1):
+        out = det.detect(ctx)
+        assert torch.nonzero(out.collapsed).flatten().tolist() == want
+        assert torch.allclose(out.score, p * (1 - 0.5 ** n), atol=1e-6)
+        assert float(out.fraction) == pytest.approx(len(want) / 4)
+        assert float(rep["collapse/fraction"]) == pytest.approx(len(want) / 4)
+    assert det.threshold == pytest.approx(1 / 1.2)
+
+
+@pytest.mark.parametrize("delta", [0.05, 0.2, 0.5, 2.0])
+def test_threshold_equals_logit_above_minus_log_delta(delta):
+    # with lam = 1 the score is D's probability itself: score > 1/(1+delta) <=> logit > -log(delta)
+    g = torch.Generator().manual_seed(1)
+    offsets = torch.rand(200, generator=g) * 6 - 3
+    offsets = offsets[offsets.abs() > 1e-3]
+    logits = -math.log(delta) + offsets
+    ctx, _ = make_ctx(FakeD(logits), torch.zeros(logits.shape[0]))
+    det = DynGANDetector(delta=delta, lam=1.0)
+    det.setup(ctx)
+    out = det.detect(ctx)
+    assert torch.equal(out.collapsed, logits > -math.log(delta))
+    assert 0 < int(out.collapsed.sum()) < logits.shape[0]
+    assert det.logit_threshold == pytest.approx(-math.log(delta))
+
+
+def test_each_sample_is_scored_once_under_its_own_label_in_batches():
+    labels = torch.tensor([0, 3, 1, 1, 2, 0, 3, 2, 2, 1])
+    feats = torch.randn(10, 4)
+    D = FakeD(torch.linspace(-2, 2, 10), feats)
+    ctx, _ = make_ctx(D, labels)
+    det = DynGANDetector(batch_size=3)
+    det.setup(ctx)
+    out = det.detect(ctx)
+    idx = torch.cat([i for i, _ in D.seen])
+    cond = torch.cat([c for _, c in D.seen])
+    assert len(D.seen) == 4  # ceil(10 / 3) batches
+    assert torch.equal(torch.sort(idx).values, torch.arange(10))
+    assert torch.equal(cond, labels[idx])
+    # the same pass supplies the features and the score
+    assert torch.equal(out.features, feats)
+    assert torch.allclose(out.score, 0.1 * torch.sigmoid(D.logits))
+    assert out.collapsed.dtype == torch.bool and out.collapsed.shape == (10,)
+
+
+def test_reset_relabelled_scores():
+    D = FakeD([3.0, 3.0, 3.0, 3.0])
+    ctxs, dets = [], []
+    for reset in (False, True):
+        ctx, _ = make_ctx(D, [0, 0, 0, 0])
+        det = DynGANDetector(lam=0.5, reset_relabelled=reset)
+        det.setup(ctx)
+        for _ in range(3):
+            det.detect(ctx)
+        ctx.labels = torch.tensor([0, 1, 0, 1])  # a partition relabelled samples 1 and 3
+        ctxs.append(ctx)
+        dets.append(det)
+    keep, reset = (d.detect(c).score for d, c in zip(dets, ctxs))
+    p = float(torch.sigmoid(torch.tensor(3.0)))
+    assert torch.allclose(keep, torch.full((4,), p * (1 - 0.5 ** 4)))
+    assert torch.allclose(reset[[0, 2]], keep[[0, 2]])
+    assert torch.allclose(reset[[1, 3]], torch.full((2,), 0.5 * p))
+    # the labels of the last detection are remembered: no second reset
+    again = dets[1].detect(ctxs[1]).score
+    assert torch.allclose(again[[1, 3]], torch.full((2,), p * (1 - 0.5 ** 2)))
+
+
+def test_subset_is_fixed_seeded_and_kept_in_state():
+    n = 50
+    logits = torch.full((n,), 5.0)
+    det = DynGANDetector(subset=10, lam=1.0)
+    ctx, _ = make_ctx(FakeD(logits), torch.zeros(n), seed=7)
+    det.setup(ctx)
+    out = det.detect(ctx)
+    sub = det.subset
+    assert sub.shape == (10,) and torch.equal(sub, torch.unique(sub)) and int(sub.max()) < n
+    assert det.score.shape == (10,)
+    assert torch.equal(torch.nonzero(out.collapsed).flatten(), sub)  # only the subset is ever flagged
+    assert float(out.fraction) == 1.0  # the fraction of the scored subset
+    assert out.features is None and torch.equal(out.subset, sub)
+    # the same seed picks the same subset; a resumed detector keeps it whatever its generator
+    other = DynGANDetector(subset=10)
+    other.setup(make_ctx(FakeD(logits), torch.zeros(n), seed=7)[0])
+    assert torch.equal(other.subset, sub)
+    resumed = DynGANDetector(subset=10)
+    resumed.load_state_dict(det.state_dict())
+    resumed.setup(make_ctx(FakeD(logits), torch.zeros(n), seed=99)[0])
+    assert torch.equal(resumed.subset, sub)
+    # a subset as large as the data is no subset
+    full = DynGANDetector(subset=n)
+    full.setup(ctx)
+    assert full.subset is None and full.score.shape == (n,)
+
+
+def test_detector_state_round_trip():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(30, generator=g) * 3
+    labels = torch.randint(3, (30,), generator=g)
+    a = DynGANDetector(lam=0.3, reset_relabelled=True)
+    ctx, _ = make_ctx(FakeD(logits), labels)
+    a.setup(ctx)
+    for _ in range(4):
+        a.detect(ctx)
+    state = a.state_dict()
+    # tensors or JSON values only
+    json.dumps({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
+    b = DynGANDetector(lam=0.3, reset_relabelled=True)
+    b.load_state_dict({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
+    b.setup(make_ctx(FakeD(logits), labels, seed=123)[0])
+    assert torch.equal(a.score, b.score) and b.updates == 4
+    ctx.labels = (labels + 1) % 3  # relabelled: both must reset alike
+    oa, ob = a.detect(ctx), b.detect(ctx)
+    assert torch.equal(oa.score, ob.score) and torch.equal(oa.collapsed, ob.collapsed)
+
+
+def test_detector_shards_over_ranks():
+    # rank 1 of 2: scores only rows [15, 30); all_gather puts rank 0's rows in front
+    n, half = 30, 15
+    logits = torch.linspace(-3, 5, n)
+    feats = torch.randn(n, 3)
+
+    class Rank1(Comm):
+        rank, world_size = 1, 2
+
+        def all_gather(self, t):
+            other = logits[:half] if t.dim() == 1 else feats[:half]
+            return torch.cat([other, t])
+
+    D = FakeD(logits, feats)
+    ctx, _ = make_ctx(D, torch.zeros(n), comm=Rank1())
+    det = DynGANDetector(lam=1.0)
+    det.setup(ctx)
+    out = det.detect(ctx)
+    assert torch.equal(torch.cat([i for i, _ in D.seen]), torch.arange(half, n))
+    assert torch.equal(out.collapsed, logits > -math.log(0.2))
+    assert torch.equal(out.features, feats)
+
+
+def test_registered_with_the_2d_defaults():
+    from core.plugins import load_plugins
+
+    host = load_plugins(env={"DYNGAN_LOAD_PLUGINS": "dyngan"})
+    assert not host.failed
+    det = host.registry.get("detector", "dyngan")()
+    part = host.registry.get("partitioner", "dyngan")()
+    assert (det.every, det.opts.delta, det.opts.lam, det.opts.subset) == (500, 0.2, 0.1, None)
+    assert det.opts.reset_relabelled is False
+    assert (part.every, part.opts.tau, part.opts.tol, part.opts.weighted, part.opts.refine) == (3000, 0.01, 1e-4, True, True)
+    preset = host.registry.get("preset", "dyngan")
+    assert preset is DynGANPreset
+    s = preset.settings
+    assert (s["detector"], s["partitioner"], s["conditioner"], s["loss"]) == ("dyngan", "dyngan", "onehot", "ns")
+    assert (s["lr_g"], s["lr_d"], s["betas"], s["batch_size"], s["steps"]) == (1e-3, 1e-3, [0.5, 0.999], 128, 30000)
+    assert s["options"]["detector"] == {"every": 500, "delta": 0.2, "lam": 0.1}
+    assert s["options"]["partitioner"] == {"every": 3000, "tau": 0.01}
+    assert s["options"]["conditioner"] == {"capacity": 30}
+    json.dumps(s)
+
+
+# ---------------------------------------------------------------- partitioner: split
+
+
+def split(labels, collapsed, capacity=30, **opts):
+    ctx, rep = make_ctx(FakeD(torch.zeros(len(labels))), labels, capacity=capacity)
+    upd = DynGANPartitioner(refine=False, **opts).partition(ctx, detection(collapsed))
+    return upd, rep
+
+
+def mask(n, idx):
+    m = torch.zeros(n, dtype=torch.bool)
+    m[list(idx)] = True
+    return m
+
+
+def test_split_moves_exactly_the_collapsed_samples():
+    upd, rep = split([0] * 12, mask(12, [2, 5, 7]))
+    want = torch.zeros(12, dtype=torch.long)
+    want[[2, 5, 7]] = 1
+    assert torch.equal(upd.labels, want)
+    assert upd.prior is None  # the loop sets prior = sizes / N
+    assert float(rep["partition/count"]) == 2 and float(rep["partition/moved"]) == 3
+
+
+def test_split_opens_one_condition_per_partition_most_collapsed_first():
+    labels = [0] * 6 + [1] * 6
+    upd, rep = split(labels, mask(12, [0, 1, 6, 7, 8]))
+    # partition 1 holds more collapsed samples: it gets the first free slot (2), partition 0 the next (3)
+    assert upd.labels.tolist() == [3, 3, 0, 0, 0, 0, 2, 2, 2, 1, 1, 1]
+    assert float(rep["partition/opened"]) == 2 and float(rep["partition/count"]) == 4
+
+
+def test_capacity_is_never_exceeded():
+    labels = [0] * 6 + [1] * 6
+    # one free slot: only the partition with the most collapsed samples is split
+    upd, _ = split(labels, mask(12, [0, 1, 6, 7, 8]), capacity=3)
+    assert upd.labels.tolist() == [0] * 6 + [2, 2, 2, 1, 1, 1]
+    # equal counts: the lower id goes first
+    upd, _ = split(labels, mask(12, [0, 1, 6, 7]), capacity=3)
+    assert upd.labels.tolist() == [2, 2, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    # full: nothing to do
+    upd, rep = split([0, 0, 1, 1, 2, 2], mask(6, [0, 2, 4]), capacity=3)
+    assert upd is None and float(rep["partition/count"]) == 3
+    # repeated partitions on a growing partition stop at capacity
+    labels = torch.zeros(40, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        ctx, _ = make_ctx(FakeD(torch.zeros(40)), labels, capacity=5)
+        c = torch.rand(40, generator=g) < 0.4
+        upd = DynGANPartitioner(refine=False).partition(ctx, detection(c))
+        if upd is None:
+            break
+        labels = upd.labels
+        assert int(labels.max()) < 5
+    assert torch.unique(labels).numel() == 5
+
+
+def test_fully_collapsed_partition_is_not_split_and_empty_slots_are_reused():
+    # partition 1 is collapsed as a whole: moving it would only rename it
+    upd, _ = split([0, 0, 0, 0, 1, 1, 1, 1], mask(8, [0, 4, 5, 6, 7]))
+    assert upd.labels.tolist() == [2, 0, 0, 0, 1, 1, 1, 1]
+    assert split([0, 0, 0], mask(3, [0, 1, 2]))[0] is None
+    # slot 1 is unused: the new condition takes it
+    upd, _ = split([0, 0, 2, 2], mask(4, [1]))
+    assert upd.labels.tolist() == [0, 1, 2, 2]
+
+
+def test_tau_gate_and_missing_detection():
+    c = mask(200, [3])  # fraction 0.005
+    assert split([0] * 200, c, tau=0.01)[0] is None
+    upd, _ = split([0] * 200, mask(200, [3, 4]), tau=0.01)  # fraction exactly tau
+    assert upd is not None and upd.labels[[3, 4]].tolist() == [1, 1]
+    ctx, _ = make_ctx(FakeD(torch.zeros(4)), [0] * 4)
+    assert DynGANPartitioner().partition(ctx, None) is None
+
+
+# ---------------------------------------------------------------- partitioner: refine
+
+
+def weighted_scenario():
+    """1-D features: L (20 samples at 0) and M (10 at 4) are fit well (score 0.05);
+    C (10 at 5) is collapsed (score 0.9). After the split, centre 0 is at 1.33 and
+    centre 1 at 5, so M is nearer the new centre."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.cat([torch.zeros(20), torch.full((10,), 4.0), torch.full((10,), 5.0)])
+    feats = (pos + 0.01 * torch.randn(40, generator=g))[:, None]
+    score = torch.cat([torch.full((30,), 0.05), torch.full((10,), 0.9)])
+    collapsed = score > 1 / 1.2
+    return feats, score, collapsed
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_weighted_refinement_keeps_well_fit_samples(weighted):
+    feats, score, collapsed = weighted_scenario()
+    ctx, _ = make_ctx(FakeD(torch.zeros(40), feats), torch.zeros(40))
+    det = Detection(collapsed=collapsed, fraction=collapsed.float().mean(), score=score, features=feats)
+    labels = DynGANPartitioner(weighted=weighted).partition(ctx, det).labels
+    assert labels[:20].tolist() == [0] * 20 and labels[30:].tolist() == [1] * 10
+    if weighted:
+        assert labels[20:30].tolist() == [0] * 10  # M stays with its own centre
+    else:
+        assert labels[20:30].tolist() == [1] * 10  # plain k-means moves M to the new condition
+
+
+def test_refine_recomputes_current_features_when_the_detection_has_none():
+    feats, score, collapsed = weighted_scenario()
+    D = FakeD(torch.zeros(40), feats)
+    ctx, _ = make_ctx(D, torch.zeros(40))
+    with_f = Detection(collapsed=collapsed, fraction=collapsed.float().mean(), score=score, features=feats)
+    without = Detection(collapsed=collapsed, fraction=collapsed.float().mean(), score=score)
+    a = DynGANPartitioner(weighted=False).partition(ctx, with_f).labels
+    assert D.seen == []
+    b = DynGANPartitioner(weighted=False).partition(ctx, without).labels
+    assert len(D.seen) > 0 and torch.equal(a, b)
+
+
+def test_subset_partition_labels_the_rest_by_nearest_neighbours():
+    # 2 blobs in feature space; the detector scored a subset; blob B's subset samples are collapsed
+    n = 60
+    g = torch.Generator().manual_seed(2)
+    blob = (torch.arange(n) >= 30).long()
+    feats = torch.stack([blob * 10.0, torch.zeros(n)], 1) + 0.1 * torch.randn(n, 2, generator=g)
+    D = FakeD(torch.where(blob == 1, 6.0, -6.0), feats)
+    ctx, _ = make_ctx(D, torch.zeros(n), seed=3)
+    det = DynGANDetector(subset=20, lam=1.0)
+    det.setup(ctx)
+    out = det.detect(ctx)
+    assert out.subset is not None and int(out.collapsed.sum()) == int(blob[out.subset].sum()) > 0
+    upd = DynGANPartitioner().partition(ctx, out)
+    assert torch.equal(upd.labels, blob)  # the samples outside the subset follow their neighbours
+
+
+def test_partitioner_broadcasts_the_decision():
+    class Recorder(Comm):
+        def __init__(self):
+            self.calls = []
+
+        def broadcast(self, t, src=0):
+            self.calls.append((t.clone(), src))
+            return torch.full_like(t, 1)  # "rank 0's" labels
+
+    comm = Recorder()
+    ctx, _ = make_ctx(FakeD(torch.zeros(6)), [0] * 6, comm=comm)
+    upd = DynGANPartitioner(refine=False).partition(ctx, detection(mask(6, [1])))
+    assert len(comm.calls) == 1 and comm.calls[0][1] == 0
+    assert comm.calls[0][0].tolist() == [0, 1, 0, 0, 0, 0]
+    assert upd.labels.tolist() == [1] * 6
+
+
+def test_partitioner_state_round_trip():
+    feats, score, collapsed = weighted_scenario()
+    det = Detection(collapsed=collapsed, fraction=collapsed.float().mean(), score=score, features=feats)
+    a = DynGANPartitioner()
+    ctx, _ = make_ctx(FakeD(torch.zeros(40), feats), torch.zeros(40))
+    ctx.step = 3000
+    first = a.partition(ctx, det).labels
+    b = DynGANPartitioner()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.state_dict() == a.state_dict() == {"partitions": 1, "last_step": 3000}
+    assert torch.equal(b.partition(ctx, det).labels, first)
+
+
+# ---------------------------------------------------------------- with real networks
+
+
+def test_conditions_grow_without_touching_the_networks():
+    torch.manual_seed(0)
+    cap = 5
+    cond = OneHotConditioner(capacity=cap)
+    G, Dn = MLP(hidden=32).build((2,), cond.spec())
+    gcode, dcode = cond.generator_code(), cond.discriminator_code()
+
+    def D(x, c, features=False):
+        logits, f = Dn(x, dcode(c))
+        return (logits.view(-1), f) if features else logits.view(-1)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.cat([torch.randn(40, 2, generator=g) * 0.1 + torch.tensor(c) for c in ([0.0, 0.0], [3.0, 0.0], [0.0, 3.0])])
+    n = data.shape[0]
+    modules = {"G": G, "D": Dn, "gcode": gcode, "dcode": dcode}
+    before = {k: {n_: t.clone() for n_, t in m.state_dict().items()} for k, m in modules.items()}
+    modes = {k: m.training for k, m in modules.items()}
+    with torch.no_grad():
+        logits, _ = D(data, torch.zeros(n, dtype=torch.long), features=True)
+    # choose delta so that about a third of the samples are collapsed after one update with lam = 1
+    delta = math.exp(-float(torch.quantile(logits, 0.66)))
+    labels = torch.zeros(n, dtype=torch.long)
+    grown = [1]
+    for step in range(3):
+        reports = {}
+        ctx = TrainContext(step=step, device=torch.device("cpu"), data=data, labels=labels,
+                           prior=torch.bincount(labels, minlength=cap).float() / n, capacity=cap, z_dim=50,
+                           generator=lambda z, c: G(z, gcode(c)), discriminator=D, rng=g,
+                           report=lambda k, v: reports.__setitem__(k, v))
+        det = DynGANDetector(delta=delta, lam=1.0)
+        det.setup(ctx)
+        out = det.detect(ctx)
+        assert out.features.shape == (n, 32)
+        upd = DynGANPartitioner().partition(ctx, out)
+        if upd is None:
+            break
+        labels = upd.labels
+        grown.append(int(torch.unique(labels).numel()))
+        # the networks take every new condition as they are
+        x = G(torch.randn(n, 50), gcode(labels))
+        assert D(x, labels).shape == (n,)
+    assert grown[1] > 1 and max(grown) <= cap and int(labels.max()) < cap
+    for k, m in modules.items():
+        after = m.state_dict()
+        assert after.keys() == before[k].keys()
+        assert all(torch.equal(after[n_], before[k][n_]) for n_ in after), k
+        assert m.training == modes[k]
