@@ -436,3 +436,22 @@ def test_conditions_grow_without_touching_the_networks():
         assert after.keys() == before[k].keys()
         assert all(torch.equal(after[n_], before[k][n_]) for n_ in after), k
         assert m.training == modes[k]
+
+
+def test_schemas_and_checkpoint_round_trip_with_the_core_kit():
+    from core.testing import check_options_schema, check_state_roundtrip
+    from dyngan_plugins.conditioners import EmbeddingConditioner
+    from dyngan_plugins.kmeans import KMeansPartitioner
+
+    for cls in (DynGANDetector, DynGANPartitioner, KMeansPartitioner, OneHotConditioner, EmbeddingConditioner):
+        check_options_schema(cls)
+    det = DynGANDetector(subset=8, reset_relabelled=True)
+    ctx, _ = make_ctx(FakeD(torch.linspace(-3, 3, 20)), torch.arange(20) % 3)
+    det.setup(ctx)
+    det.detect(ctx)
+    check_state_roundtrip(det)
+    det.setup(ctx)  # after a resume: back on the device, same state
+    assert det.score.shape == (8,) and det.updates == 1
+    part = DynGANPartitioner()
+    part.partition(ctx, detection(mask(20, [0, 3])))
+    check_state_roundtrip(part)
