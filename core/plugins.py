@@ -169,11 +169,21 @@ class PluginHost:
         return [p.to_json() for p in self.plugins.values()]
 
 
-def _allowed(name: str, dist: str | None, allow: set[str] | None, block: set[str] | None) -> bool:
-    keys = {name} | ({dist} if dist else set())
-    if allow is not None and not (keys & allow):
+def _allowed(name: str, dist: str | None, allow: set[str] | None, block: set[str] | None,
+             plugin_names: set[str]) -> bool:
+    """A listed name means the plugin of that name; otherwise it means every plugin of that distribution.
+
+    (``dyngan`` is both a built-in plugin and the distribution: it names the plugin.)
+    """
+
+    def listed(names: set[str]) -> bool:
+        if name in names:
+            return True
+        return dist is not None and dist in names and dist not in plugin_names
+
+    if allow is not None and not listed(allow):
         return False
-    if block and keys & block:
+    if block and listed(block):
         return False
     return True
 
@@ -194,12 +204,14 @@ def load_plugins(env: Mapping[str, str] | None = None) -> PluginHost:
     block = _split_env(env.get("DYNGAN_BLOCK_PLUGINS"))
     host = PluginHost()
     seen: set[tuple[str, str]] = set()
-    for ep in entry_points():
+    eps = entry_points()
+    plugin_names = {ep.name for ep in eps}
+    for ep in eps:
         dist = ep.dist.name if ep.dist is not None else None
         if (ep.name, ep.value) in seen:  # the same distribution seen twice on sys.path
             continue
         seen.add((ep.name, ep.value))
-        if not _allowed(ep.name, dist, allow, block):
+        if not _allowed(ep.name, dist, allow, block, plugin_names):
             continue
         version = ep.dist.version if ep.dist is not None else None
         host.add_plugin(ep.name, ep.load, module=ep.value, distribution=dist, version=version)
