@@ -501,7 +501,7 @@ class Trainer:
         rec = {"step": self.step, "event": "partition", "partition/count": self.partition_count,
                "partition/sizes": sizes_list, "partition/relabelled": changed,
                "seconds": round(time.perf_counter() - t0, 6)}
-        rec.update(self._gather_reports())
+        rec = {**self._gather_reports(), **rec}  # the loop's own fields win over same-named reports
         if log is not None:
             log.write(rec)
         self.progress.message(f"step {self.step}: partition -> {self.partition_count} conditions "
