@@ -9,6 +9,7 @@ directory) and ``config`` (a TOML file read beneath the other settings).
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -103,24 +104,40 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
     from .training import Trainer
 
     host = host or get_host()
+    # torchrun (core.distributed): rank 0 tells the others where the run directory is, or why it failed
+    share = getattr(comm, "broadcast_object", None)
     if comm is not None and comm.rank != 0:
         # only rank 0 creates and writes the run directory
-        cfg = (_resume_config(Path(settings["out"]), settings, host) if resume
+        out, error = share(None) if share is not None else (settings.get("out"), None)
+        if error is not None:
+            raise UsageError(f"rank 0 could not prepare the run: {error}")
+        run_dir = Path(out)
+        cfg = (_resume_config(run_dir, settings, host) if resume
                else resolve_settings(settings, host))
-        run_dir = Path(settings["out"])
     else:
-        cfg, run_dir = prepare(settings, resume=resume, host=host)
-        if not resume:
-            try:
-                rundir.write_config(run_dir, cfg)
-            except OSError as e:
-                raise UsageError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}") from None
+        try:
+            cfg, run_dir = prepare(settings, resume=resume, host=host)
+            if not resume:
+                try:
+                    rundir.write_config(run_dir, cfg)
+                except OSError as e:
+                    raise UsageError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}") from None
+        except BaseException as e:
+            if share is not None:
+                share((None, str(e) or type(e).__name__))
+            raise
+        if share is not None:
+            share((str(run_dir), None))
     trainer = Trainer(cfg, host.registry, run_dir, resume=resume, quiet=quiet, comm=comm, stream=stream)
     if not quiet and (comm is None or comm.rank == 0):
         trainer.progress.message(
             f"run directory: {run_dir}  ({cfg['dataset']}, loss {cfg['loss']}, device {trainer.device}, "
             f"{cfg['steps']} steps)")
     result = trainer.run()
+    if os.environ.get("DYNGAN_DEBUG_DUMP_DIR"):  # test hook, see core.distributed.debug_dump
+        from .distributed import debug_dump
+
+        debug_dump(trainer)
     if not pictures_disabled() and (comm is None or comm.rank == 0):
         _pictures(run_dir, trainer)
     return result

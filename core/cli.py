@@ -151,8 +151,16 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
             cfg = api.resolve_settings(settings)
         click.echo(json.dumps(cfg, indent=2, sort_keys=True))
         return
-    result = api.train(settings, resume=resume, quiet=quiet)
-    click.echo(str(result.run_dir))
+    from .distributed import from_env
+
+    comm = from_env()  # started by torchrun: data-parallel over its ranks (core/distributed.py)
+    try:
+        result = api.train(settings, resume=resume, quiet=quiet, comm=comm)
+    finally:
+        if comm is not None:
+            comm.close()
+    if comm is None or comm.rank == 0:
+        click.echo(str(result.run_dir))
 
 
 @cli.command()

@@ -1,0 +1,124 @@
+"""Run by tests/test_ddp.py under torchrun (2 processes, Gloo): checks core.distributed.DistComm.
+
+Each rank checks the collectives against values it can compute itself, and writes what
+it saw to ``<out>/rank<R>.json`` for the test to compare across ranks. An assertion
+failing here makes the rank (and so torchrun) exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from core.components import Comm, TrainContext
+from core.distributed import DistComm, from_env
+
+
+def main(out: Path) -> None:
+    comm = from_env()
+    assert isinstance(comm, DistComm), "torchrun variables not found"
+    r, ws = comm.rank, comm.world_size
+    assert ws == 2
+    rec: dict = {"rank": r}
+
+    # all_gather with a different dim 0 per rank (rank 1 holds nothing), floats and bools
+    mine = torch.arange(6, dtype=torch.float32).view(3, 2) + 10 * r if r == 0 else torch.empty(0, 2)
+    got = comm.all_gather(mine)
+    assert torch.equal(got, torch.arange(6, dtype=torch.float32).view(3, 2)), got
+    flags = torch.tensor([True, False]) if r == 0 else torch.tensor([True, True, False])
+    gb = comm.all_gather(flags)
+    assert gb.dtype == torch.bool and gb.tolist() == [True, False, True, True, False], gb
+    rec["gathered"] = got.tolist()
+
+    # broadcast from rank 1 leaves the caller's tensor alone
+    t = torch.full((4,), float(r))
+    b = comm.broadcast(t, src=1)
+    assert b.tolist() == [1.0] * 4 and t.tolist() == [float(r)] * 4
+    lab = comm.broadcast(torch.tensor([r, r + 5]), src=0)
+    assert lab.dtype == torch.long and lab.tolist() == [0, 5]
+
+    # all_reduce_mean
+    m = comm.all_reduce_mean(torch.tensor([float(r), 2.0 * r + 1.0]))
+    assert m.tolist() == [0.5, 2.0], m
+
+    # broadcast_object
+    obj = comm.broadcast_object({"run": "/x/y", "r": r} if r == 0 else None)
+    assert obj == {"run": "/x/y", "r": 0}, obj
+
+    # sync_grads: averaged gradients, None as zeros, None everywhere stays None
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    unused = torch.nn.Linear(2, 2)  # never gets a gradient on any rank
+    mod = torch.nn.ModuleList([net, unused])
+    for i, p in enumerate(net.parameters()):
+        p.grad = torch.full_like(p, float(10 * i + r + 1))
+    if r == 1:
+        net[1].bias.grad = None  # rank 0 has 31, rank 1 nothing -> (31 + 0) / 2
+    comm.sync_grads(mod)
+    expect = [float(10 * i) + 1.5 for i in range(4)]
+    expect[3] = 31.0 / 2
+    for p, e in zip(net.parameters(), expect):
+        assert p.grad is not None and torch.all(p.grad == e), (p.grad, e)
+    assert unused.weight.grad is None and unused.bias.grad is None
+
+    # a stop signal on rank 1 only: both ranks agree after the same sync
+    class Flag:
+        signum = None
+
+    local = Flag()
+    agreed = comm.watch(local)
+    comm.sync_grads(net)
+    assert agreed.signum is None
+    if r == 1:
+        local.signum = 2
+    comm.sync_grads(net)
+    rec["agreed_signum"] = agreed.signum
+    assert agreed.signum == 2, agreed.signum
+
+    # DynGAN's detector shards D's pass over the ranks and gathers the same scores as one process
+    from dyngan_plugins.dyngan import DynGANDetector
+
+    n = 101
+    data = torch.linspace(-1, 1, 2 * n).view(n, 2)
+    seen: list[int] = []
+
+    def disc(x, cond, features=True):
+        seen.append(int(x.shape[0]))
+        f = torch.stack([x[:, 0] * x[:, 1], x[:, 0] - x[:, 1] + cond.float()], 1)
+        return f.sum(1, keepdim=True) * 3.0, f
+
+    def ctx(c: Comm) -> TrainContext:
+        return TrainContext(step=1, device=torch.device("cpu"), data=data, labels=torch.zeros(n, dtype=torch.long),
+                            prior=torch.tensor([1.0]), capacity=1, z_dim=1, generator=None, discriminator=disc,
+                            rng=torch.Generator().manual_seed(0), report=lambda *a: None, comm=c)
+
+    det_dist = DynGANDetector(every=1, delta=1.0, lam=1.0, batch_size=16)
+    d1 = det_dist.detect(ctx(comm))
+    rows_dist = sum(seen)
+    seen.clear()
+    det_one = DynGANDetector(every=1, delta=1.0, lam=1.0, batch_size=16)
+    d0 = det_one.detect(ctx(Comm()))
+    assert rows_dist == comm.shard(n)[1] - comm.shard(n)[0] and sum(seen) == n, (rows_dist, seen)
+    assert torch.equal(d1.collapsed, d0.collapsed) and torch.equal(d1.score, d0.score)
+    assert torch.equal(d1.features, d0.features)
+    rec["rows_scored_here"] = rows_dist
+    rec["collapsed"] = int(d1.collapsed.sum())
+
+    # a peer that does not come: the collective fails within the timeout instead of hanging
+    if r == 0:
+        try:
+            comm.barrier()
+            rec["barrier_without_peer"] = "returned"
+        except Exception as e:  # noqa: BLE001 - Gloo raises RuntimeError / DistBackendError
+            rec["barrier_without_peer"] = type(e).__name__
+    (out / f"rank{r}.json").write_text(json.dumps(rec))
+    if r == 1:
+        import time
+
+        time.sleep(float(sys.argv[2]))  # longer than DYNGAN_DIST_TIMEOUT: rank 0's barrier must give up
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

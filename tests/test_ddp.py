@@ -1,0 +1,192 @@
+"""Data-parallel training under torchrun: 2 processes on the CPU with Gloo.
+
+Each launch is a real ``python -m torch.distributed.run --nproc-per-node 2 -m core train``.
+With ``DYNGAN_DEBUG_DUMP_DIR`` set every rank writes its final networks, partition, prior and
+batch-generator state (``core.distributed.debug_dump``), which the tests compare exactly.
+Subprocess timeouts are hang guards only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve().parent
+SMALL = ["-o", "dataset.n=2000", "--log-every", "20", "-q"]
+# DynGAN with intervals short enough to detect and partition within 60 steps; lam=1 and
+# delta=1.5 make the detector flag samples (D(x) > 0.4) this early, so a partition happens
+DYNGAN = ["--preset", "dyngan", "-o", "detector.every=20", "-o", "partitioner.every=40",
+          "-o", "partitioner.tau=0.0", "-o", "detector.lam=1.0", "-o", "detector.delta=1.5"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(dump: Path | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DYNGAN_NO_PICTURES="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("DYNGAN_DEBUG_DUMP_DIR", None)
+    if dump is not None:
+        env["DYNGAN_DEBUG_DUMP_DIR"] = str(dump)
+    return env
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{cmd} exited {res.returncode}\n{res.stdout}\n{res.stderr[-4000:]}"
+    return res
+
+
+def dumps(d: Path) -> tuple[dict, dict]:
+    return torch.load(d / "rank0.pt"), torch.load(d / "rank1.pt")
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    nets = [k for k in a if k.startswith(("G/", "D/"))]
+    assert nets and set(nets) == {k for k in b if k.startswith(("G/", "D/"))}
+    differ = [k for k in nets if not torch.equal(a[k], b[k])]
+    assert not differ, f"parameters differ between ranks: {differ}"
+    assert torch.equal(a["labels"], b["labels"]), "partition labels differ between ranks"
+    assert torch.equal(a["prior"], b["prior"]), "condition prior differs between ranks"
+    assert a["step"] == b["step"]
+
+
+def checkpoint(run_dir: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:08d}.safetensors"))
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_collectives(tmp_path):
+    """DistComm on its own: uneven all_gather, broadcast, mean, sync_grads with None gradients,
+    stop-signal agreement, the DynGAN detector's sharded pass, and a collective timing out."""
+    res = run(torchrun(str(HERE / "_ddp_worker.py"), str(tmp_path), "6"),
+              env_for(DYNGAN_DIST_TIMEOUT="2"), timeout=90)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["gathered"] == r1["gathered"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    assert r0["agreed_signum"] == r1["agreed_signum"] == 2
+    assert r0["rows_scored_here"] + r1["rows_scored_here"] == 101  # each rank scored its shard only
+    assert min(r0["rows_scored_here"], r1["rows_scored_here"]) == 50
+    assert r0["collapsed"] == r1["collapsed"] > 0
+    assert r0["barrier_without_peer"] != "returned", res.stderr[-2000:]
+
+
+def test_ddp_dyngan_identical_ranks_and_resume_both_ways(tmp_path):
+    run_dir, dump = tmp_path / "run", tmp_path / "dump"
+    res = run(torchrun("-m", "core", "train", "--out", str(run_dir), "--steps", "60", *SMALL, *DYNGAN),
+              env_for(dump))
+    assert res.stdout.strip().splitlines() == [str(run_dir)]  # rank 0 alone prints the run directory
+    a, b = dumps(dump)
+    assert a["world_size"] == 2 and a["step"] == 60
+    assert_same_state(a, b)
+    # a partition really happened, and both ranks hold it
+    assert int((torch.bincount(a["labels"]) > 0).sum()) >= 2
+    assert float(a["prior"][1]) > 0
+    # each rank drew its own batches
+    assert not torch.equal(a["gen"], b["gen"])
+    # rank 0 alone wrote the run directory: one record per event and step
+    recs = records(run_dir)
+    steps = [r["step"] for r in recs if "event" not in r]
+    assert steps == [20, 40, 60]
+    assert sum(1 for r in recs if r.get("event") == "partition") == 1
+    # the checkpoint holds rank 0's state, including its batch stream
+    ck = checkpoint(run_dir, 60)
+    assert torch.equal(ck["rng/train"], a["gen"])
+    assert torch.equal(ck["train/labels"], a["labels"])
+    for k in (k for k in a if k.startswith("G/")):
+        assert torch.equal(ck[k], a[k])
+
+    # the DDP checkpoint resumes in one process
+    dump1 = tmp_path / "dump1"
+    run([sys.executable, "-m", "core", "train", "--out", str(run_dir), "--resume", "--steps", "80", "-q"],
+        env_for(dump1))
+    single = torch.load(dump1 / "rank0.pt")
+    assert single["world_size"] == 1 and single["step"] == 80
+    assert int((torch.bincount(single["labels"]) > 0).sum()) >= 2  # the partition came along
+    assert [r["step"] for r in records(run_dir) if "event" not in r] == [20, 40, 60, 80]
+
+    # and that single-process checkpoint resumes under torchrun
+    dump2 = tmp_path / "dump2"
+    run(torchrun("-m", "core", "train", "--out", str(run_dir), "--resume", "--steps", "100", "-q"),
+        env_for(dump2))
+    c, d = dumps(dump2)
+    assert c["world_size"] == 2 and c["step"] == 100
+    assert_same_state(c, d)
+    assert not torch.equal(c["gen"], d["gen"])
+    assert [r["step"] for r in records(run_dir) if "event" not in r] == [20, 40, 60, 80, 100]
+    ck = checkpoint(run_dir, 100)
+    assert all(torch.equal(ck[k], c[k]) for k in c if k.startswith(("G/", "D/")))
+
+
+def _pids_with(tag: str, rank: str | None) -> list[int]:
+    """Processes whose environment holds DYNGAN_TEST_TAG=tag (and RANK=rank when given), via /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            continue
+        env = dict(kv.split(b"=", 1) for kv in raw.split(b"\0") if b"=" in kv)
+        if env.get(b"DYNGAN_TEST_TAG") != tag.encode():
+            continue
+        if rank is None or env.get(b"RANK") == rank.encode():
+            out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the rank-1 process")
+def test_killed_rank_fails_the_job(tmp_path):
+    tag = uuid.uuid4().hex
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        torchrun("-m", "core", "train", "--out", str(run_dir), "--steps", "1000000", *SMALL),
+        env=env_for(DYNGAN_TEST_TAG=tag, DYNGAN_DIST_TIMEOUT="30"), cwd=HERE.parent,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90  # hang guard for the start-up
+        while time.monotonic() < deadline and proc.poll() is None:
+            log = run_dir / "metrics.jsonl"
+            if log.exists() and any("steps_per_s" in line for line in log.read_text().splitlines()):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"training ended early: {proc.communicate()}"
+        victims = _pids_with(tag, "1")
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=90)  # the hang guard: the job must end by itself
+        assert proc.returncode != 0, err[-3000:]
+        assert not _pids_with(tag, "0"), "rank 0 outlived the job"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
