@@ -1,0 +1,365 @@
+"""Settings resolution: defaults < preset < loss recommendations < config file < flags.
+
+Everything here goes through ``core.api.resolve_settings`` / ``core.config`` (no
+training, no files but the TOML ones) and through the CLI's ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from core.api import resolve_settings
+from core.cli import cli
+from core.config import DEFAULTS, FALLBACK_OPTIMIZER, parse_option_flags
+from core.errors import OptionError, UnknownComponentError, UsageError
+
+
+def _write_toml(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _dry_run(args):
+    res = CliRunner().invoke(cli, ["train", "--dry-run", *args])
+    return res
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_defaults_fill_every_setting():
+    cfg = resolve_settings({})
+    assert cfg["dataset"] == "grid25"
+    assert cfg["loss"] == "ns"
+    assert cfg["model"] == "mlp"  # the dataset's default model
+    assert cfg["steps"] == DEFAULTS["steps"]
+    assert cfg["batch_size"] == DEFAULTS["batch_size"]
+    assert cfg["detector"] is None and cfg["partitioner"] is None and cfg["conditioner"] is None
+    # ns recommends no optimiser: the fallback applies
+    assert cfg["lr_g"] == FALLBACK_OPTIMIZER["lr_g"]
+    assert cfg["lr_d"] == FALLBACK_OPTIMIZER["lr_d"]
+    assert list(cfg["betas"]) == list(FALLBACK_OPTIMIZER["betas"])
+    # every option of every chosen component is resolved to a value
+    assert cfg["options"]["dataset"]["n"] == 100_000
+    assert cfg["options"]["model"]["z_dim"] == 50
+    assert set(cfg["options"]) == {"dataset", "model", "loss"}
+    json.dumps(cfg)  # plain JSON
+
+
+# ------------------------------------------------------------------ TOML file vs flags
+
+
+def test_config_file_over_defaults_and_flags_over_file(tmp_path):
+    f = _write_toml(tmp_path / "c.toml", """
+steps = 123
+batch_size = 64
+lr_g = 0.005
+seed = 9
+
+[options.dataset]
+n = 500
+sigma = 0.2
+""")
+    cfg = resolve_settings({"config": f})
+    assert (cfg["steps"], cfg["batch_size"], cfg["lr_g"], cfg["seed"]) == (123, 64, 0.005, 9)
+    assert cfg["options"]["dataset"]["n"] == 500
+    assert cfg["options"]["dataset"]["sigma"] == 0.2
+    assert cfg["lr_d"] == FALLBACK_OPTIMIZER["lr_d"]  # not in the file: default
+
+    cfg = resolve_settings({"config": f, "steps": 7, "options": {"dataset": {"n": "42"}}})
+    assert cfg["steps"] == 7  # flag beats file
+    assert cfg["batch_size"] == 64  # file beats default
+    assert cfg["options"]["dataset"]["n"] == 42  # flag option beats file option, typed
+    assert cfg["options"]["dataset"]["sigma"] == 0.2  # the file's other option survives the merge
+
+
+def test_cli_flags_override_config_file(tmp_path):
+    f = _write_toml(tmp_path / "c.toml", 'loss = "hinge"\nsteps = 123\n[options.dataset]\nn = 500\n')
+    res = _dry_run(["--config", f, "--steps", "7", "-o", "dataset.n=321"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)
+    assert cfg["loss"] == "hinge"
+    assert cfg["steps"] == 7
+    assert cfg["options"]["dataset"]["n"] == 321
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        resolve_settings({"config": str(tmp_path / "missing.toml")})
+    bad = _write_toml(tmp_path / "bad.toml", "steps = = 3\n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        resolve_settings({"config": bad})
+    typo = _write_toml(tmp_path / "typo.toml", "stepz = 3\n")
+    with pytest.raises(UsageError, match="did you mean 'steps'"):
+        resolve_settings({"config": typo})
+    res = _dry_run(["--config", typo])
+    assert res.exit_code == 2
+    assert "did you mean 'steps'" in res.stderr
+    assert "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------ -o KIND.KEY=VALUE
+
+
+def test_parse_option_flags_good_forms():
+    got = parse_option_flags(["detector.delta=0.1", "detector.lam = 0.5", "dataset.n=10",
+                              "dataset.path=a=b"])
+    assert got == {"detector": {"delta": "0.1", "lam": "0.5"}, "dataset": {"n": "10", "path": "a=b"}}
+    assert parse_option_flags([]) == {}
+    # a later flag for the same key wins
+    assert parse_option_flags(["dataset.n=1", "dataset.n=2"]) == {"dataset": {"n": "2"}}
+
+
+@pytest.mark.parametrize("item", ["detector", "detector.delta", "=0.1", ".delta=0.1", "detector.=0.1",
+                                  "detectordelta=0.1"])
+def test_parse_option_flags_bad_forms(item):
+    with pytest.raises(UsageError, match="KIND.KEY=VALUE"):
+        parse_option_flags([item])
+
+
+def test_parse_option_flags_unknown_kind():
+    with pytest.raises(UsageError, match="unknown kind 'detectr'"):
+        parse_option_flags(["detectr.delta=0.1"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-o", "dataset"], "KIND.KEY=VALUE"),
+    (["-o", "bogus.n=3"], "unknown kind"),
+    (["-o", "dataset.n=abc"], "'n'"),
+    (["-o", "dataset.n=0"], "'n'"),
+    (["-o", "dataset.nn=5"], "did you mean 'n'"),
+])
+def test_cli_bad_options_exit_2(args, needle):
+    res = _dry_run(args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.stderr
+    assert "Traceback" not in res.output
+    assert res.stdout == ""  # no config printed
+
+
+def test_option_values_are_typed_and_checked():
+    cfg = resolve_settings({"options": {"dataset": {"n": "500", "sigma": "0.3"}, "model": {"hidden": "16"}}})
+    assert cfg["options"]["dataset"]["n"] == 500 and isinstance(cfg["options"]["dataset"]["n"], int)
+    assert cfg["options"]["dataset"]["sigma"] == 0.3
+    assert cfg["options"]["model"]["hidden"] == 16
+    with pytest.raises(OptionError):
+        resolve_settings({"options": {"dataset": {"n": "many"}}})
+    with pytest.raises(OptionError):
+        resolve_settings({"options": {"dataset": {"sigma": "-1"}}})
+    with pytest.raises(OptionError, match="did you mean 'sigma'"):
+        resolve_settings({"options": {"dataset": {"sigmaa": "0.1"}}})
+
+
+# ------------------------------------------------------------------ unknown names and settings
+
+
+def test_unknown_setting_suggests():
+    with pytest.raises(UsageError, match="unknown setting 'step'; did you mean 'steps'"):
+        resolve_settings({"step": 10})
+    with pytest.raises(UsageError, match="unknown setting 'batchsize'; did you mean 'batch_size'"):
+        resolve_settings({"batchsize": 10})
+
+
+def test_unknown_components_suggest():
+    with pytest.raises(UnknownComponentError, match="did you mean 'grid25'"):
+        resolve_settings({"dataset": "grid52"})
+    with pytest.raises(UnknownComponentError, match="did you mean 'hinge'"):
+        resolve_settings({"loss": "hinj"})
+    with pytest.raises(UnknownComponentError, match="unknown detector"):
+        resolve_settings({"detector": "nope-nothing-like-it"})
+    with pytest.raises(UnknownComponentError, match="unknown preset"):
+        resolve_settings({"preset": "dyngann"})
+
+
+# ------------------------------------------------------------------ types and ranges
+
+
+_BAD_SCALARS = [
+    ({"steps": 0}, "'steps' must be >= 1"),
+    ({"steps": -5}, "'steps' must be >= 1"),
+    ({"steps": "many"}, "'steps' must be an integer"),
+    ({"steps": 1.5}, "'steps' must be an integer"),
+    ({"steps": True}, "'steps' must be an integer"),
+    ({"batch_size": 0}, "'batch_size' must be >= 1"),
+    ({"seed": -1}, "'seed' must be >= 0"),
+    ({"keep_checkpoints": 0}, "'keep_checkpoints' must be >= 1"),
+    ({"log_every": 0}, "'log_every' must be >= 1"),
+    ({"eval_every": -1}, "'eval_every' must be >= 0"),
+    ({"lr_g": 0}, "'lr_g' must be a positive number"),
+    ({"lr_d": -1e-3}, "'lr_d' must be a positive number"),
+    ({"lr_g": "nan"}, "'lr_g' must be a positive number"),
+    ({"lr_g": "fast"}, "'lr_g' must be a number"),
+    ({"betas": "1.5,0.9"}, "'betas' must be two numbers in [0, 1)"),
+    ({"betas": "0.5"}, "'betas' must be two numbers in [0, 1)"),
+    ({"betas": "0.5,0.9,0.99"}, "'betas' must be two numbers in [0, 1)"),
+    ({"betas": "0.5,x"}, "'betas' must be two numbers like"),
+    ({"betas": [0.5, 1.0]}, "'betas' must be two numbers in [0, 1)"),
+    ({"device": "tpu"}, "'device' must be auto, cpu, cuda or cuda:N"),
+    ({"device": "cuda:x"}, "'device' must be auto, cpu, cuda or cuda:N"),
+    ({"amp": "fp16"}, "'amp' must be one of none, bf16"),
+    ({"on_divergence": "ignore"}, "'on_divergence' must be one of stop, rollback"),
+    ({"compile": "yes"}, "'compile' must be true or false"),
+]
+
+
+@pytest.mark.parametrize("settings, needle", _BAD_SCALARS,
+                         ids=[",".join(f"{k}={v!r}" for k, v in s.items()) for s, _ in _BAD_SCALARS])
+def test_bad_types_and_ranges(settings, needle):
+    with pytest.raises(UsageError) as ei:
+        resolve_settings(settings)
+    assert needle in str(ei.value)
+
+
+def test_good_scalar_forms_are_normalised():
+    cfg = resolve_settings({"steps": "12", "batch_size": 32.0, "betas": " 0.0, 0.99", "lr_g": "2e-4",
+                            "device": "cuda:1", "eval_every": 0})
+    assert cfg["steps"] == 12 and isinstance(cfg["steps"], int)
+    assert cfg["batch_size"] == 32 and isinstance(cfg["batch_size"], int)
+    assert cfg["betas"] == [0.0, 0.99]
+    assert cfg["lr_g"] == 2e-4
+    assert cfg["device"] == "cuda:1"  # validated, not opened: resolving needs no GPU
+    assert cfg["eval_every"] == 0
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--betas", "1.5,0.9"], ["--device", "tpu"],
+                                  ["--lr-g", "-1"], ["--dataset", "grid52"], ["--loss", "hinj"]])
+def test_cli_bad_settings_exit_2_one_line(args):
+    res = _dry_run(args)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stdout == ""
+
+
+# ------------------------------------------------------------------ component combinations
+
+
+def test_options_for_absent_component():
+    with pytest.raises(UsageError, match="options given for detector, but no detector is chosen"):
+        resolve_settings({"options": {"detector": {"delta": 0.1}}})
+    with pytest.raises(UsageError, match="no conditioner is chosen"):
+        resolve_settings({"conditioner": "none", "options": {"conditioner": {"capacity": 3}}})
+    with pytest.raises(UsageError, match="unknown kind"):
+        resolve_settings({"options": {"widget": {"x": 1}}})
+    res = _dry_run(["-o", "detector.delta=0.1"])
+    assert res.exit_code == 2
+    assert "no detector is chosen" in res.stderr
+
+
+def test_partitioner_needs_conditioner():
+    with pytest.raises(UsageError, match="needs a conditioner"):
+        resolve_settings({"detector": "dyngan", "partitioner": "dyngan"})
+    cfg = resolve_settings({"detector": "dyngan", "partitioner": "dyngan", "conditioner": "onehot"})
+    assert (cfg["partitioner"], cfg["conditioner"]) == ("dyngan", "onehot")
+    # a detector alone is allowed (it reports the collapse fraction only)
+    cfg = resolve_settings({"detector": "dyngan"})
+    assert cfg["detector"] == "dyngan" and cfg["partitioner"] is None
+    res = _dry_run(["--partitioner", "dyngan"])
+    assert res.exit_code == 2
+    assert "needs a conditioner" in res.stderr
+
+
+def test_none_spellings_clear_optional_slots():
+    for spelling in ("none", "None", "null", ""):
+        cfg = resolve_settings({"detector": spelling, "partitioner": spelling, "conditioner": spelling})
+        assert cfg["detector"] is None and cfg["partitioner"] is None and cfg["conditioner"] is None
+
+
+def test_preset_components_can_be_switched_off():
+    """``--preset dyngan --detector none ...``: the preset's options for the dropped
+    components must not turn into "options given for detector, but no detector is chosen"."""
+    cfg = resolve_settings({"preset": "dyngan", "detector": "none", "partitioner": "none",
+                            "conditioner": "none"})
+    assert cfg["detector"] is None and cfg["partitioner"] is None and cfg["conditioner"] is None
+    assert set(cfg["options"]) == {"dataset", "model", "loss"}
+    res = _dry_run(["--preset", "dyngan", "--detector", "none", "--partitioner", "none",
+                    "--conditioner", "none"])
+    assert res.exit_code == 0, res.output
+
+
+# ------------------------------------------------------------------ presets and loss recommendations
+
+
+def _wgan_gp_recommendation():
+    from core.plugins import get_host
+
+    cls = get_host().registry.get("loss", "wgan-gp")
+    rec = cls(**cls.resolve_options({})).optimizer_defaults()
+    return rec
+
+
+def test_wgan_gp_declares_its_recommendation():
+    rec = _wgan_gp_recommendation()
+    assert rec["lr_g"] == 1e-4 and rec["lr_d"] == 1e-4
+    assert tuple(rec["betas"]) == (0.5, 0.9)
+
+
+def test_loss_recommendation_applies_when_user_sets_nothing():
+    cfg = resolve_settings({"loss": "wgan-gp"})
+    assert cfg["lr_g"] == 1e-4 and cfg["lr_d"] == 1e-4
+    assert cfg["betas"] == [0.5, 0.9]
+    # a loss without a recommendation gets the fallback
+    cfg = resolve_settings({"loss": "hinge"})
+    assert (cfg["lr_g"], cfg["lr_d"], cfg["betas"]) == (1e-3, 1e-3, [0.5, 0.999])
+
+
+def test_user_optimizer_settings_beat_the_loss_recommendation(tmp_path):
+    cfg = resolve_settings({"loss": "wgan-gp", "lr_g": 3e-4, "lr_d": 2e-4, "betas": "0.0,0.99"})
+    assert (cfg["lr_g"], cfg["lr_d"], cfg["betas"]) == (3e-4, 2e-4, [0.0, 0.99])
+    # per key: what the user gives wins, the rest still comes from the loss
+    cfg = resolve_settings({"loss": "wgan-gp", "lr_g": 3e-4})
+    assert cfg["lr_g"] == 3e-4
+    assert cfg["lr_d"] == 1e-4 and cfg["betas"] == [0.5, 0.9]
+    cfg = resolve_settings({"loss": "wgan-gp", "betas": [0.0, 0.9]})
+    assert cfg["betas"] == [0.0, 0.9] and cfg["lr_g"] == 1e-4
+    # a config file counts as the user too
+    f = _write_toml(tmp_path / "c.toml", 'loss = "wgan-gp"\nlr_d = 0.002\nbetas = [0.1, 0.2]\n')
+    cfg = resolve_settings({"config": f})
+    assert cfg["lr_d"] == 0.002 and cfg["betas"] == [0.1, 0.2] and cfg["lr_g"] == 1e-4
+
+
+def test_preset_fills_components_and_flags_override_it():
+    cfg = resolve_settings({"preset": "dyngan"})
+    assert cfg["preset"] == "dyngan"
+    assert (cfg["detector"], cfg["partitioner"], cfg["conditioner"]) == ("dyngan", "dyngan", "onehot")
+    assert cfg["options"]["detector"]["every"] == 500
+    cfg = resolve_settings({"preset": "dyngan", "steps": 10, "options": {"detector": {"delta": "0.05"}}})
+    assert cfg["steps"] == 10
+    assert cfg["options"]["detector"]["delta"] == 0.05
+    assert cfg["options"]["detector"]["every"] == 500  # the preset's other options survive
+
+
+def test_loss_recommendation_beats_preset():
+    """Documented order (core/config.py docstring): defaults < preset < loss recommendations.
+
+    The dyngan preset sets Adam(1e-3, betas 0.5,0.999) for its ns loss; choosing
+    --loss wgan-gp with it should give WGAN-GP's recommended optimiser.
+    """
+    cfg = resolve_settings({"preset": "dyngan", "loss": "wgan-gp"})
+    assert cfg["loss"] == "wgan-gp"
+    assert cfg["lr_g"] == 1e-4 and cfg["lr_d"] == 1e-4
+    assert cfg["betas"] == [0.5, 0.9]
+    # and the user still beats both
+    cfg = resolve_settings({"preset": "dyngan", "loss": "wgan-gp", "lr_g": 5e-4})
+    assert cfg["lr_g"] == 5e-4
+
+
+# ------------------------------------------------------------------ --dry-run
+
+
+def test_dry_run_prints_config_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "would-be-run"
+    res = _dry_run(["--steps", "5", "--loss", "wgan-gp", "--out", str(out), "-o", "dataset.n=100"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)
+    assert cfg["steps"] == 5 and cfg["loss"] == "wgan-gp"
+    assert cfg["options"]["dataset"]["n"] == 100
+    assert cfg["betas"] == [0.5, 0.9]
+    assert "losses" in cfg["plugins"] and cfg["plugins"]["losses"]["version"]
+    assert not out.exists()
+    assert not (tmp_path / "runs").exists()
+    assert list(tmp_path.iterdir()) == []
