@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -190,3 +191,32 @@ def test_killed_rank_fails_the_job(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGINT to torchrun reaches both ranks at their own moment; they agree on one step, rank 0 saves there."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        torchrun("-m", "core", "train", "--out", str(run_dir), "--steps", "1000000", *SMALL[:-1]),
+        env=env_for(), cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90  # hang guard for the start-up
+        while time.monotonic() < deadline and proc.poll() is None:
+            log = run_dir / "metrics.jsonl"
+            if log.exists() and any("steps_per_s" in line for line in log.read_text().splitlines()):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"training ended early: {proc.communicate()}"
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    stops = re.findall(r"interrupted by Ctrl-C at step (\d+); checkpoint saved", err)
+    assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]  # one line per rank, the same step
+    step = int(stops[0])
+    assert (run_dir / "checkpoints" / f"step-{step:08d}.json").exists()
+    assert checkpoint(run_dir, step)["rng/train"].numel() > 0
