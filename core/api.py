@@ -59,18 +59,19 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
     given = {k: v for k, v in settings.items() if v is not None and k not in ("out", "config")}
     if settings.get("config") is not None:
         raise UsageError("--config cannot be combined with --resume: the run's own config.json is used")
-    changed = {}
-    for k, v in given.items():
-        if k in _RESUMABLE:
-            changed[k] = v
-        elif k == "options" and not v:
-            continue
-        elif k not in DEFAULTS:
+    for k in given:
+        if k not in DEFAULTS:
             raise UsageError(f"unknown setting {k!r}")
-        elif saved.get(k) != v:
-            raise UsageError(
-                f"--resume continues the run as it was configured; {k} was {saved.get(k)!r}, "
-                f"not {v!r} (only {', '.join(_RESUMABLE)} may change)")
+    changed = {k: v for k, v in given.items() if k in _RESUMABLE}
+    fixed = {k: v for k, v in given.items() if k not in _RESUMABLE}
+    if fixed:
+        # settings given again must resolve to what the run already has
+        trial = resolve(host.registry, [_settings_only(saved), fixed])
+        for k in sorted(fixed):
+            if trial.get(k) != cfg.get(k):
+                raise UsageError(
+                    f"--resume continues the run as it was configured; {k} was {cfg.get(k)!r}, "
+                    f"not {trial.get(k)!r} (only {', '.join(_RESUMABLE)} may change)")
     if changed:
         cfg = resolve(host.registry, [_settings_only(saved), changed])
     cfg["dyngan_version"] = __version__

@@ -1,4 +1,7 @@
-"""Resolving a run's settings: defaults < preset < loss recommendations < config file < flags.
+"""Resolving a run's settings: defaults < preset < config file < flags.
+
+The optimiser settings (lr_g, lr_d, betas) not given by the user come from the
+chosen loss's recommendation, else the preset, else 1e-3 and (0.5, 0.999).
 
 The result is a plain JSON-able dict (``config.json`` of the run) in which every
 component is named and every option of every component has its validated value.
@@ -55,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "options": {},
 }
 FALLBACK_OPTIMIZER = {"lr_g": 1e-3, "lr_d": 1e-3, "betas": [0.5, 0.999]}
+_OPTIMIZER_KEYS = ("lr_g", "lr_d", "betas")
 
 _INT_KEYS = {"steps": 1, "batch_size": 1, "seed": 0, "log_every": 1, "eval_every": 0,
              "checkpoint_every": 0, "keep_checkpoints": 1, "eval_samples": 1,
@@ -124,7 +128,9 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
         v = cfg.get(key)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool):
+            raise UsageError(f"setting {key!r} must be an integer, got {v!r}")
+        if not isinstance(v, int):
             try:
                 f = float(v)
                 if not f.is_integer():
@@ -182,9 +188,12 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
         user = _merge(user, layer)
     cfg = copy.deepcopy(DEFAULTS)
     preset_name = user.get("preset")
+    preset_settings: dict[str, Any] = {}
     if not _none(preset_name):
         preset = registry.get("preset", str(preset_name))
-        cfg = _merge(cfg, copy.deepcopy(dict(preset.settings)))
+        preset_settings = copy.deepcopy(dict(preset.settings))
+        # the preset's optimiser settings rank below the chosen loss's recommendation (below)
+        cfg = _merge(cfg, {k: v for k, v in preset_settings.items() if k not in _OPTIMIZER_KEYS})
         cfg["preset"] = preset.name
     cfg = _merge(cfg, user)
     if _none(cfg.get("preset")):
@@ -192,6 +201,7 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
     _check_scalars(cfg)
 
     opts_in: dict[str, Any] = cfg.get("options") or {}
+    user_opts: Mapping[str, Any] = user.get("options") or {}
     for kind in opts_in:
         if kind not in SLOTS:
             raise UsageError(f"options for unknown kind {kind!r} (kinds: {', '.join(SLOTS)})")
@@ -210,7 +220,7 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
     for slot, kind in SLOTS.items():
         name = cfg.get(slot)
         if name is None:
-            if opts_in.get(slot):
+            if user_opts.get(slot):  # a preset's options for a slot the user switched off are dropped
                 raise UsageError(f"options given for {slot}, but no {slot} is chosen")
             continue
         cls = registry.get(kind, str(name))
@@ -226,12 +236,12 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
             "(e.g. --conditioner onehot)"
         )
 
-    # optimiser: the user's values, else the loss's recommendation, else the fallback
+    # optimiser: the user's values, else the loss's recommendation, else the preset's, else the fallback
     loss = classes["loss"](**resolved_opts["loss"])
     rec = loss.optimizer_defaults() or {}
-    for key in ("lr_g", "lr_d", "betas"):
-        if cfg.get(key) is None:
-            cfg[key] = rec.get(key, FALLBACK_OPTIMIZER[key])
+    for key in _OPTIMIZER_KEYS:
+        if user.get(key) is None:
+            cfg[key] = rec.get(key, preset_settings.get(key, FALLBACK_OPTIMIZER[key]))
     _check_scalars(cfg)
 
     metrics = cfg.get("metrics")

@@ -308,6 +308,7 @@ class Trainer:
         self.gen = torch.Generator(device=dev).manual_seed(seed)
         self.comp_rng = torch.Generator(device=dev).manual_seed(seed + 1)
         self.step = 0
+        self._saved_step: int | None = None
         self.last_detection: Detection | None = None
         self.partition_count = 1
         self.last_fraction: float | None = None
@@ -420,10 +421,10 @@ class Trainer:
     def _write_checkpoint(self) -> None:
         tensors, meta = self.state()
         directory = self.run_dir / rundir.CHECKPOINTS
-        existing = ckpt_io.list_checkpoints(directory)
-        if existing and existing[-1][0] == self.step:
-            return  # already saved at this step
+        if self._saved_step == self.step:
+            return  # this state is already on disk (just loaded or just written)
         ckpt_io.save(directory, self.step, tensors, meta, keep=self.cfg["keep_checkpoints"])
+        self._saved_step = self.step
 
     def _sync_ranks(self) -> None:
         """Under torchrun (core.distributed): rank 0's networks (parameters and buffers) and
@@ -435,6 +436,7 @@ class Trainer:
 
     def load_latest(self) -> int:
         ck = ckpt_io.load_latest(self.run_dir / rundir.CHECKPOINTS, self._apply, self.progress.message)
+        self._saved_step = ck.step
         return ck.step
 
     # ------------------------------------------------------------------ events
@@ -676,8 +678,8 @@ class Trainer:
                 raise Interrupted(flag.signum, s, self.run_dir)
             if (ck_every and s % ck_every == 0) or s == steps:
                 self.save()
-        if self.step >= steps and not ckpt_io.list_checkpoints(self.run_dir / rundir.CHECKPOINTS):
-            self.save()
+        if self.step >= steps:
+            self.save()  # a no-op when this step is already on disk
 
     def _log_step(self, log: rundir.MetricsLog | None, loss_d: Any, loss_g: Any, rate: float) -> None:
         sync_buffers = getattr(self.comm, "sync_buffers", None)
