@@ -42,15 +42,18 @@ CUDA tensors, Gloo for CPU ones). ``--device auto`` (or ``cuda``) puts each rank
 ``cuda:LOCAL_RANK``.
 
 Test hook: with ``DYNGAN_DEBUG_DUMP_DIR`` set, ``api.train`` has every rank write its
-final networks, partition, prior and batch-generator state to ``rank<R>.pt`` there
-(``debug_dump``), so tests can compare the ranks exactly.
+final networks, partition, prior and batch-generator state to ``rank<R>.safetensors``
+there (``debug_dump``), so tests can compare the ranks exactly.
+
+Trust: the ranks of one job trust each other (they exchange tensors and JSON, never
+pickles); keep torchrun's rendezvous port on a network you trust.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -154,6 +157,12 @@ class DistComm(Comm):
         import torch
 
         if device.type == "cuda" and device.index is None:
+            if self.local_rank >= torch.cuda.device_count():
+                from .errors import UsageError
+
+                raise UsageError(
+                    f"local rank {self.local_rank} has no GPU of its own ({torch.cuda.device_count()} on this "
+                    "machine): start at most that many processes per node (--nproc-per-node) or use --device cpu")
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -214,18 +223,19 @@ class DistComm(Comm):
         self._dist.all_reduce(torch.zeros(1))
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        """Rank ``src``'s picklable ``obj`` on every rank (sent through CPU tensors)."""
+        """Rank ``src``'s JSON-able ``obj`` on every rank, as JSON through CPU tensors (no pickle;
+        tuples arrive as lists)."""
         import torch
 
         dist = self._dist
-        payload = pickle.dumps(obj) if self.rank == src else b""
+        payload = json.dumps(obj).encode() if self.rank == src else b""
         size = torch.tensor([len(payload)], dtype=torch.long)
         dist.broadcast(size, src)
         buf = torch.zeros(int(size), dtype=torch.uint8)
         if self.rank == src:
             buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
         dist.broadcast(buf, src)
-        return obj if self.rank == src else pickle.loads(buf.numpy().tobytes())
+        return obj if self.rank == src else json.loads(buf.numpy().tobytes().decode())
 
     def broadcast_tensors_(self, tensors: Iterable["Tensor"], src: int = 0) -> None:
         """Overwrite ``tensors`` in place with rank ``src``'s values: one broadcast per (device, dtype)."""
@@ -347,21 +357,26 @@ class DistComm(Comm):
 
 
 def debug_dump(trainer: Any, directory: str | os.PathLike[str] | None = None) -> Path | None:
-    """Test hook: write this rank's final state to ``<dir>/rank<R>.pt`` (``DYNGAN_DEBUG_DUMP_DIR``)."""
-    import torch
+    """Test hook: write this rank's final state to ``<dir>/rank<R>.safetensors`` (``DYNGAN_DEBUG_DUMP_DIR``).
+
+    Tensors ``G/...``, ``D/...`` (state dicts), ``labels``, ``prior``, ``gen`` (the batch
+    generator's state); metadata ``step`` and ``world_size``.
+    """
+    from safetensors.torch import save_file
 
     directory = directory if directory is not None else os.environ.get(ENV_DEBUG_DUMP)
     if not directory:
         return None
     rank = int(getattr(trainer.comm, "rank", 0))
-    state: dict[str, Any] = {"step": int(trainer.step), "world_size": int(getattr(trainer.comm, "world_size", 1))}
+    tensors: dict[str, Any] = {}
     for prefix, net in (("G", trainer.G), ("D", trainer.D)):
         for k, v in net.state_dict().items():
-            state[f"{prefix}/{k}"] = v.detach().cpu().clone()
-    state["labels"] = trainer.labels.detach().cpu().clone()
-    state["prior"] = trainer.prior.detach().cpu().clone()
-    state["gen"] = trainer.gen.get_state().cpu().clone()
-    path = Path(directory) / f"rank{rank}.pt"
+            tensors[f"{prefix}/{k}"] = v.detach().cpu().contiguous().clone()
+    tensors["labels"] = trainer.labels.detach().cpu().clone()
+    tensors["prior"] = trainer.prior.detach().cpu().clone()
+    tensors["gen"] = trainer.gen.get_state().cpu().clone()
+    meta = {"step": str(int(trainer.step)), "world_size": str(int(getattr(trainer.comm, "world_size", 1)))}
+    path = Path(directory) / f"rank{rank}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    save_file(tensors, str(path), metadata=meta)
     return path

@@ -58,8 +58,19 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess
     return res
 
 
+def load_dump(path: Path) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out: dict = dict(load_file(str(path)))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    out["step"], out["world_size"] = int(meta["step"]), int(meta["world_size"])
+    return out
+
+
 def dumps(d: Path) -> tuple[dict, dict]:
-    return torch.load(d / "rank0.pt"), torch.load(d / "rank1.pt")
+    return load_dump(d / "rank0.safetensors"), load_dump(d / "rank1.safetensors")
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -126,7 +137,7 @@ def test_ddp_dyngan_identical_ranks_and_resume_both_ways(tmp_path):
     dump1 = tmp_path / "dump1"
     run([sys.executable, "-m", "core", "train", "--out", str(run_dir), "--resume", "--steps", "80", "-q"],
         env_for(dump1))
-    single = torch.load(dump1 / "rank0.pt")
+    single = load_dump(dump1 / "rank0.safetensors")
     assert single["world_size"] == 1 and single["step"] == 80
     assert int((torch.bincount(single["labels"]) > 0).sum()) >= 2  # the partition came along
     assert [r["step"] for r in records(run_dir) if "event" not in r] == [20, 40, 60, 80]
