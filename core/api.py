@@ -74,8 +74,11 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
                     f"not {trial.get(k)!r} (only {', '.join(_RESUMABLE)} may change)")
     if changed:
         cfg = resolve(host.registry, [_settings_only(saved), changed])
+    plugins = saved.get("plugins", {})
+    if not isinstance(plugins, dict):
+        raise CheckpointError(f"{str(run_dir)!r}: config.json has a malformed plugins record")
     cfg["dyngan_version"] = __version__
-    cfg["plugins"] = host.versions(saved.get("plugins", {}).keys())
+    cfg["plugins"] = host.versions(plugins.keys())
     cfg["created"] = saved.get("created")
     return cfg
 
@@ -189,9 +192,23 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu"):
         shape = ck.meta.get("data_shape")
         if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
             raise CheckpointError(f"{ck.path.name}: bad data_shape {shape!r}")
-        G, _, spec = build_networks(comps.model, comps.conditioner, tuple(shape))
+        saved_g = {k[2:]: v for k, v in ck.tensors.items() if k.startswith("G/")}
+        try:  # shapes first, on the meta device: a forged data_shape allocates nothing
+            with torch.device("meta"):
+                G_meta, _, _ = build_networks(comps.model, comps.conditioner, tuple(shape))
+            want = {k: tuple(v.shape) for k, v in G_meta.state_dict().items()}
+        except Exception:  # noqa: BLE001 - a model that cannot be built on meta: check after building
+            want = None
+        if want is not None and want != {k: tuple(v.shape) for k, v in saved_g.items()}:
+            raise CheckpointError(f"{ck.path.name} does not fit this run's networks "
+                                  f"(data shape {shape}, model {comps.model.name!r})")
         try:
-            G.load_state_dict({k[2:]: v for k, v in ck.tensors.items() if k.startswith("G/")})
+            G, _, spec = build_networks(comps.model, comps.conditioner, tuple(shape))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{ck.path.name}: cannot build the networks for data shape {shape} "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+        try:
+            G.load_state_dict(saved_g)
             prior = ck.tensors["train/prior"].float()
         except (RuntimeError, KeyError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ from .errors import CheckpointError, RunFailure
 
 FORMAT = "dyngan-checkpoint/1"
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
+_TENSORS = re.compile(r"^step-(\d{8,})\.safetensors$")
+_TMP = re.compile(r"^\.step-\d{8,}\.(?:json|safetensors)\.tmp-(\d+)$")
+#: a checkpoint's JSON sidecar is small; a bigger one is not ours (and is not read into memory)
+MAX_JSON_BYTES = 64 << 20
 
 
 @dataclass
@@ -110,12 +115,41 @@ def save(directory: Path, step: int, tensors: dict[str, Any], meta: dict[str, An
     return json_path
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # exists but not ours, or cannot tell: leave its file alone
+    return True
+
+
 def _prune(directory: Path, keep: int) -> None:
     entries = list_checkpoints(directory)
     for step, json_path in entries[:-keep] if keep > 0 else []:
         for p in (json_path, json_path.with_suffix(".safetensors")):
             try:
                 p.unlink()
+            except OSError:
+                pass
+    # debris of a process killed while writing: temporary files of dead processes, and
+    # tensor files whose JSON (the commit marker) was never written. Only called by the
+    # single writer of a run, right after its own checkpoint is committed.
+    committed = {p.with_suffix(".safetensors").name for _, p in list_checkpoints(directory)}
+    try:
+        names = [p.name for p in directory.iterdir()]
+    except OSError:
+        return
+    for name in names:
+        m = _TMP.match(name)
+        stale = (m is not None and not _pid_alive(int(m.group(1)))) or \
+            (_TENSORS.match(name) is not None and name not in committed)
+        if stale:
+            try:
+                (directory / name).unlink()
             except OSError:
                 pass
 
@@ -137,30 +171,59 @@ def read(json_path: Path) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
+    # a FIFO, device or huge file under a checkpoint's name is refused before it is read
+    _check_regular(json_path, MAX_JSON_BYTES)
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{json_path.name}: unreadable metadata ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{json_path.name}: unreadable metadata ({_short(e)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path.name}: not a {FORMAT} checkpoint")
     step = meta.get("step")
-    if not isinstance(step, int) or step < 0:
+    named = _NAME.match(json_path.name)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or (named and int(named.group(1)) != step):
         raise CheckpointError(f"{json_path.name}: bad step {step!r}")
     tname = meta.get("tensors_file")
     if not isinstance(tname, str) or "/" in tname or "\\" in tname or tname.startswith("."):
         raise CheckpointError(f"{json_path.name}: bad tensor file name {tname!r}")
+    size, digest = meta.get("size"), meta.get("sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
+        raise CheckpointError(f"{json_path.name}: bad size or checksum record")
     tpath = json_path.parent / tname
+    st_size = _check_regular(tpath, None)
+    if st_size != size:  # checked before reading: a huge or truncated file is never loaded
+        raise CheckpointError(f"{tname}: {st_size} bytes, the checkpoint recorded {size} (truncated or replaced)")
     try:
         blob = tpath.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{tname}: cannot read ({e.strerror or e})") from None
-    if len(blob) != meta.get("size") or hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+    if len(blob) != size or hashlib.sha256(blob).hexdigest() != digest:
         raise CheckpointError(f"{tname}: contents do not match the recorded checksum (truncated or edited)")
     try:
         tensors = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{tname}: not a valid safetensors file ({e})") from None
     return Checkpoint(step=step, tensors=tensors, meta=meta, path=json_path)
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_regular(path: Path, limit: int | None) -> int:
+    """The size of ``path``, a regular file (no FIFO or device), at most ``limit`` bytes."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"{path.name}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path.name}: not a regular file")
+    if limit is not None and st.st_size > limit:
+        raise CheckpointError(f"{path.name}: {st.st_size} bytes, too large for checkpoint metadata")
+    return st.st_size
 
 
 def load_latest(
@@ -209,9 +272,21 @@ def flatten_optimizer(prefix: str, state: dict[str, Any], tensors: dict[str, Any
     return js
 
 
-def unflatten_optimizer(prefix: str, js: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+def unflatten_optimizer(prefix: str, js: Any, tensors: dict[str, Any],
+                        like: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An optimiser state dict from ``flatten_optimizer``'s parts; raises ValueError if the
+    JSON is malformed or (given ``like``, the fresh optimiser's state dict) its param groups
+    differ from the optimiser's in keys, sizes or value types."""
+    if not isinstance(js, dict) or not isinstance(js.get("state", {}), dict) \
+            or not isinstance(js.get("param_groups"), list) \
+            or not all(isinstance(g, dict) for g in js["param_groups"]):
+        raise ValueError(f"{prefix}: malformed optimiser state")
+    if like is not None:
+        _check_param_groups(prefix, js["param_groups"], like["param_groups"])
     state: dict[int, dict[str, Any]] = {}
     for idx, entry in js.get("state", {}).items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{prefix}: malformed optimiser state")
         state[int(idx)] = dict(entry)
     pre = prefix + "/state/"
     for key, t in tensors.items():
@@ -219,6 +294,34 @@ def unflatten_optimizer(prefix: str, js: dict[str, Any], tensors: dict[str, Any]
             idx, _, k = key[len(pre):].partition("/")
             state.setdefault(int(idx), {})[k] = t
     return {"state": state, "param_groups": js["param_groups"]}
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return type(v).__name__
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, (list, tuple)):
+        return "sequence of " + ",".join(_kind(x) for x in v)
+    return type(v).__name__
+
+
+def _check_param_groups(prefix: str, saved: list, current: list) -> None:
+    if len(saved) != len(current):
+        raise ValueError(f"{prefix}: {len(saved)} parameter groups, the optimiser has {len(current)}")
+    for g_saved, g_now in zip(saved, current):
+        if "params" not in g_saved:
+            raise ValueError(f"{prefix}: parameter group without params")
+        # keys of another torch version (missing or extra) are torch's business; shared ones must agree
+        for k, v in g_now.items():
+            if k not in g_saved:
+                continue
+            w = g_saved[k]
+            if k == "params":
+                if not isinstance(w, list) or len(w) != len(v) or not all(type(i) is int for i in w):
+                    raise ValueError(f"{prefix}: parameter group does not match the network's parameters")
+            elif _kind(w) != _kind(v) or (_kind(v) == "number" and not math.isfinite(w)):
+                raise ValueError(f"{prefix}: parameter group setting {k!r} is {w!r}")
 
 
 def split_state(prefix: str, state: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
@@ -239,9 +342,59 @@ def split_state(prefix: str, state: dict[str, Any], tensors: dict[str, Any]) -> 
 
 
 def join_state(prefix: str, js: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(js, dict):
+        raise ValueError(f"{prefix}: malformed component state")
     out = dict(js)
     pre = prefix + "/"
     for k, t in tensors.items():
         if k.startswith(pre):
             out[k[len(pre):]] = t
     return out
+
+
+# ---------------------------------------------------------------------- the last detection
+
+
+def split_detection(det: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    """A detector's Detection (a dataclass): tensors under ``detection/FIELD``, the rest as JSON."""
+    import dataclasses
+
+    import torch
+
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(det):
+        v = getattr(det, f.name)
+        if isinstance(v, torch.Tensor):
+            tensors[f"detection/{f.name}"] = v
+        else:
+            json.dumps(v)  # a Detection's fields are tensors or plain values
+            fields[f.name] = v
+    return {"type": f"{type(det).__module__}:{type(det).__qualname__}", "fields": fields}
+
+
+def join_detection(js: Any, tensors: dict[str, Any], detector_cls: type | None, device: Any) -> Any:
+    """Rebuild a saved Detection. Its class is looked up by name among the Detection classes
+    of ``core.components`` and of the detector's own (already imported) module; nothing is
+    imported or executed from the checkpoint. Raises ValueError if the record is malformed."""
+    import dataclasses
+    import sys
+
+    from .components import Detection
+
+    if not isinstance(js, dict) or not isinstance(js.get("fields"), dict) or not isinstance(js.get("type"), str):
+        raise ValueError("malformed detection record")
+    cls: type = Detection
+    module, _, name = js["type"].partition(":")
+    if detector_cls is not None and module == detector_cls.__module__ and name.isidentifier():
+        found = getattr(sys.modules.get(module), name, None)
+        if isinstance(found, type) and issubclass(found, Detection) and dataclasses.is_dataclass(found):
+            cls = found
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {k: v for k, v in js["fields"].items() if k in names}
+    for k, t in tensors.items():
+        if k.startswith("detection/") and k[len("detection/"):] in names:
+            kwargs[k[len("detection/"):]] = t.to(device)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"malformed detection record ({e})") from None

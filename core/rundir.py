@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_bytes, list_checkpoints
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, RunFailure, UsageError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+#: a config.json is a few kilobytes; a bigger one is refused unread
+MAX_CONFIG_BYTES = 16 << 20
 
 
 def next_numbered(root: Path) -> Path:
@@ -71,9 +73,16 @@ def read_config(path: Path) -> dict[str, Any]:
     if not f.is_file():
         raise UsageError(f"{str(path)!r} is not a run directory (no {CONFIG})")
     try:
+        size = f.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{f}: unreadable ({e.strerror or e})") from None
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{f}: {size} bytes, too large to be a dyngan run configuration")
+    try:
         cfg = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f}: unreadable ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        text = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"{f}: unreadable ({text})") from None
     if not isinstance(cfg, dict) or "dataset" not in cfg or "loss" not in cfg:
         raise CheckpointError(f"{f}: not a dyngan run configuration")
     return cfg
@@ -90,14 +99,27 @@ class MetricsLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path / METRICS
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._failed = False
+        try:
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise RunFailure(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._f.flush()
+        except OSError as e:  # disk full, quota, a vanished directory: one clear error
+            self._failed = True
+            raise RunFailure(f"cannot write {self.path}: {e.strerror or e}; "
+                             "the checkpoints already written are intact") from None
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            if not self._failed:  # a failed write was reported already; do not mask it
+                raise
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records logged after the checkpoint's step (they will be logged again)."""
@@ -112,8 +134,12 @@ class MetricsLog:
                 if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
                     continue
                 keep.append(line)
-        atomic_write_bytes(self.path, ("\n".join(keep) + ("\n" if keep else "")).encode())
-        self._f = open(self.path, "a", encoding="utf-8")
+        try:
+            atomic_write_bytes(self.path, ("\n".join(keep) + ("\n" if keep else "")).encode())
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            self._failed = True
+            raise RunFailure(f"cannot write {self.path}: {e.strerror or e}") from None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

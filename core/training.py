@@ -60,6 +60,18 @@ class Interrupted(DynganError):
                          f"continue with: dyngan train --out {run_dir} --resume")
 
 
+class Aborted(DynganError):
+    """A second Ctrl-C / SIGTERM while stopping: training ended at once, without a new checkpoint."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        self.exit_code = 128 + signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        super().__init__(f"stopped at once by a second {name} after step {step}; no checkpoint was written "
+                         f"for it (the ones already written are intact); continue with: "
+                         f"dyngan train --out {run_dir} --resume")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -223,6 +235,7 @@ class _SignalFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.second: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_SignalFlag":
@@ -233,6 +246,7 @@ class _SignalFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # a second Ctrl-C: stop now, without saving
+            self.second = signum
             raise KeyboardInterrupt
         self.signum = signum
 
@@ -371,6 +385,12 @@ class Trainer:
         for slot, comp in self.comps.stateful().items():
             st = call_component(comp, "state_dict")
             meta["components"][slot] = ckpt_io.split_state(f"component/{slot}", st, tensors)
+        det, part = self.comps.detector, self.comps.partitioner
+        # the partitioner may use a detection of an earlier step (its interval not a multiple of
+        # the detector's): keep it for an exact resume
+        if self.last_detection is not None and part is not None and det is not None and part.every % det.every:
+            meta["detection"] = ckpt_io.split_detection(self.last_detection, tensors)
+        meta["last_fraction"] = self.last_fraction
         return tensors, meta
 
     def _apply(self, ck: ckpt_io.Checkpoint) -> None:
@@ -382,8 +402,10 @@ class Trainer:
         try:
             self.G.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("G/")})
             self.D.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("D/")})
-            self.opt_g.load_state_dict(ckpt_io.unflatten_optimizer("optim/G", meta["optim"]["G"], t))
-            self.opt_d.load_state_dict(ckpt_io.unflatten_optimizer("optim/D", meta["optim"]["D"], t))
+            self.opt_g.load_state_dict(ckpt_io.unflatten_optimizer("optim/G", meta["optim"]["G"], t,
+                                                                   self.opt_g.state_dict()))
+            self.opt_d.load_state_dict(ckpt_io.unflatten_optimizer("optim/D", meta["optim"]["D"], t,
+                                                                   self.opt_d.state_dict()))
             labels, prior = t["train/labels"], t["train/prior"]
             if labels.shape != self.labels.shape or prior.shape != self.prior.shape:
                 raise ValueError("partition labels or prior do not match this run")
@@ -396,13 +418,25 @@ class Trainer:
             self.comp_rng.set_state(t["rng/components"])
             if self.device.type == "cuda" and "rng/cuda" in t:
                 torch.cuda.set_rng_state(t["rng/cuda"], self.device)
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            partition_count = int(meta.get("partition_count", 1))
+            det_js = meta.get("detection")
+            detection = None if det_js is None else ckpt_io.join_detection(
+                det_js, t, type(self.comps.detector) if self.comps.detector is not None else None, self.device)
+            fraction = meta.get("last_fraction")
+            comp_js = meta.get("components", {})
+            states = {slot: ckpt_io.join_state(f"component/{slot}", comp_js.get(slot, {}), t)
+                      for slot in self.comps.stateful()}
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{ck.path.name} does not fit this run: {msg}") from None
         for slot, comp in self.comps.stateful().items():
-            js = meta.get("components", {}).get(slot, {})
-            call_component(comp, "load_state_dict", ckpt_io.join_state(f"component/{slot}", js, t))
-        self.partition_count = int(meta.get("partition_count", 1))
+            try:
+                call_component(comp, "load_state_dict", states[slot])
+            except ComponentFailure as e:  # most likely a foreign or edited state: try an older checkpoint
+                raise CheckpointError(f"{ck.path.name} does not fit this run: {e}") from None
+        self.partition_count = partition_count
+        self.last_detection = detection
+        self.last_fraction = float(fraction) if isinstance(fraction, (int, float)) else None
         self.step = ck.step
 
     def save(self) -> None:
@@ -536,6 +570,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         log = rundir.MetricsLog(self.run_dir) if self.is_main else None
+        sigflag: _SignalFlag | None = None
         try:
             if self.resume:
                 self.load_latest()
@@ -546,6 +581,7 @@ class Trainer:
             self._setup_components()
             rollbacks = 0
             with _SignalFlag() as flag:
+                sigflag = flag
                 watch = getattr(self.comm, "watch", None)
                 if watch is not None:  # torchrun: a signal on any rank stops all after the same step
                     flag = watch(flag)
@@ -560,6 +596,9 @@ class Trainer:
                         rollbacks += 1
                         self._rollback(e, rollbacks, log)
             return TrainResult(self.run_dir, self.step, rundir.read_metrics(self.run_dir), cfg)
+        except KeyboardInterrupt:  # a second signal (or Ctrl-C before the loop): exit 128 + signal
+            signum = (sigflag.second if sigflag is not None else None) or signal.SIGINT
+            raise Aborted(signum, self.step, self.run_dir) from None
         finally:
             if log is not None:
                 log.close()
