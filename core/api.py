@@ -132,7 +132,14 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
             raise
         if share is not None:
             share((str(run_dir), None))
-    trainer = Trainer(cfg, host.registry, run_dir, resume=resume, quiet=quiet, comm=comm, stream=stream)
+    try:
+        trainer = Trainer(cfg, host.registry, run_dir, resume=resume, quiet=quiet, comm=comm, stream=stream)
+    except BaseException:
+        # bad data or a broken component, before the first step: do not leave a run that
+        # blocks the same --out ("already holds a run") with nothing in it to resume
+        if not resume and (comm is None or comm.rank == 0):
+            rundir.discard_unstarted(run_dir)
+        raise
     if not quiet and (comm is None or comm.rank == 0):
         trainer.progress.message(
             f"run directory: {run_dir}  ({cfg['dataset']}, loss {cfg['loss']}, device {trainer.device}, "

@@ -62,6 +62,18 @@ def create(path: Path | None, root: Path = Path("runs")) -> Path:
     return path
 
 
+def discard_unstarted(path: Path) -> None:
+    """Remove the config.json of a run that failed before training began (no checkpoints,
+    no metrics), and the directory if that leaves it empty; anything else is left alone."""
+    if list_checkpoints(path / CHECKPOINTS) or (path / METRICS).exists() or (path / CHECKPOINTS).exists():
+        return
+    try:
+        (path / CONFIG).unlink(missing_ok=True)
+        path.rmdir()
+    except OSError:
+        pass
+
+
 def write_config(path: Path, config: dict[str, Any]) -> None:
     atomic_write_bytes(path / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
