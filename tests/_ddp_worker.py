@@ -63,6 +63,30 @@ def main(out: Path) -> None:
         assert p.grad is not None and torch.all(p.grad == e), (p.grad, e)
     assert unused.weight.grad is None and unused.bias.grad is None
 
+    # sync_start: rank 0's parameters, buffers and tensors everywhere; rank 1 gets its own stream
+    from core.distributed import rank_seed
+
+    bn = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    with torch.no_grad():
+        for p in bn.parameters():
+            p.fill_(float(r + 1))
+    bn[1].running_mean.fill_(float(r + 5))
+    labels = torch.full((5,), r, dtype=torch.long)
+    gen = torch.Generator().manual_seed(1234)
+    rank0_state = gen.get_state().clone()
+    comm.sync_start([bn], [labels], gen)
+    assert all(torch.all(p == 1.0) for p in bn.parameters())
+    assert torch.all(bn[1].running_mean == 5.0) and labels.tolist() == [0] * 5
+    if r == 0:
+        assert torch.equal(gen.get_state(), rank0_state)
+    else:
+        assert torch.equal(gen.get_state(), torch.Generator().manual_seed(rank_seed(rank0_state, 1)).get_state())
+    rec["first_draw"] = torch.randint(1 << 30, (1,), generator=gen).item()
+    # sync_buffers: BatchNorm statistics drift apart per rank; rank 0's win
+    bn[1].running_var.fill_(float(r + 7))
+    comm.sync_buffers(bn)
+    assert torch.all(bn[1].running_var == 7.0)
+
     # a stop signal on rank 1 only: both ranks agree after the same sync
     class Flag:
         signum = None

@@ -95,13 +95,15 @@ def records(run_dir: Path) -> list[dict]:
 
 def test_collectives(tmp_path):
     """DistComm on its own: uneven all_gather, broadcast, mean, sync_grads with None gradients,
-    stop-signal agreement, the DynGAN detector's sharded pass, and a collective timing out."""
+    sync_start / sync_buffers, stop-signal agreement, the DynGAN detector's sharded pass, and a
+    collective timing out (tests/_ddp_worker.py asserts each on both ranks)."""
     res = run(torchrun(str(HERE / "_ddp_worker.py"), str(tmp_path), "6"),
               env_for(DYNGAN_DIST_TIMEOUT="2"), timeout=90)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["gathered"] == r1["gathered"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
     assert r0["agreed_signum"] == r1["agreed_signum"] == 2
+    assert r0["first_draw"] != r1["first_draw"]  # after sync_start the ranks draw different batches
     assert r0["rows_scored_here"] + r1["rows_scored_here"] == 101  # each rank scored its shard only
     assert min(r0["rows_scored_here"], r1["rows_scored_here"]) == 50
     assert r0["collapsed"] == r1["collapsed"] > 0
