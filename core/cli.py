@@ -228,6 +228,56 @@ def report(run_dir: str, n: int, seed: int) -> None:
         click.echo(str(path))
 
 
+@cli.command("install")
+@click.argument("targets", nargs=-1, required=True, metavar="PACKAGE_OR_PATH...")
+@click.option("-e", "--editable", is_flag=True, help="Install project directories in editable mode (pip -e).")
+@click.option("--no-deps", is_flag=True, help="Do not install the packages' dependencies.")
+@click.option("--no-build-isolation", is_flag=True,
+              help="Build with the setuptools already installed (works offline).")
+@click.option("-U", "--upgrade", is_flag=True, help="Upgrade the packages if they are installed.")
+@click.option("-v", "--verbose", is_flag=True, help="Show pip's output.")
+def install_command(targets: tuple[str, ...], editable: bool, no_deps: bool, no_build_isolation: bool,
+                    upgrade: bool, verbose: bool) -> None:
+    """Install plugin packages (pip, into dyngan's environment) and show what they register."""
+    from .install import install_plugins
+
+    res = install_plugins(targets, editable=editable, no_deps=no_deps, no_build_isolation=no_build_isolation,
+                          upgrade=upgrade, echo=(lambda line: click.echo(line, err=True)) if verbose else None)
+    failed = False
+    for d in res.distributions:
+        click.echo(f"installed {d.name} {d.version or ''}".rstrip())
+        if not d.plugins and res.listing_error is None:
+            click.echo("  registers no dyngan plugin (no entry point in the group 'dyngan')")
+        for p in d.plugins:
+            if p.get("error"):
+                failed = True
+                click.echo(f"  plugin {p['name']}  FAILED: {p['error']}")
+                continue
+            click.echo(f"  plugin {p['name']} ({p['module']})")
+            for kind, names in sorted(p["components"].items()):
+                click.echo(f"    {kind}: {', '.join(names)}")
+    if res.listing_error is not None:
+        click.echo(f"Error: installed, but the plugins could not be listed: {res.listing_error}", err=True)
+        raise click.exceptions.Exit(1)
+    if failed:
+        click.echo("Error: installed, but a plugin failed to load (see above); `dyngan plugins` shows it too",
+                   err=True)
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("uninstall")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.option("-v", "--verbose", is_flag=True, help="Show pip's output.")
+def uninstall_command(names: tuple[str, ...], verbose: bool) -> None:
+    """Uninstall plugin distributions (pip); dyngan itself is refused."""
+    from .install import uninstall_plugins
+
+    res = uninstall_plugins(names, echo=(lambda line: click.echo(line, err=True)) if verbose else None)
+    for name, version, plugins in res.removed:
+        what = f" (plugins: {', '.join(plugins)})" if plugins else " (no dyngan plugin)"
+        click.echo(f"uninstalled {name} {version}{what}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:

@@ -3,7 +3,7 @@
 Load your plugin into a throwaway host and check your components against the
 contracts of ``core.components``::
 
-    from core.testing import plugin_host, check_options_schema, check_state_roundtrip
+    from core.testing import plugin_host, check_options_schema, check_state_roundtrip, check_loss
     import my_plugin
 
     def test_my_loss():
@@ -11,6 +11,7 @@ contracts of ``core.components``::
             cls = host.registry.get("loss", "my-loss")
             check_options_schema(cls)
             check_state_roundtrip(cls())
+            check_loss(cls)
 
 Inside the ``with`` block the host is the process-wide one (``core.plugins.get_host``),
 so the library and the CLI (``click.testing.CliRunner``) see your plugin; on exit the
@@ -18,6 +19,21 @@ previous host and the CLI's command list are put back.
 
 The checks raise ``AssertionError`` listing every problem they found, so pytest shows
 them all at once. torch is imported only inside the checks that need it.
+
+Conformance checks by kind (each runs the component on the CPU, twice from the same
+seed, and fails if the two runs differ):
+
+- ``check_loss(cls, options)``: ``d_loss`` / ``g_loss`` are finite scalars with finite
+  gradients for ordinary logits, logits of +-100 and a batch of one;
+- ``check_detector(cls, options)``: ``setup`` and ``detect`` on a tiny training context
+  (``tiny_train_context``: a 2D mixture and a small conditional MLP G and D) give a
+  ``Detection`` of the right shapes and dtypes, leave the networks untouched, and a
+  detector restored from its ``state_dict`` detects exactly as the original goes on to;
+- ``check_dataset(cls, options)``: ``load`` returns a finite float32 CPU tensor
+  ``(N, ...)``, the same one for the same seed, and ``info()`` is JSON.
+
+``check_deterministic(run)`` and ``assert_same(a, b)`` are the building blocks, for
+checks of your own.
 """
 
 from __future__ import annotations
@@ -25,13 +41,25 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-from .errors import OptionError, PluginError
+from .errors import OptionError, PluginError, UsageError
 from .options import Option, check_value
 from .plugins import PluginHost, load_plugins, set_host
 
-__all__ = ["plugin_host", "check_options_schema", "check_state_roundtrip"]
+__all__ = [
+    "plugin_host",
+    "check_options_schema",
+    "check_state_roundtrip",
+    "check_loss",
+    "check_detector",
+    "check_dataset",
+    "check_deterministic",
+    "assert_same",
+    "tiny_mixture",
+    "tiny_networks",
+    "tiny_train_context",
+]
 
 
 def _name_and_object(plugin: Any) -> tuple[str, Any]:
@@ -59,12 +87,15 @@ def plugin_host(
     builtins: first load the installed entry points with ``load_plugins(env)``
       (so ``DYNGAN_LOAD_PLUGINS`` / ``DYNGAN_BLOCK_PLUGINS`` apply; ``env``
       defaults to ``os.environ``); False starts from an empty host.
+      A plugin that is also installed (so already loaded from its entry point
+      under its entry-point name) is not added a second time.
     strict: raise ``PluginError`` if one of ``plugins`` fails to load. By
       default a failure is recorded as ``host.plugins[name].error``, exactly as
       ``load_plugins`` records a broken installed plugin.
 
     The plugins' ``register_commands`` hooks are run on the ``dyngan`` click
-    group. On exit the previous host and the group's commands are restored.
+    group. On exit the previous host and the group's commands are restored, and so is
+    the ``plugin`` attribute of the component classes (shared by every host).
     """
     from .cli import cli  # click only; no torch
 
@@ -72,6 +103,9 @@ def plugin_host(
     infos = []
     for plugin in plugins:
         name, obj = _name_and_object(plugin)
+        if host.pm.is_registered(obj):  # installed as well: already loaded from its entry point
+            infos.append(host.plugins[host.pm.get_name(obj)])
+            continue
         infos.append(host.add_plugin(name, lambda obj=obj: obj, module=getattr(obj, "__name__", "")))
     commands_before = dict(cli.commands)
     # the group loads plugin commands lazily, once; put that flag back too, so that a
@@ -86,9 +120,27 @@ def plugin_host(
         yield host
     finally:
         set_host(previous)
+        if previous is not None:
+            _restore_plugin_names(host, previous)
         cli.commands.clear()
         cli.commands.update(commands_before)
         cli._plugin_commands_loaded = lazy_loaded_before
+
+
+def _restore_plugin_names(used: PluginHost, restored: PluginHost) -> None:
+    """``cls.plugin`` is a class attribute, set by whichever host registered the class last: give
+    the classes the throwaway host registered back the plugin name the restored host knows them by
+    (a run's config.json records plugins by that name)."""
+    from .components import KINDS
+
+    for kind in KINDS:
+        for name, cls in used.registry.items(kind):
+            try:
+                again = restored.registry.get(kind, name)
+            except UsageError:
+                continue
+            if again is cls:
+                cls.plugin = restored.registry._plugin_of.get((kind, name), cls.plugin)
 
 
 # --------------------------------------------------------------------------- conformance checks
@@ -201,3 +253,553 @@ def check_state_roundtrip(component: Any) -> None:
                 problems.append(f"{k!r} was {js[k]!r} and came back as {after!r}")
     if problems:
         raise AssertionError(f"{where} state round trip: " + "; ".join(problems))
+
+
+def _through_checkpoint(state: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``state`` the way a checkpoint gives it back: tensors through safetensors (CPU), the rest through JSON."""
+    import torch
+    from safetensors.torch import load as st_load, save as st_save
+
+    tensors: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise AssertionError(f"{where}.state_dict(): key {k!r} is not a str")
+        if isinstance(v, torch.Tensor):
+            tensors[k] = v.detach().to("cpu").contiguous().clone()
+        else:
+            try:
+                out[k] = json.loads(json.dumps(v))
+            except (TypeError, ValueError) as e:
+                raise AssertionError(f"{where}.state_dict(): value of {k!r} is neither a tensor nor JSON ({e})") from None
+    if tensors:
+        out.update(st_load(st_save(tensors)))
+    return out
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def assert_same(a: Any, b: Any, where: str = "result") -> None:
+    """Raise ``AssertionError`` unless ``a`` and ``b`` are identical.
+
+    Tensors must agree in dtype, shape and every value (NaN where NaN); dataclasses
+    field by field (and be of one type); mappings key by key; lists and tuples item by
+    item; floats exactly (NaN equals NaN); anything else by ``==``.
+    """
+    problems: list[str] = []
+    _compare(a, b, where, problems)
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise AssertionError("; ".join(problems[:10]) + more)
+
+
+def _compare(a: Any, b: Any, where: str, problems: list[str]) -> None:
+    import dataclasses
+    import math
+    import sys
+
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    if torch is not None and isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor):
+            problems.append(f"{where}: a tensor, then {type(b).__name__}")
+            return
+        if a.dtype != b.dtype or a.shape != b.shape:
+            problems.append(f"{where}: {a.dtype}{tuple(a.shape)}, then {b.dtype}{tuple(b.shape)}")
+            return
+        x, y = a.detach().cpu(), b.detach().cpu()
+        if x.is_floating_point() or x.is_complex():
+            same = bool(((x == y) | (x.isnan() & y.isnan())).all())
+        else:
+            same = torch.equal(x, y)
+        if not same:
+            diff = (x != y) & ~((x.isnan() & y.isnan()) if x.is_floating_point() else torch.zeros_like(x, dtype=torch.bool))
+            problems.append(f"{where}: {int(diff.sum())} of {x.numel()} values differ")
+        return
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        if type(a) is not type(b):
+            problems.append(f"{where}: {type(a).__name__}, then {type(b).__name__}")
+            return
+        for f in dataclasses.fields(a):
+            _compare(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}", problems)
+        return
+    if isinstance(a, Mapping):
+        if not isinstance(b, Mapping) or set(a) != set(b):
+            got = sorted(map(str, b)) if isinstance(b, Mapping) else type(b).__name__
+            problems.append(f"{where}: keys {sorted(map(str, a))}, then {got}")
+            return
+        for k in a:
+            _compare(a[k], b[k], f"{where}[{k!r}]", problems)
+        return
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            problems.append(f"{where}: {type(a).__name__} of {len(a)}, then {b!r:.80}")
+            return
+        for i, (x, y) in enumerate(zip(a, b)):
+            _compare(x, y, f"{where}[{i}]", problems)
+        return
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return
+    try:
+        same = bool(a == b)
+    except Exception:  # noqa: BLE001 - an object whose == cannot answer
+        same = a is b
+    if not same:
+        problems.append(f"{where}: {a!r:.80}, then {b!r:.80}")
+
+
+def check_deterministic(run: Callable[[], Any], *, runs: int = 2, what: str = "run") -> Any:
+    """Call ``run()`` ``runs`` times; every result must equal the first (``assert_same``).
+
+    ``run`` should build everything it needs from a fixed seed (a fresh component, a
+    fresh ``torch.Generator``). Returns the first result.
+    """
+    first = run()
+    for i in range(1, runs):
+        try:
+            assert_same(first, run(), what)
+        except AssertionError as e:
+            raise AssertionError(f"not deterministic under a fixed seed (call {i + 1} differs from call 1): {e}") from None
+    return first
+
+
+# --------------------------------------------------------------------------- a tiny training context
+
+
+def tiny_mixture(n: int = 256, *, seed: int = 0, sigma: float = 0.05) -> "Any":
+    """``(n, 2)`` float32: four Gaussians at (+-1, +-1), sample i in mode i % 4."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
+    modes = torch.arange(n) % 4
+    return (centres[modes] + sigma * torch.randn(n, 2, generator=g)).float()
+
+
+def tiny_networks(
+    data_shape: tuple[int, ...] = (2,), *, z_dim: int = 8, capacity: int = 2, hidden: int = 32, seed: int = 0
+) -> tuple[Any, Any]:
+    """A small conditional MLP pair with the calling convention of ``TrainContext``.
+
+    ``G(z, cond) -> (B, *data_shape)``; ``D(x, cond) -> logits (B,)`` and
+    ``D(x, cond, features=True) -> (logits (B,), features (B, hidden))``; conditions
+    reach both networks as one-hot codes of width ``capacity``, and D has one head per
+    condition. Initialised from ``seed`` without touching torch's global random state.
+    """
+    import math
+
+    import torch
+    from torch import nn
+
+    width = math.prod(data_shape)
+
+    class TinyGenerator(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(z_dim + capacity, hidden), nn.ReLU(), nn.Linear(hidden, width))
+
+        def forward(self, z: "torch.Tensor", cond: "torch.Tensor") -> "torch.Tensor":
+            code = nn.functional.one_hot(cond.long(), capacity).to(z.dtype)
+            return self.net(torch.cat([z, code], 1)).view(z.shape[0], *data_shape)
+
+    class TinyDiscriminator(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(width + capacity, hidden), nn.LeakyReLU(0.2))
+            self.head = nn.Linear(hidden, capacity)
+
+        def forward(self, x: "torch.Tensor", cond: "torch.Tensor", features: bool = False) -> Any:
+            code = nn.functional.one_hot(cond.long(), capacity).to(x.dtype)
+            f = self.body(torch.cat([x.flatten(1), code], 1))
+            logits = self.head(f).gather(1, cond.long().view(-1, 1)).view(-1)  # each sample's own head
+            return (logits, f) if features else logits
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyGenerator(), TinyDiscriminator()
+
+
+def tiny_train_context(
+    data: "Any" = None,
+    *,
+    seed: int = 0,
+    capacity: int = 2,
+    z_dim: int = 8,
+    networks: tuple[Any, Any] | None = None,
+    step: int = 0,
+    batch_size: int = 64,
+    report: Callable[[str, Any], None] | None = None,
+) -> Any:
+    """A ``TrainContext`` on the CPU for testing detectors and partitioners.
+
+    data: the training set (default ``tiny_mixture()``); sample i has label
+    ``i % capacity`` and the prior is the label frequencies. networks: ``(G, D)``
+    with the calling convention of ``tiny_networks`` (default: ``tiny_networks``
+    for the data's shape, ``z_dim`` and ``capacity``, seeded with ``seed``).
+    ``rng`` is seeded with ``seed + 1``; ``report`` defaults to one that drops values.
+    """
+    import torch
+
+    from .components import Comm, TrainContext
+
+    data = tiny_mixture(seed=seed) if data is None else data
+    data = data.detach().to("cpu").float()
+    n = int(data.shape[0])
+    labels = torch.arange(n) % capacity
+    prior = torch.bincount(labels, minlength=capacity).float() / n
+    if networks is None:
+        networks = tiny_networks(tuple(data.shape[1:]), z_dim=z_dim, capacity=capacity, seed=seed)
+    G, D = networks
+    return TrainContext(
+        step=step,
+        device=torch.device("cpu"),
+        data=data,
+        labels=labels,
+        prior=prior,
+        capacity=capacity,
+        z_dim=z_dim,
+        generator=G,
+        discriminator=D,
+        rng=torch.Generator().manual_seed(seed + 1),
+        report=report if report is not None else (lambda name, value: None),
+        comm=Comm(),
+        batch_size=batch_size,
+    )
+
+
+def _check_reports(reports: list[tuple[Any, Any]], where: str, problems: list[str]) -> None:
+    import torch
+
+    for name, value in reports:
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}: reported a value under the name {name!r}")
+        elif isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                problems.append(f"{where}: report {name!r} is a tensor of shape {tuple(value.shape)}, not a scalar")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            problems.append(f"{where}: report {name!r} is {type(value).__name__}, not a tensor or a number")
+
+
+def _fail(where: str, problems: list[str]) -> None:
+    if problems:
+        raise AssertionError(f"{where}: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def check_loss(loss_cls: type, options: Mapping[str, Any] | None = None, *, batch: int = 16, seed: int = 0) -> None:
+    """Check a ``Loss`` class on the CPU, from ``loss_cls(**options)``.
+
+    For ordinary logits, logits of +100 and -100 (both sides, and opposite sides)
+    and a batch of one: ``d_loss`` and ``g_loss`` return finite 0-d float tensors
+    that depend on the logits, with finite gradients (for D's parameters and for
+    G's output); ``real_logits`` in the G step is given exactly when
+    ``needs_real_in_g_step``, and ``ctx.real`` needs grad exactly when
+    ``wants_real_grad`` (as in the training loop). Two runs from the same seed give
+    identical losses, gradients and reports. Also checks ``d_steps``,
+    ``wants_real_grad`` and ``optimizer_defaults()``.
+    """
+    import torch
+
+    from .components import DStepContext, GStepContext
+
+    options = dict(options or {})
+    where = f"loss {getattr(loss_cls, 'name', loss_cls)!r}"
+    loss = loss_cls(**options)
+    problems: list[str] = []
+    d_steps = loss.d_steps
+    if not isinstance(d_steps, int) or isinstance(d_steps, bool) or d_steps < 1:
+        problems.append(f"d_steps is {d_steps!r}, not an int >= 1")
+    if not isinstance(loss.wants_real_grad, bool):
+        problems.append(f"wants_real_grad is {loss.wants_real_grad!r}, not a bool")
+    if not isinstance(loss.needs_real_in_g_step, bool):
+        problems.append(f"needs_real_in_g_step is {loss.needs_real_in_g_step!r}, not a bool")
+    defaults = loss.optimizer_defaults()
+    if not isinstance(defaults, Mapping) or set(defaults) - {"lr_g", "lr_d", "betas"}:
+        problems.append(f"optimizer_defaults() returned {defaults!r}; keys must be among lr_g, lr_d, betas")
+    _fail(where, problems)
+
+    def scalar(value: Any, what: str) -> bool:
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{what} returned {type(value).__name__}, not a tensor")
+        elif value.dim() != 0 or not value.is_floating_point():
+            problems.append(f"{what} returned {value.dtype}{tuple(value.shape)}, not a 0-d float tensor")
+        elif not bool(torch.isfinite(value)):
+            problems.append(f"{what} is {float(value.detach())}")
+        elif not value.requires_grad:
+            problems.append(f"{what} does not depend on the logits (no gradient)")
+        else:
+            return True
+        return False
+
+    def run_case(case: str, b: int, shift_real: float, shift_fake: float) -> dict[str, Any]:
+        lo = loss_cls(**options)
+        g = torch.Generator().manual_seed(seed)
+        # a linear D, l(x) = x.w + shift: logits near the shift, with a graph to x and w
+        w = (0.5 * torch.randn(2, 1, generator=g)).requires_grad_(True)
+        real = torch.randn(b, 2, generator=g)
+        fake = torch.randn(b, 2, generator=g)
+        fake_g = torch.randn(b, 2, generator=g).requires_grad_(True)  # stands in for G's output
+        cond = torch.zeros(b, dtype=torch.long)
+        reports: list[tuple[Any, Any]] = []
+
+        def report(name: str, value: Any) -> None:
+            reports.append((name, value.detach().clone() if isinstance(value, torch.Tensor) else value))
+
+        def disc(x: "torch.Tensor", c: "torch.Tensor") -> "torch.Tensor":
+            return (x.flatten(1) @ w).view(-1) + shift_real
+
+        if lo.wants_real_grad:
+            real.requires_grad_(True)
+        real_logits = (real @ w).view(-1) + shift_real
+        fake_logits = (fake @ w).view(-1) + shift_fake
+        out: dict[str, Any] = {}
+        ctx = DStepContext(real, fake, real_logits, fake_logits, cond, cond, disc, report,
+                           torch.Generator().manual_seed(seed + 1))
+        try:
+            ld = lo.d_loss(ctx)
+        except Exception as e:  # noqa: BLE001 - report which case broke it
+            problems.append(f"{case}: d_loss raised {type(e).__name__}: {e}")
+        else:
+            if scalar(ld, f"{case}: d_loss"):
+                (gw,) = torch.autograd.grad(ld, w, allow_unused=True)
+                if gw is None:
+                    problems.append(f"{case}: d_loss has no gradient for D's parameters")
+                elif not bool(torch.isfinite(gw).all()):
+                    problems.append(f"{case}: d_loss has a non-finite gradient for D's parameters")
+                out.update(d_loss=ld.detach(), d_grad=gw)
+        w_frozen = w.detach()  # the G step: D's weights get no gradient
+        fake_logits_g = (fake_g @ w_frozen).view(-1) + shift_fake
+        real_logits_g = ((real.detach() @ w_frozen).view(-1) + shift_real) if lo.needs_real_in_g_step else None
+        try:
+            lg = lo.g_loss(GStepContext(fake_g, fake_logits_g, cond, real_logits_g, report))
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{case}: g_loss raised {type(e).__name__}: {e}")
+        else:
+            if scalar(lg, f"{case}: g_loss"):
+                (gf,) = torch.autograd.grad(lg, fake_g, allow_unused=True)
+                if gf is None:
+                    problems.append(f"{case}: g_loss has no gradient for the generated samples")
+                elif not bool(torch.isfinite(gf).all()):
+                    problems.append(f"{case}: g_loss has a non-finite gradient for the generated samples")
+                out.update(g_loss=lg.detach(), g_grad=gf)
+        _check_reports(reports, case, problems)
+        out["reports"] = reports
+        return out
+
+    cases = [
+        ("ordinary logits", batch, 0.0, 0.0),
+        ("logits of +100", batch, 100.0, 100.0),
+        ("logits of -100", batch, -100.0, -100.0),
+        ("real logits +100, fake -100", batch, 100.0, -100.0),
+        ("real logits -100, fake +100", batch, -100.0, 100.0),
+        ("a batch of one", 1, 0.0, 0.0),
+    ]
+    for case, b, sr, sf in cases:
+        before = len(problems)
+        first = run_case(case, b, sr, sf)
+        if len(problems) == before:
+            try:
+                assert_same(first, run_case(case, b, sr, sf), case)
+            except AssertionError as e:
+                problems.append(f"not deterministic under a fixed seed: {e}")
+    _fail(where, problems)
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def check_detector(
+    detector_cls: type,
+    options: Mapping[str, Any] | None = None,
+    *,
+    data: "Any" = None,
+    seed: int = 0,
+    detections: int = 2,
+    capacity: int = 2,
+    z_dim: int = 8,
+    networks: tuple[Any, Any] | None = None,
+) -> Any:
+    """Check a ``CollapseDetector`` class on a tiny CPU training context; returns its first ``Detection``.
+
+    Runs as the training loop does (``tiny_train_context(data, ...)``): ``setup(ctx)``,
+    then ``detections`` calls of ``detect(ctx)`` under ``torch.no_grad()`` at steps
+    ``every, 2*every, ...``. Each ``Detection`` must have ``collapsed`` bool ``(N,)``,
+    ``fraction`` a 0-d float tensor in [0, 1] that is positive exactly when some
+    sample is collapsed, ``score`` None or finite float ``(N,)``, ``features`` None or
+    finite float ``(N, F)``, no tensor with a gradient, everything on the CPU; reports
+    must be scalars. G and D must be left as they were (weights and train/eval mode).
+    Resume: a fresh instance given ``state_dict()`` through a checkpoint round trip,
+    then ``setup``, must detect exactly what the original detects next (same ``rng``
+    state). Finally the whole sequence runs again from the same seed and must give
+    identical results.
+    """
+    import dataclasses
+
+    import torch
+
+    from .components import Detection
+
+    options = dict(options or {})
+    where = f"detector {getattr(detector_cls, 'name', detector_cls)!r}"
+    problems: list[str] = []
+
+    def check_detection(det: Any, n: int, label: str) -> None:
+        if not isinstance(det, Detection):
+            problems.append(f"{label}: detect() returned {type(det).__name__}, not a core.components.Detection")
+            return
+        c = det.collapsed
+        if not isinstance(c, torch.Tensor) or c.dtype != torch.bool or c.shape != (n,):
+            desc = f"{c.dtype}{tuple(c.shape)}" if isinstance(c, torch.Tensor) else type(c).__name__
+            problems.append(f"{label}: collapsed is {desc}, expected torch.bool ({n},)")
+            c = None
+        f = det.fraction
+        if not isinstance(f, torch.Tensor) or f.dim() != 0 or not f.is_floating_point():
+            desc = f"{f.dtype}{tuple(f.shape)}" if isinstance(f, torch.Tensor) else type(f).__name__
+            problems.append(f"{label}: fraction is {desc}, expected a 0-d float tensor")
+        elif not (0.0 <= float(f) <= 1.0):
+            problems.append(f"{label}: fraction is {float(f)}, not in [0, 1]")
+        elif c is not None and (float(f) > 0) != bool(c.any()):
+            problems.append(f"{label}: fraction is {float(f)} but {int(c.sum())} samples are collapsed")
+        for name, rank in (("score", 1), ("features", 2)):
+            t = getattr(det, name)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != rank or t.shape[0] != n:
+                desc = f"{t.dtype}{tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                problems.append(f"{label}: {name} is {desc}, expected None or a float tensor ({n}{', F' if rank == 2 else ''})")
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{label}: {name} has NaN or inf")
+        for fld in dataclasses.fields(det):
+            t = getattr(det, fld.name)
+            if isinstance(t, torch.Tensor):
+                if t.requires_grad:
+                    problems.append(f"{label}: {fld.name} requires grad (compute it under torch.no_grad())")
+                if t.device.type != "cpu":
+                    problems.append(f"{label}: {fld.name} is on {t.device}, not on ctx.device (cpu)")
+
+    def run() -> dict[str, Any]:
+        reports: list[tuple[Any, Any]] = []
+
+        def report(name: str, value: Any) -> None:
+            reports.append((name, value.detach().clone() if isinstance(value, torch.Tensor) else value))
+
+        ctx = tiny_train_context(data, seed=seed, capacity=capacity, z_dim=z_dim, networks=networks, report=report)
+        nets = (ctx.generator, ctx.discriminator)
+        weights = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in nets]
+        modes = [[sub.training for sub in m.modules()] for m in nets]
+        n = int(ctx.data.shape[0])
+        det = detector_cls(**options)
+        every = det.every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            problems.append(f"every is {every!r}, not an int >= 1")
+            every = 1
+        det.setup(ctx)
+        results = []
+        for i in range(detections):
+            ctx.step = (i + 1) * every
+            with torch.no_grad():
+                results.append(det.detect(ctx))
+            check_detection(results[-1], n, f"detection {i + 1}")
+        # resume: the state as a checkpoint keeps it, into a fresh instance, same rng state
+        state = _through_checkpoint(det.state_dict(), type(det).__name__)
+        rng_state = ctx.rng.get_state()
+        ctx.step += every
+        with torch.no_grad():
+            going_on = det.detect(ctx)
+        check_detection(going_on, n, f"detection {detections + 1}")
+        restored = detector_cls(**options)
+        restored.load_state_dict(state)
+        rng = torch.Generator().manual_seed(0)
+        rng.set_state(rng_state)
+        ctx2 = dataclasses.replace(ctx, rng=rng)
+        restored.setup(ctx2)
+        with torch.no_grad():
+            resumed = restored.detect(ctx2)
+        check_detection(resumed, n, "detection after resume")
+        if not problems:
+            try:
+                assert_same(going_on, resumed, "detection")
+            except AssertionError as e:
+                problems.append("a detector restored from its state_dict (then setup) does not detect what the "
+                                "original detects next (state missing from state_dict(), or randomness not drawn "
+                                f"from ctx.rng?): {e}")
+        for m, before, mode in zip(nets, weights, modes):
+            after = m.state_dict()
+            if any(not torch.equal(before[k], after[k]) for k in before):
+                problems.append(f"{type(m).__name__}'s weights changed during setup/detect")
+            if [sub.training for sub in m.modules()] != mode:
+                problems.append(f"{type(m).__name__}'s train/eval mode was left changed")
+        _check_reports(reports, "report", problems)
+        return {"detections": results + [going_on, resumed], "reports": reports}
+
+    first = run()
+    _fail(where, problems)
+    try:
+        assert_same(first, run(), "run")
+    except AssertionError as e:
+        problems.append(f"not deterministic under a fixed seed (two runs differ): {e}")
+    _fail(where, problems)
+    return first["detections"][0]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def check_dataset(dataset_cls: type, options: Mapping[str, Any] | None = None, *, seed: int = 0) -> Any:
+    """Check a ``Dataset`` class; returns the loaded tensor.
+
+    ``dataset_cls(**options).load(torch.Generator().manual_seed(seed))`` must return a
+    float32 CPU tensor ``(N, ...)`` with N >= 1, every value finite, and the very same
+    tensor when called again from the same seed (on a fresh instance). ``info()``
+    must be a JSON-serialisable dict (also the same twice); ``default_model`` a name,
+    ``default_metrics`` a tuple of names, ``eval_samples`` an int >= 1.
+    """
+    import torch
+
+    options = dict(options or {})
+    where = f"dataset {getattr(dataset_cls, 'name', dataset_cls)!r}"
+    problems: list[str] = []
+    if not isinstance(getattr(dataset_cls, "default_model", None), str) or not dataset_cls.default_model:
+        problems.append(f"default_model is {getattr(dataset_cls, 'default_model', None)!r}, not a model name")
+    metrics = getattr(dataset_cls, "default_metrics", None)
+    if not isinstance(metrics, tuple) or not all(isinstance(m, str) and m for m in metrics):
+        problems.append(f"default_metrics is {metrics!r}, not a tuple of metric names")
+    ev = getattr(dataset_cls, "eval_samples", None)
+    if not isinstance(ev, int) or isinstance(ev, bool) or ev < 1:
+        problems.append(f"eval_samples is {ev!r}, not an int >= 1")
+
+    def run() -> tuple[Any, Any]:
+        ds = dataset_cls(**options)
+        x = ds.load(torch.Generator().manual_seed(seed))
+        info = ds.info()
+        try:
+            info = json.loads(json.dumps(info))
+        except (TypeError, ValueError) as e:
+            problems.append(f"info() is not JSON-serialisable: {e}")
+        return x, info
+
+    x, info = run()
+    if not isinstance(x, torch.Tensor):
+        problems.append(f"load() returned {type(x).__name__}, not a tensor")
+    else:
+        if x.dtype != torch.float32:
+            problems.append(f"load() returned dtype {x.dtype}, not torch.float32")
+        if x.device.type != "cpu":
+            problems.append(f"load() returned a tensor on {x.device}, not on the CPU")
+        if x.dim() < 2 or x.shape[0] < 1 or x.numel() == 0:
+            problems.append(f"load() returned shape {tuple(x.shape)}, expected (N, ...) with N >= 1")
+        elif x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            problems.append("load() returned NaN or inf")
+        if x.requires_grad:
+            problems.append("load() returned a tensor that requires grad")
+    if not isinstance(info, dict):
+        problems.append(f"info() returned {type(info).__name__}, not a dict")
+    _fail(where, problems)
+    try:
+        assert_same((x, info), run(), "(load, info)")
+    except AssertionError as e:
+        problems.append(f"not deterministic under a fixed seed: {e}")
+    _fail(where, problems)
+    return x
