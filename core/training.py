@@ -440,12 +440,14 @@ class Trainer:
         self.step = ck.step
 
     def save(self) -> None:
-        for net in (self.G, self.D):  # on every rank: the weights are the same, so is the verdict
+        for what, net in (("generator", self.G), ("discriminator", self.D)):  # on every rank: same verdict
             for p in net.parameters():
                 if not torch.isfinite(p).all():
+                    m, loss = self.comps.model, self.comps.loss
                     raise DivergenceError(
-                        f"weights became NaN or inf by step {self.step}; not saving them "
-                        "(the last good checkpoint is kept)")
+                        f"the {what}'s weights became NaN or inf by step {self.step} (model {m.name!r}, "
+                        f"loss {loss.name!r}" + (f" (plugin {loss.plugin!r})" if loss.plugin else "")
+                        + "); not saving them (the last good checkpoint is kept)")
         if self.is_main:
             self._write_checkpoint()
         barrier = getattr(self.comm, "barrier", None)

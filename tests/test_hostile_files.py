@@ -1,0 +1,543 @@
+"""Corrupt, foreign and hostile files (issue 9): checkpoints, config.json, safetensors headers,
+user data; and a scan of the source for anything that could execute data.
+
+Every bad file gives a one-line error with exit code 2 (never a traceback, never a huge
+allocation), and where an older good checkpoint exists, `--resume`, `sample` and `evaluate`
+fall back to it. Runs are tiny (grid25, 2000 points, one thread).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save as st_save
+
+import core
+from core import api
+from core import checkpoint as ckpt_io
+from core.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 120
+
+BASE = {"dataset": "grid25", "seed": 0, "device": "cpu", "threads": 1, "log_every": 10,
+        "eval_every": 0, "options": {"dataset": {"n": 2000}}}
+
+
+def settings(out, steps, **extra):
+    s = json.loads(json.dumps(BASE))
+    for kind, values in extra.pop("options", {}).items():
+        s["options"].setdefault(kind, {}).update(values)
+    s.update(steps=steps, out=str(out), **extra)
+    return s
+
+
+@pytest.fixture(autouse=True)
+def _no_pictures(monkeypatch):
+    monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
+
+
+def invoke(args):
+    res = CliRunner().invoke(cli, args)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise AssertionError(f"uncaught {type(res.exception).__name__}: {res.exception}\n{res.output}")
+    return res
+
+
+def assert_clean_error(res, code=2, *needles):
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, f"{n!r} not in {err!r}"
+    return err
+
+
+def ckpt_steps(run):
+    return [s for s, _ in ckpt_io.list_checkpoints(Path(run) / "checkpoints")]
+
+
+def all_bytes(run):
+    """Every regular file of a run, with its bytes (a FIFO is listed by name only)."""
+    return {str(p.relative_to(run)): p.read_bytes() if p.is_file() else "special"
+            for p in sorted(Path(run).rglob("*")) if not p.is_dir()}
+
+
+def same_final_networks(a, b):
+    ta = load_file(str(Path(a) / "checkpoints" / f"step-{ckpt_steps(a)[-1]:08d}.safetensors"))
+    tb = load_file(str(Path(b) / "checkpoints" / f"step-{ckpt_steps(b)[-1]:08d}.safetensors"))
+    keys = [k for k in ta if k.startswith(("G/", "D/", "optim/"))]
+    return bool(keys) and all(torch.equal(ta[k], tb[k]) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """run20: checkpoints at 10 and 20; only10: the same without 20; straight30: the run to 30;
+    foreign: a run of another model width (hidden 64)."""
+    root = tmp_path_factory.mktemp("hostile")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DYNGAN_NO_PICTURES", "1")
+        api.train(settings(root / "run20", 20, checkpoint_every=10), quiet=True)
+        api.train(settings(root / "straight30", 30, checkpoint_every=0), quiet=True)
+        api.train(settings(root / "foreign", 10, checkpoint_every=10, options={"model": {"hidden": 64}}),
+                  quiet=True)
+    shutil.copytree(root / "run20", root / "only10")
+    for p in (root / "only10" / "checkpoints").glob("step-00000020.*"):
+        p.unlink()
+    return root
+
+
+# ----------------------------------------------------------------------- forging checkpoints
+
+
+def _rewrite(ck: Path, tensors=None, blob=None, **meta_changes):
+    """Replace step-20's tensor file and fix its JSON so that the checksum matches:
+    a checkpoint that verifies but whose contents are wrong."""
+    jpath = ck / "step-00000020.json"
+    meta = json.loads(jpath.read_text())
+    if tensors is not None:
+        blob = st_save(tensors, metadata={"format": ckpt_io.FORMAT, "step": "20"})
+    if blob is not None:
+        (ck / "step-00000020.safetensors").write_bytes(blob)
+        meta.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    meta.update(meta_changes)
+    jpath.write_text(json.dumps(meta))
+
+
+def _t(ck):
+    return load_file(str(ck / "step-00000020.safetensors"))
+
+
+def corrupt_truncated(ck, runs):
+    p = ck / "step-00000020.safetensors"
+    p.write_bytes(p.read_bytes()[:1000])
+
+
+def corrupt_byte_edited(ck, runs):
+    p = ck / "step-00000020.safetensors"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    p.write_bytes(bytes(data))
+
+
+def corrupt_json_edited(ck, runs):
+    p = ck / "step-00000020.json"
+    p.write_bytes(p.read_bytes().replace(b'"format"', b'"f\xffrmat"', 1))
+
+
+def corrupt_wrong_model(ck, runs):
+    src = runs / "foreign" / "checkpoints"
+    shutil.copy(src / "step-00000010.safetensors", ck / "step-00000020.safetensors")
+    meta = json.loads((src / "step-00000010.json").read_text())
+    meta.update(step=20, tensors_file="step-00000020.safetensors")
+    (ck / "step-00000020.json").write_text(json.dumps(meta))
+
+
+def corrupt_renamed_tensor(ck, runs):
+    t = _t(ck)
+    key = next(k for k in t if k.startswith("G/") and k.endswith("weight"))
+    t[key + "_x"] = t.pop(key)
+    _rewrite(ck, t)
+
+
+def corrupt_tensor_shape(ck, runs):
+    t = _t(ck)
+    key = next(k for k in t if k.startswith("G/") and k.endswith("bias"))
+    t[key] = torch.zeros(t[key].numel() + 3)
+    _rewrite(ck, t)
+
+
+def corrupt_hostile_header(ck, runs):
+    header = json.dumps({"G/x": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}).encode()
+    _rewrite(ck, blob=struct.pack("<Q", len(header)) + header + b"\0" * 16)
+
+
+def corrupt_meta_types(ck, runs):
+    _rewrite(ck, components=[1, 2], partition_count="many")
+
+
+def corrupt_optimiser_settings(ck, runs):
+    meta = json.loads((ck / "step-00000020.json").read_text())
+    meta["optim"]["G"]["param_groups"][0]["lr"] = "fast"
+    (ck / "step-00000020.json").write_text(json.dumps(meta))
+
+
+def corrupt_step_mismatch(ck, runs):
+    _rewrite(ck, step=10**12)
+
+
+def corrupt_path_escape(ck, runs):
+    _rewrite(ck, tensors_file="../config.json")
+
+
+def corrupt_fifo(ck, runs):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    p = ck / "step-00000020.safetensors"
+    size = p.stat().st_size
+    p.unlink()
+    os.mkfifo(p)  # reading it would block forever
+    _rewrite(ck, size=size)
+
+
+CORRUPTIONS = {
+    "truncated": (corrupt_truncated, "recorded"),
+    "byte-edited": (corrupt_byte_edited, "checksum"),
+    "json-edited": (corrupt_json_edited, "unreadable metadata"),
+    "wrong-model": (corrupt_wrong_model, "does not fit"),
+    "renamed-tensor": (corrupt_renamed_tensor, "does not fit"),
+    "tensor-shape": (corrupt_tensor_shape, "does not fit"),
+    "hostile-header": (corrupt_hostile_header, "not a valid safetensors file"),
+    "meta-types": (corrupt_meta_types, "does not fit"),
+    "optimiser-settings": (corrupt_optimiser_settings, "does not fit"),
+    "step-mismatch": (corrupt_step_mismatch, "bad step"),
+    "path-escape": (corrupt_path_escape, "bad tensor file name"),
+    "fifo": (corrupt_fifo, "not a regular file"),
+}
+
+
+#: corruptions of what only a resumed run reads (optimiser, component state)
+TRAINING_STATE_ONLY = {"meta-types", "optimiser-settings"}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_bad_newest_checkpoint_falls_back_and_alone_is_exit_2(tmp_path, runs, case):
+    corrupt, reason = CORRUPTIONS[case]
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    ck = out / "checkpoints"
+    corrupt(ck, runs)
+    assert ckpt_steps(out) == [10, 20]
+
+    # sample and evaluate use the step-10 generator (a bad training state does not stop them
+    # from using step 20's generator, which is intact)
+    sampler = 20 if case in TRAINING_STATE_ONLY else 10
+    ref = runs / ("run20" if sampler == 20 else "only10")
+    assert np.array_equal(api.sample(out, 5, seed=1), api.sample(ref, 5, seed=1))
+    assert api.evaluate(out, n=50)["step"] == sampler
+    res = invoke(["sample", str(out), "--n", "4", "--out", str(tmp_path / "s.npy")])
+    assert res.exit_code == 0, res.output
+
+    # alone (no older checkpoint): every command says what is wrong, exit 2, files untouched
+    alone = tmp_path / "alone"
+    shutil.copytree(runs / "run20", alone)
+    corrupt(alone / "checkpoints", runs)
+    for p in (alone / "checkpoints").glob("step-00000010.*"):
+        p.unlink()
+    before = all_bytes(alone)
+    commands = [["train", "--resume", "--out", str(alone), "--steps", "30", "-q"]]
+    if case not in TRAINING_STATE_ONLY:
+        commands += [["sample", str(alone), "--n", "3", "--out", str(tmp_path / "t.npy")],
+                     ["evaluate", str(alone), "--n", "50"]]
+    for args in commands:
+        assert_clean_error(invoke(args), 2, "no usable checkpoint", reason)
+    assert all_bytes(alone) == before
+    assert not (tmp_path / "t.npy").exists()
+
+    # --resume warns, continues from step 10 and ends where the uninterrupted run does
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "30"])
+    assert res.exit_code == 0, res.output
+    assert "skipped newer checkpoint" in res.stderr and "using step 10" in res.stderr and reason in res.stderr
+    assert ckpt_steps(out)[-1] == 30
+    assert same_final_networks(runs / "straight30", out)
+
+
+# ----------------------------------------------------------------------- config.json
+
+
+def _cfg(runs):
+    return json.loads((runs / "run20" / "config.json").read_text())
+
+
+CONFIGS = {
+    "garbage": (lambda runs: b"\x00\xff\xfe garbage", "unreadable"),
+    "not-an-object": (lambda runs: b"[1, 2, 3]", "not a dyngan run configuration"),
+    "future-version": (lambda runs: json.dumps({**_cfg(runs), "dyngan_version": "9.0.0",
+                                                "sampler": "fancy"}).encode(), "unknown setting 'sampler'"),
+    "wrong-types": (lambda runs: json.dumps({**_cfg(runs), "steps": "many"}).encode(), "steps"),
+    "unknown-component": (lambda runs: json.dumps({**_cfg(runs), "loss": "from-the-future"}).encode(),
+                          "from-the-future"),
+    "malformed-record": (lambda runs: json.dumps({**_cfg(runs), "plugins": ["x"]}).encode(), "plugins"),
+    "deeply-nested": (lambda runs: b"[" * 200_000 + b"]" * 200_000, "unreadable"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_foreign_or_garbage_config_is_exit_2(tmp_path, runs, case):
+    make, needle = CONFIGS[case]
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    (out / "config.json").write_bytes(make(runs))
+    before = all_bytes(out)
+    commands = [["train", "--resume", "--out", str(out), "--steps", "30", "-q"]]
+    if case != "malformed-record":  # the plugins record matters only to a resumed run
+        commands += [["sample", str(out), "--n", "3", "--out", str(tmp_path / "s.npy")],
+                     ["evaluate", str(out), "--n", "50"]]
+    for args in commands:
+        assert_clean_error(invoke(args), 2, needle)
+    assert all_bytes(out) == before
+
+
+def test_huge_config_is_refused_unread(tmp_path, runs):
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    with open(out / "config.json", "wb") as f:
+        f.truncate(1 << 30)  # sparse: a 1 GiB config.json
+    for args in (["train", "--resume", "--out", str(out), "-q"], ["evaluate", str(out)]):
+        assert_clean_error(invoke(args), 2, "too large")
+
+
+def test_config_of_another_version_with_known_settings_resumes(tmp_path, runs):
+    """The version is a record, not a setting: an older run with settings this version knows resumes."""
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    cfg = _cfg(runs)
+    cfg["dyngan_version"] = "0.0.1"
+    cfg["plugins"]["mixtures"]["version"] = "0.0.1"
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert api.train({"out": str(out), "steps": 30}, resume=True, quiet=True).step == 30
+    meta = json.loads((out / "checkpoints" / "step-00000030.json").read_text())
+    assert meta["dyngan_version"] == core.__version__  # the versions that wrote this checkpoint
+    assert meta["plugins"]["mixtures"]["version"] == core.__version__
+    assert same_final_networks(runs / "straight30", out)
+
+
+# ----------------------------------------------------------------------- hostile safetensors
+
+
+def _st(header, body=b"", length=None):
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(h) if length is None else length) + h + body
+
+
+HOSTILE_SAFETENSORS = {
+    "huge-shape": _st({"x": {"dtype": "F32", "shape": [2**40, 2], "data_offsets": [0, 2**43]}}, b"\0" * 32),
+    "huge-shape-small-offsets": _st({"x": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 16]}},
+                                    b"\0" * 16),
+    "offsets-past-eof": _st({"x": {"dtype": "F32", "shape": [1000, 2], "data_offsets": [0, 8000]}}, b"\0" * 64),
+    "header-longer-than-file": _st({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                                   b"\0" * 8, length=10**6),
+    "header-length-2^63": _st(b"{}", length=2**63),
+    "non-json-header": _st(b"\x80\x04\x95 this is not json", b"\0" * 8),
+    "overflowing-shape": _st({"x": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]}},
+                             b"\0" * 16),
+    "unknown-dtype": _st({"x": {"dtype": "PICKLE", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "overlapping": _st({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                        "y": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "too-short": b"\x05\x00",
+    "empty": b"",
+}
+
+_HOSTILE_PROBE = textwrap.dedent(r'''
+    import hashlib, json, resource, sys
+    from pathlib import Path
+    # 3 GiB of address space: torch fits, a tensor of the sizes these headers claim does not
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    from core import checkpoint as ckpt_io
+    from core.errors import DynganError
+    from dyngan_plugins.files import TensorFile
+    results = {}
+    for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+        blob = f.read_bytes()
+        ck = f.parent / "ck" / f.stem
+        ck.mkdir(parents=True)
+        (ck / "step-00000001.safetensors").write_bytes(blob)
+        (ck / "step-00000001.json").write_text(json.dumps({
+            "format": ckpt_io.FORMAT, "step": 1, "tensors_file": "step-00000001.safetensors",
+            "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}))
+        out = {}
+        for where, load in (("checkpoint", lambda: ckpt_io.read(ck / "step-00000001.json")),
+                            ("dataset", lambda: TensorFile(path=str(f)).load(None))):
+            try:
+                load()
+                out[where] = ["loaded", ""]
+            except DynganError as e:
+                out[where] = [type(e).__name__, str(e), e.exit_code]
+            except BaseException as e:
+                out[where] = [type(e).__name__, str(e)[:300]]
+        results[f.stem] = out
+    print(json.dumps(results))
+''')
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS caps the probe's memory on Linux")
+def test_hostile_safetensors_headers_fail_cleanly_without_allocating(tmp_path):
+    for name, blob in HOSTILE_SAFETENSORS.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(blob)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _HOSTILE_PROBE, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=TIMEOUT, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr  # no crash, no MemoryError escaping
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == set(HOSTILE_SAFETENSORS)
+    for name, out in results.items():
+        kind, msg, code = out["checkpoint"]
+        assert kind == "CheckpointError" and code == 2, (name, out)
+        assert "safetensors" in msg and "step-00000001.safetensors" in msg, (name, msg)
+        kind, msg, code = out["dataset"]
+        assert kind == "DataError" and code == 2, (name, out)
+        assert f"{name}.safetensors" in msg and "safetensors" in msg, (name, msg)
+
+
+# ----------------------------------------------------------------------- bad data
+
+
+def _npy_header(shape, descr="<f4"):
+    h = ("{'descr': '%s', 'fortran_order': False, 'shape': %r, }" % (descr, tuple(shape))).encode()
+    h += b" " * (63 - (10 + len(h)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h
+
+
+def _save_npy(path, arr):
+    np.save(path, arr, allow_pickle=False)
+
+
+BAD_DATA = {
+    "nan": (lambda p: _save_npy(p, np.where(np.arange(200).reshape(100, 2) == 77, np.nan, 0.5).astype("f4")),
+            ".npy", "1 NaN"),
+    "inf": (lambda p: _save_npy(p, np.where(np.arange(200).reshape(100, 2) == 3, -np.inf, 0.5)), ".npy", "inf"),
+    "scalar": (lambda p: _save_npy(p, np.float32(3.0)), ".npy", "single number"),
+    "no-samples": (lambda p: _save_npy(p, np.zeros((0, 2), "f4")), ".npy", "empty"),
+    "empty-file": (lambda p: p.write_bytes(b""), ".npy", "not a readable .npy"),
+    "empty-safetensors": (lambda p: p.write_bytes(b""), ".safetensors", "not a readable .safetensors"),
+    "huge-declared-npy": (lambda p: p.write_bytes(_npy_header((10**12, 2)) + b"\0" * 64), ".npy",
+                          "declares shape"),
+    "huge-declared-safetensors": (lambda p: p.write_bytes(HOSTILE_SAFETENSORS["huge-shape"]), ".safetensors",
+                                  "not a readable .safetensors"),
+    "text": (lambda p: p.write_text("1,2\n3,4\n"), ".npy", "not a readable .npy"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_exit_2_before_training(tmp_path, monkeypatch, case):
+    make, suffix, needle = BAD_DATA[case]
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / f"data{suffix}"
+    make(data)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "tensor-file", "-o", f"dataset.path={data}", "--device", "cpu",
+            "--steps", "5", "--out", str(out), "-q"]
+    err = assert_clean_error(invoke(args), 2, needle)
+    assert str(data) in err
+    assert not out.exists()  # nothing trained, and --out stays free for the corrected data
+    _save_npy(data.with_suffix(".npy"), np.random.default_rng(0).normal(size=(64, 2)).astype("f4"))
+    res = invoke(["train", "--dataset", "tensor-file", "-o", f"dataset.path={data.with_suffix('.npy')}",
+                  "--device", "cpu", "--steps", "2", "--eval-every", "0", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+
+
+def test_data_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    from dyngan_plugins import files
+
+    data = tmp_path / "big.npy"
+    _save_npy(data, np.zeros((1000, 2), "f4"))
+    monkeypatch.setattr(files, "_memory_bytes", lambda: 4096)  # a machine with 4 KiB of memory
+    read = []
+    monkeypatch.setattr(np, "load", lambda *a, **k: read.append(a) or pytest.fail("read the data"))
+    res = invoke(["train", "--dataset", "tensor-file", "-o", f"dataset.path={data}", "--device", "cpu",
+                  "--steps", "2", "--out", str(tmp_path / "run"), "-q"])
+    assert_clean_error(res, 2, "GiB of memory", str(data))
+    assert read == []
+
+
+# ----------------------------------------------------------------------- no code execution from data
+
+BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}
+BANNED_CALLS = {("torch", "load"), ("yaml", "load"), ("yaml", "unsafe_load"), ("yaml", "full_load"),
+                ("jit", "load"), ("pd", "read_pickle"), ("pandas", "read_pickle"), ("torch", "package")}
+
+
+def _dotted(node):
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    parts.append(node.id if isinstance(node, ast.Name) else "<expr>")  # e.g. f(x).eval
+    return list(reversed(parts))
+
+
+def scan(source: str, filename: str = "<src>") -> list[str]:
+    """Places in ``source`` that could execute data: pickle-like modules, torch.load,
+    yaml.load, eval/exec, and np.load without allow_pickle=False."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import):
+            found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] in BANNED_MODULES]
+        elif isinstance(node, ast.ImportFrom):
+            mod = (node.module or "").split(".")[0]
+            if mod in BANNED_MODULES:
+                found.append(f"{where} from {node.module} import ...")
+            if mod in ("torch", "yaml", "numpy") and any(a.name in ("load", "unsafe_load") for a in node.names):
+                found.append(f"{where} from {node.module} import load")
+        elif isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            if name in (["eval"], ["exec"], ["__import__"]):
+                found.append(f"{where} {name[0]}()")
+            elif len(name) >= 2 and (name[-2], name[-1]) in BANNED_CALLS:
+                found.append(f"{where} {'.'.join(name)}()")
+            elif len(name) >= 2 and name[-1] == "load" and name[-2] in ("np", "numpy"):
+                safe = any(k.arg == "allow_pickle" and isinstance(k.value, ast.Constant) and k.value.value is False
+                           for k in node.keywords)
+                if not safe:
+                    found.append(f"{where} {'.'.join(name)}() without allow_pickle=False")
+            elif name[-1:] == ["getattr"] and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                    and node.args[1].value in ("eval", "exec", "load", "loads"):
+                base = _dotted(node.args[0])
+                if base[:1] and base[0] in BANNED_MODULES | {"builtins", "torch", "yaml"}:
+                    found.append(f"{where} getattr({'.'.join(base)}, {node.args[1].value!r})")
+    return found
+
+
+def test_the_scanner_finds_what_it_looks_for():
+    bad = textwrap.dedent('''
+        import pickle
+        import cloudpickle as cp
+        from marshal import loads
+        from torch import load
+        import numpy as np, torch, yaml
+        torch.load("x")
+        yaml.load(open("c"))
+        np.load("a.npy")
+        np.load("a.npy", allow_pickle=True)
+        eval("1")
+        exec("x = 1")
+        torch.jit.load("m")
+        getattr(pickle, "loads")
+    ''')
+    found = scan(bad)
+    assert len(found) == 12, found
+    ok = textwrap.dedent('''
+        import numpy as np, json, yaml
+        np.load("a.npy", allow_pickle=False)
+        json.loads("{}")
+        yaml.safe_load("a: 1")
+        model.eval()
+        torch.compile(G)
+        copy.deepcopy(net).eval()
+        ast.literal_eval("[1]")
+    ''')
+    assert scan(ok) == []
+
+
+def test_no_code_execution_from_data_in_the_source():
+    files = sorted((ROOT / "core").rglob("*.py")) + sorted((ROOT / "dyngan_plugins").rglob("*.py"))
+    assert len(files) > 20
+    found = []
+    for f in files:
+        found += scan(f.read_text(encoding="utf-8"), str(f.relative_to(ROOT)))
+    assert found == [], "code that could execute data:\n" + "\n".join(found)
