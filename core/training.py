@@ -581,6 +581,8 @@ class Trainer:
                 self.progress.message(f"resuming from step {self.step}")
             self._sync_ranks()
             self._setup_components()
+            if log is not None:  # wall-clock time of the first step, for start-up measurements
+                log.write({"step": self.step, "event": "start", "time": time.time()})
             rollbacks = 0
             with _SignalFlag() as flag:
                 sigflag = flag
