@@ -110,7 +110,9 @@ def test_hook_scan_is_not_vacuous():
 # --------------------------------------------------------------------------- built-in plugins
 
 
-BUILTIN = load_plugins(env={"DYNGAN_LOAD_PLUGINS": "dyngan"})
+# the built-in entry points by name ("dyngan" alone would name only the plugin called dyngan)
+_BUILTIN_EPS = sorted(ep.name for ep in metadata.entry_points(group="dyngan") if ep.dist and ep.dist.name == "dyngan")
+BUILTIN = load_plugins(env={"DYNGAN_LOAD_PLUGINS": ",".join(_BUILTIN_EPS)})
 BUILTIN_COMPONENTS = [
     (kind, name, cls)
     for kind in KINDS

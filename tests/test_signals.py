@@ -53,7 +53,7 @@ def _wait_for_first_log(proc: subprocess.Popen, out: Path) -> None:
         if proc.poll() is not None:
             stdout, stderr = proc.communicate()
             pytest.fail(f"training ended (rc {proc.returncode}) before it could be interrupted:\n{stderr}")
-        if metrics.exists() and metrics.read_text().endswith("\n"):
+        if metrics.exists() and '"loss/d"' in metrics.read_text():  # the first logged step, not the start event
             return
         time.sleep(0.02)
     _kill(proc)
