@@ -315,11 +315,15 @@ def main() -> None:
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--steps", type=int, default=None, help="override the table's steps (smoke runs)")
     r.add_argument("--methods", nargs="*", default=None)
+    r.add_argument("--results", default=None, help="results file (default benchmarks/results/results.jsonl)")
     d = sub.add_parser("render")
     d.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     sub.add_parser("list")
     args = ap.parse_args()
     if args.cmd == "run":
+        if args.results:
+            global RESULTS
+            RESULTS = Path(args.results)
         cmd_run(args)
     elif args.cmd == "render":
         cmd_render(args)
