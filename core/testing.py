@@ -62,6 +62,23 @@ __all__ = [
 ]
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block, then restore the count.
+
+    Tiny test networks gain nothing from a second intra-op thread, and on a
+    busy machine the threads fight each other (several times slower).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _name_and_object(plugin: Any) -> tuple[str, Any]:
     if isinstance(plugin, tuple):
         if len(plugin) != 2 or not isinstance(plugin[0], str):

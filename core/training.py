@@ -42,10 +42,9 @@ from .errors import (
     DataError,
     DivergenceError,
     DynganError,
-    RunFailure,
     UsageError,
 )
-from .networks import ConditionalDiscriminator, ConditionalGenerator, build_networks
+from .networks import build_networks
 from .registry import Registry
 
 
@@ -664,13 +663,8 @@ class Trainer:
                         real.requires_grad_(True)
                     real_logits = D_call(real, real_cond)
                     fake_logits = D_call(fake, fake_cond)
-                try:
-                    loss_d = loss.d_loss(DStepContext(real, fake, real_logits, fake_logits, real_cond,
-                                                      fake_cond, d_interp, report, gen))
-                except DynganError:
-                    raise
-                except Exception as e:
-                    raise ComponentFailure(loss.kind, loss.name, loss.plugin, "d_loss", e) from e
+                loss_d = call_component(loss, "d_loss", DStepContext(
+                    real, fake, real_logits, fake_logits, real_cond, fake_cond, d_interp, report, gen))
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 if sync_grads is not None:
@@ -687,12 +681,7 @@ class Trainer:
                 if g_needs_real:
                     with torch.no_grad():
                         real_logits_g = D_call(real.detach(), real_cond)
-            try:
-                loss_g = loss.g_loss(GStepContext(fake, fake_logits, fake_cond, real_logits_g, report))
-            except DynganError:
-                raise
-            except Exception as e:
-                raise ComponentFailure(loss.kind, loss.name, loss.plugin, "g_loss", e) from e
+            loss_g = call_component(loss, "g_loss", GStepContext(fake, fake_logits, fake_cond, real_logits_g, report))
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             if sync_grads is not None:

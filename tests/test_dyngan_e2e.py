@@ -10,23 +10,13 @@ every 500 instead of 3000) and the detector is set to fire sooner
 from __future__ import annotations
 
 import pytest
-import torch
 
-api = pytest.importorskip("core.api")
+from core import api
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def one_thread():
-    # 2 shared cores: one intra-op thread is much faster for these tiny MLPs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_dyngan_preset_detects_collapse_and_grows_partitions(tmp_path, one_thread):
+def test_dyngan_preset_detects_collapse_and_grows_partitions(tmp_path):
     result = api.train(
         {
             "dataset": "grid25",

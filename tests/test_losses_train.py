@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 CASES = [
     ("mm", {}),
@@ -17,14 +16,6 @@ CASES = [
     ("ns", {"r1_gamma": 1.0}),  # the loop's requires_grad path for R1
 ]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny MLPs: a second intra-op thread only adds contention (several times slower on a busy 2-core box)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name, loss_opts", CASES, ids=[f"{n}{'-r1' if o else ''}" for n, o in CASES])

@@ -65,15 +65,6 @@ def invoke(args):
     return res
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """OMP_NUM_THREADS=1 for this process: the networks are tiny, and on a busy 2-core
-    machine more threads only fight each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def run60(tmp_path_factory):

@@ -25,13 +25,6 @@ from core.testing import (
 HOST = load_plugins()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------- the built-ins pass
 

@@ -11,6 +11,7 @@ from torch import nn
 import dyngan_knn_detector
 from core.components import Comm
 from core.testing import (
+    single_thread,
     check_detector,
     check_options_schema,
     check_state_roundtrip,
@@ -25,10 +26,8 @@ CENTRES = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 class MixtureGenerator(nn.Module):

@@ -10,16 +10,14 @@ import torch
 
 import dyngan_ragan
 from core.components import DStepContext, GStepContext
-from core.testing import check_loss, check_options_schema, check_state_roundtrip, plugin_host
+from core.testing import check_loss, check_options_schema, check_state_roundtrip, plugin_host, single_thread
 from dyngan_ragan import RaGANLoss
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 def reference_d(lr, lf):
