@@ -268,12 +268,14 @@ def knn_vote(
 
 
 def discriminator_pass(
-    ctx, labels: Tensor, index: Tensor | None = None, batch_size: int = 8192
-) -> tuple[Tensor, Tensor]:
+    ctx, labels: Tensor, index: Tensor | None = None, batch_size: int = 8192, with_features: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """D's logits ``(n,)`` and penultimate features ``(n, F)`` (float32) on the
     training samples ``index`` (all of them when None), each under its label
     in ``labels`` (N,). The rows are sharded over ranks with ``ctx.comm.shard``
-    and gathered back in order with ``ctx.comm.all_gather``; no gradients."""
+    and gathered back in order with ``ctx.comm.all_gather``; no gradients.
+    With ``with_features=False`` the features are not kept (None): a detection
+    that needs only the scores skips copying (N, F) floats."""
     n = ctx.data.shape[0] if index is None else index.shape[0]
     start, stop = ctx.comm.shard(n)
     logits, feats = [], []
@@ -289,5 +291,7 @@ def discriminator_pass(
             if stop <= start:
                 lg, f = lg[:0], f[:0]
             logits.append(lg)
-            feats.append(f)
-    return ctx.comm.all_gather(torch.cat(logits)), ctx.comm.all_gather(torch.cat(feats))
+            if with_features:
+                feats.append(f)
+    all_logits = ctx.comm.all_gather(torch.cat(logits))
+    return all_logits, (ctx.comm.all_gather(torch.cat(feats)) if with_features else None)

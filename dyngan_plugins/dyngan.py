@@ -146,7 +146,9 @@ class DynGANDetector(CollapseDetector):
             self.score = self.score.masked_fill(changed, 0.0)
         self.last_labels = labels.clone()
 
-        logits, feats = discriminator_pass(ctx, labels, idx, int(self.opts.batch_size))
+        # scores only: the partitioner recomputes features on the rare steps it splits, with
+        # the same D and labels, instead of every detection copying (N, F) floats
+        logits, _ = discriminator_pass(ctx, labels, idx, int(self.opts.batch_size), with_features=False)
         lam = float(self.opts.lam)
         self.score = (1.0 - lam) * self.score + lam * torch.sigmoid(logits)
         self.updates += 1
@@ -154,7 +156,7 @@ class DynGANDetector(CollapseDetector):
         hit = self.score > self.threshold
         fraction = hit.float().mean()
         if idx is None:
-            collapsed, score, features = hit, self.score.clone(), feats
+            collapsed, score, features = hit, self.score.clone(), None
         else:
             collapsed = torch.zeros(n, dtype=torch.bool, device=ctx.device).index_fill_(0, idx[hit], True)
             score = torch.zeros(n, device=ctx.device).index_copy_(0, idx, self.score)
