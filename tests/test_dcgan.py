@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from core.components import ConditioningSpec  # noqa: E402
 from core.errors import OptionError, UsageError  # noqa: E402

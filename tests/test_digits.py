@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("sklearn")
+import torch
+import sklearn  # noqa: F401 - the digits extra is part of the test install
 
 from core.errors import OptionError, RunFailure, UsageError  # noqa: E402
 from dyngan_plugins import digits as dg  # noqa: E402

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
-np = pytest.importorskip("numpy")
+import torch
+import numpy as np
 
 from core.errors import DataError, OptionError, UsageError  # noqa: E402
 from dyngan_plugins.files import ImageFolder, TensorFile  # noqa: E402
@@ -154,10 +154,7 @@ def test_complex_safetensors_rejected(tmp_path):
     from safetensors.torch import save_file
 
     p = tmp_path / "c.safetensors"
-    try:
-        save_file({"x": torch.zeros(2, 2, dtype=torch.complex64)}, str(p))
-    except Exception:
-        pytest.skip("this safetensors cannot store complex tensors")
+    save_file({"x": torch.zeros(2, 2, dtype=torch.complex64)}, str(p))
     with pytest.raises(DataError, match="complex") as e:
         _load(path=str(p))
     _one_line_naming(e, p)
@@ -240,25 +237,8 @@ def test_garbage_and_truncated_files(tmp_path):
     _one_line_naming(e, st)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
-def test_unreadable_file(tmp_path):
-    import os
-
-    p = tmp_path / "secret.npy"
-    np.save(p, np.ones((2, 2)))
-    p.chmod(0)
-    try:
-        if os.access(p, os.R_OK):
-            pytest.skip("running as a user who can read anything")
-        with pytest.raises(DataError) as e:
-            _load(path=str(p))
-        _one_line_naming(e, p)
-    finally:
-        p.chmod(0o600)
-
-
 def test_permission_error_while_reading(tmp_path, monkeypatch):
-    """The same as above for root (who reads anything): opening the file fails."""
+    """An unreadable file (faked: the tests may run as root, who reads anything) is a DataError naming it."""
     import builtins
 
     from dyngan_plugins import files
