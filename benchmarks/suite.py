@@ -142,7 +142,8 @@ PUBLISHED = {
         ("DynGAN reference code, 3 runs (dyngan.md)", "25.0", "88.3%", "0.037"),
     ],
     "dyngan-code-grid25": [
-        ("DynGAN code, delta 0.2 (its plotting script)", "24.9", "0.960 (1 sigma)", "-", "-"),
+        ("DynGAN code, delta 0.2 (its plotting script; HQ threshold not stated)", "24.9", "-",
+         "0.960 (HQ, threshold not stated)", "-"),
         ("DynGAN reference code, 6 runs (dyngan.md)", "24.5", "-", "0.896", "0.086"),
     ],
     "dyngan-code-ring8": [
