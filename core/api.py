@@ -50,12 +50,17 @@ def resolve_settings(settings: Mapping[str, Any], host: PluginHost | None = None
     return cfg
 
 
-def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost) -> dict[str, Any]:
+def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's config.json as saved, and re-resolved against the installed plugins."""
     saved = rundir.read_config(run_dir)
     try:
-        cfg = resolve(host.registry, [_settings_only(saved)])
+        return saved, resolve(host.registry, [_settings_only(saved)])
     except UsageError as e:
-        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be resumed with the installed plugins: {e}") from None
+        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb} with the installed plugins: {e}") from None
+
+
+def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost) -> dict[str, Any]:
+    saved, cfg = _saved_config(run_dir, host, "resumed")
     given = {k: v for k, v in settings.items() if v is not None and k not in ("out", "config")}
     if settings.get("config") is not None:
         raise UsageError("--config cannot be combined with --resume: the run's own config.json is used")
@@ -186,11 +191,7 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu"):
     from .networks import build_networks
     from .training import instantiate, resolve_device
 
-    saved = rundir.read_config(run_dir)
-    try:
-        cfg = resolve(host.registry, [_settings_only(saved)])
-    except UsageError as e:
-        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be loaded with the installed plugins: {e}") from None
+    _, cfg = _saved_config(run_dir, host, "loaded")
     comps = instantiate(cfg, host.registry)
     dev = resolve_device(device)
     holder: dict[str, Any] = {}
@@ -249,7 +250,7 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     """The dataset's metrics on ``n`` samples from the run's latest checkpoint."""
     import torch
 
-    from .training import call_component, generate, load_dataset
+    from .training import generate, load_dataset, score
 
     host = host or get_host()
     cfg, comps, G, prior, dev, step = _load_run(Path(run_dir), host, device)
@@ -259,11 +260,6 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     real = load_dataset(comps, cfg["seed"]).to(dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     fake = generate(G, n, comps.model.z_dim, prior, dev, g)
-    values: dict[str, float] = {}
-    protocols: dict[str, str] = {}
-    for m in comps.metrics:
-        if call_component(m, "supports", comps.dataset):
-            values.update(call_component(m, "compute", fake, real, comps.dataset))
-            protocols[m.name] = m.protocol
+    values, protocols = score(comps, fake, real)
     return {"run": str(run_dir), "step": step, "samples": n, "dataset": cfg["dataset"],
             "metrics": values, "protocols": protocols}

@@ -190,6 +190,17 @@ def generate(
     return torch.cat(out) if out else torch.empty(0)
 
 
+def score(comps: Components, fake: torch.Tensor, real: torch.Tensor) -> tuple[dict[str, float], dict[str, str]]:
+    """The run's metrics that apply to its dataset: ``(values, {metric: protocol})``."""
+    values: dict[str, float] = {}
+    protocols: dict[str, str] = {}
+    for m in comps.metrics:
+        if call_component(m, "supports", comps.dataset):
+            values.update(call_component(m, "compute", fake, real, comps.dataset))
+            protocols[m.name] = m.protocol
+    return values, protocols
+
+
 class Progress:
     """Step, losses, steps/s and collapse state: one updating line on a terminal, periodic lines otherwise."""
 
@@ -548,11 +559,7 @@ class Trainer:
         n = n or self.cfg["eval_samples"]
         g = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] + 7919 * (self.step + 1))
         fake = generate(self.G, n, self.z_dim, self.prior, self.device, g)
-        out: dict[str, float] = {}
-        for m in self.comps.metrics:
-            if call_component(m, "supports", self.comps.dataset):
-                out.update(call_component(m, "compute", fake, self.data, self.comps.dataset))
-        return out
+        return score(self.comps, fake, self.data)[0]
 
     def _gather_reports(self) -> dict[str, float]:
         if not self._reports:

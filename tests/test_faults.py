@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import core
 from core import api, hookimpl
 from core import checkpoint as ckpt_io
-from core.cli import cli
+from cli_helpers import invoke
 from core.components import Option
 from core.errors import RunFailure
 from core.plugins import get_host
@@ -63,13 +62,6 @@ def env():
 @pytest.fixture(autouse=True)
 def _no_pictures(monkeypatch):
     monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
-
-
-def invoke(args):
-    res = CliRunner().invoke(cli, args)
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"uncaught {type(res.exception).__name__}: {res.exception}\n{res.output}")
-    return res
 
 
 def ckpt_dir(run) -> Path:

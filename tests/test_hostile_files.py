@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save as st_save
 
 import core
 from core import api
 from core import checkpoint as ckpt_io
-from core.cli import cli
+from cli_helpers import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120
@@ -48,13 +47,6 @@ def settings(out, steps, **extra):
 @pytest.fixture(autouse=True)
 def _no_pictures(monkeypatch):
     monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
-
-
-def invoke(args):
-    res = CliRunner().invoke(cli, args)
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"uncaught {type(res.exception).__name__}: {res.exception}\n{res.output}")
-    return res
 
 
 def assert_clean_error(res, code=2, *needles):

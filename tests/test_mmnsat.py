@@ -6,30 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.components import DStepContext, GStepContext
 from core.errors import OptionError
 from dyngan_plugins.losses import MinimaxLoss, NonSaturatingLoss
 from dyngan_plugins.mmnsat import MMNSatLoss, nsat_ratio
+from loss_contexts import d_ctx_logits, g_ctx
 
 L_FAKE = torch.tensor([-3.0, -1.0, -0.2, 0.4, 1.5, 2.0])
-
-
-class Reports(dict):
-    def __call__(self, name, value):
-        assert isinstance(value, torch.Tensor), f"{name} reported as {type(value).__name__}, not a tensor"
-        self[name] = value
-
-
-def g_ctx(fake_logits):
-    reports = Reports()
-    ctx = GStepContext(
-        fake=fake_logits[:, None],
-        fake_logits=fake_logits,
-        fake_cond=torch.zeros(fake_logits.shape[0], dtype=torch.long),
-        real_logits=None,
-        report=reports,
-    )
-    return ctx, reports
 
 
 def logit_grad(loss, logits):
@@ -58,16 +40,7 @@ def test_g_loss_matches_direct_computation(a):
 
 def test_d_loss_is_the_logistic_loss():
     l_r = torch.tensor([0.5, -1.0, 2.0])
-    ctx = DStepContext(
-        real=l_r[:, None],
-        fake=L_FAKE[:3, None],
-        real_logits=l_r,
-        fake_logits=L_FAKE[:3],
-        real_cond=torch.zeros(3, dtype=torch.long),
-        fake_cond=torch.zeros(3, dtype=torch.long),
-        discriminator=lambda x, c: x[:, 0],
-        report=Reports(),
-    )
+    ctx, _ = d_ctx_logits(l_r, L_FAKE[:3])
     d_r, d_f = torch.sigmoid(l_r.double()), torch.sigmoid(L_FAKE[:3].double())
     expected = (-torch.log(d_r)).mean() - torch.log(1 - d_f).mean()
     torch.testing.assert_close(MMNSatLoss().d_loss(ctx).double(), expected, rtol=1e-5, atol=1e-6)

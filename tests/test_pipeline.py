@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from core import api
 from core import checkpoint as ckpt_io
-from core.cli import cli
+from cli_helpers import invoke
 from core.errors import CheckpointError, UsageError
 
 SMALL = {"dataset": "grid25", "seed": 0, "device": "cpu", "log_every": 20, "eval_every": 0,
@@ -56,14 +55,6 @@ def assert_same_networks(a, b):
     assert nets == sorted(k for k in tb if k.startswith(("G/", "D/")))
     for k in nets:
         assert torch.equal(ta[k], tb[k]), f"{k} differs"
-
-
-def invoke(args):
-    res = CliRunner().invoke(cli, args)
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"uncaught {type(res.exception).__name__}: {res.exception}\n{res.output}")
-    return res
-
 
 
 @pytest.fixture(scope="module")
