@@ -183,13 +183,22 @@ def _pictures(run_dir: Path, trainer: Any) -> None:
 # ---------------------------------------------------------------------- using a finished run
 
 
-def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu"):
-    """A run's config, components and generator, from its latest good checkpoint."""
+GENERATORS = ("auto", "ema", "raw")
+
+
+def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: str = "auto"):
+    """A run's config, components and generator, from its latest good checkpoint.
+
+    ``generator``: ``ema`` the weight average kept with ``--g-ema``, ``raw`` the trained
+    weights, ``auto`` the average when the run keeps one, else the trained weights."""
     import torch
 
     from . import checkpoint as ckpt_io
     from .networks import build_networks
-    from .training import instantiate, resolve_device
+    from .training import EMA_PREFIX, instantiate, resolve_device
+
+    if generator not in GENERATORS:
+        raise UsageError(f"generator must be one of {', '.join(GENERATORS)}, got {generator!r}")
 
     _, cfg = _saved_config(run_dir, host, "loaded")
     comps = instantiate(cfg, host.registry)
@@ -200,7 +209,12 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu"):
         shape = ck.meta.get("data_shape")
         if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
             raise CheckpointError(f"{ck.path.name}: bad data_shape {shape!r}")
-        saved_g = {k[2:]: v for k, v in ck.tensors.items() if k.startswith("G/")}
+        has_ema = any(k.startswith(EMA_PREFIX) for k in ck.tensors)
+        if generator == "ema" and not has_ema:
+            raise UsageError(f"the run in {str(run_dir)!r} keeps no weight average of its generator "
+                             "(it was trained without --g-ema); use --generator raw")
+        prefix = EMA_PREFIX if has_ema and generator != "raw" else "G/"
+        saved_g = {k[len(prefix):]: v for k, v in ck.tensors.items() if k.startswith(prefix)}
         try:  # shapes first, on the meta device: a forged data_shape allocates nothing
             with torch.device("meta"):
                 G_meta, _, _ = build_networks(comps.model, comps.conditioner, tuple(shape))
@@ -224,15 +238,19 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu"):
         if prior.shape != (spec.capacity,) or not torch.isfinite(prior).all() or (prior < 0).any() \
                 or float(prior.sum()) <= 0:
             raise CheckpointError(f"{ck.path.name}: bad condition prior")
-        holder.update(G=G.to(dev), prior=(prior / prior.sum()).to(dev), shape=tuple(shape))
+        holder.update(G=G.to(dev), prior=(prior / prior.sum()).to(dev), shape=tuple(shape),
+                      weights="ema" if prefix == EMA_PREFIX else "raw")
 
     ck = ckpt_io.load_latest(run_dir / rundir.CHECKPOINTS, apply)
+    # which weights G holds ("ema" or "raw"), for callers that report it
+    holder["G"].dyngan_weights = holder["weights"]
     return cfg, comps, holder["G"], holder["prior"], dev, ck.step
 
 
 def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
-           host: PluginHost | None = None):
-    """``n`` samples from the run's latest checkpoint as a float32 NumPy array ``(n, *data_shape)``."""
+           host: PluginHost | None = None, generator: str = "auto"):
+    """``n`` samples from the run's latest checkpoint as a float32 NumPy array ``(n, *data_shape)``.
+    ``generator``: see ``_load_run`` (auto = the weight average when the run keeps one)."""
     import torch
 
     from .training import generate
@@ -240,20 +258,21 @@ def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     host = host or get_host()
-    cfg, comps, G, prior, dev, _ = _load_run(Path(run_dir), host, device)
+    cfg, comps, G, prior, dev, _ = _load_run(Path(run_dir), host, device, generator)
     g = torch.Generator(device=dev).manual_seed(seed)
     return generate(G, n, comps.model.z_dim, prior, dev, g).cpu().numpy().astype("float32")
 
 
 def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device: str = "cpu",
-             host: PluginHost | None = None) -> dict[str, Any]:
-    """The dataset's metrics on ``n`` samples from the run's latest checkpoint."""
+             host: PluginHost | None = None, generator: str = "auto") -> dict[str, Any]:
+    """The dataset's metrics on ``n`` samples from the run's latest checkpoint
+    (``generator``: see ``_load_run``)."""
     import torch
 
     from .training import generate, load_dataset, score
 
     host = host or get_host()
-    cfg, comps, G, prior, dev, step = _load_run(Path(run_dir), host, device)
+    cfg, comps, G, prior, dev, step = _load_run(Path(run_dir), host, device, generator)
     n = n or cfg["eval_samples"]
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
@@ -262,4 +281,5 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     fake = generate(G, n, comps.model.z_dim, prior, dev, g)
     values, protocols = score(comps, fake, real)
     return {"run": str(run_dir), "step": step, "samples": n, "dataset": cfg["dataset"],
+            "generator": G.dyngan_weights,
             "metrics": values, "protocols": protocols}

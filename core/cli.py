@@ -130,6 +130,8 @@ def _opt(*names: str, **kw: Any):
       help="On NaN/inf: stop, or roll back to the last checkpoint and go on with a new random stream.")
 @_opt("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is often fastest "
       "for the small 2D networks).")
+@_opt("--g-ema", "g_ema", type=float, help="Keep an exponential moving average of G's weights with this "
+      "decay per step (e.g. 0.999; 0 = none, the default); sampling and metrics then use it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved config; train nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -169,7 +171,10 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
 @click.option("--out", "out", type=click.Path(), required=True, help="Output .npy file.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-def sample(run_dir: str, n: int, out: str, seed: int, device: str) -> None:
+@click.option("--generator", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
+              help="ema: G's weight average (runs trained with --g-ema); raw: the trained weights; "
+                   "auto: the average when the run keeps one.")
+def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: str) -> None:
     """Write N samples of a run's latest checkpoint to a .npy file."""
     import numpy as np
 
@@ -179,7 +184,7 @@ def sample(run_dir: str, n: int, out: str, seed: int, device: str) -> None:
 
     if not out.endswith(".npy"):
         raise UsageError(f"--out must name a .npy file, got {out!r}")
-    arr = api.sample(run_dir, n, seed, device=device)
+    arr = api.sample(run_dir, n, seed, device=device, generator=generator)
     import io
     from pathlib import Path
 
@@ -198,15 +203,19 @@ def sample(run_dir: str, n: int, out: str, seed: int, device: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool) -> None:
+@click.option("--generator", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
+              help="ema: G's weight average (runs trained with --g-ema); raw: the trained weights; "
+                   "auto: the average when the run keeps one.")
+def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool, generator: str) -> None:
     """Mode-coverage metrics of a run's latest checkpoint."""
     from . import api
 
-    res = api.evaluate(run_dir, n, seed, device=device)
+    res = api.evaluate(run_dir, n, seed, device=device, generator=generator)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    click.echo(f"{res['run']}  step {res['step']}  {res['dataset']}  {res['samples']} samples")
+    click.echo(f"{res['run']}  step {res['step']}  {res['dataset']}  {res['samples']} samples  "
+               f"generator {res['generator']}")
     for name, proto in res["protocols"].items():
         if proto:
             click.echo(f"  [{name}] {proto}")

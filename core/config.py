@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "compile": False,
     "on_divergence": "stop",
     "threads": None,  # torch CPU threads; None keeps torch's default
+    "g_ema": 0.0,  # decay of an exponential moving average of G's weights; 0 = none
     "options": {},
 }
 FALLBACK_OPTIMIZER = {"lr_g": 1e-3, "lr_d": 1e-3, "betas": [0.5, 0.999]}
@@ -152,6 +153,15 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
         if not math.isfinite(f) or f <= 0:
             raise UsageError(f"setting {key!r} must be a positive number, got {v!r}")
         cfg[key] = f
+    v = cfg.get("g_ema")
+    if v is not None:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise UsageError(f"setting 'g_ema' must be a number in [0, 1), got {v!r}") from None
+        if isinstance(v, bool) or not 0.0 <= f < 1.0:
+            raise UsageError(f"setting 'g_ema' must be a number in [0, 1) (0 = no average), got {v!r}")
+        cfg["g_ema"] = f
     b = cfg.get("betas")
     if b is not None:
         if isinstance(b, str):

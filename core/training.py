@@ -8,6 +8,7 @@ synchronisation: scalars are gathered every ``log_every`` steps.
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import threading
@@ -69,6 +70,10 @@ class Aborted(DynganError):
         super().__init__(f"stopped at once by a second {name} after step {step}; no checkpoint was written "
                          f"for it (the ones already written are intact); continue with: "
                          f"dyngan train --out {run_dir} --resume")
+
+
+#: checkpoint tensor prefix of the generator's weight average (``--g-ema``)
+EMA_PREFIX = "G_ema/"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -321,6 +326,11 @@ class Trainer:
             raise ComponentFailure(m.kind, m.name, m.plugin, "build", e) from e
         self.spec = spec
         self.G, self.D = G.to(dev), D.to(dev)
+        # an exponential moving average of G's weights (cfg g_ema > 0): what sampling and metrics use
+        self.ema_decay = float(cfg.get("g_ema") or 0.0)
+        self.G_ema: torch.nn.Module | None = None
+        if self.ema_decay > 0:
+            self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
         self.z_dim = comps.model.z_dim
         self.capacity = spec.capacity
         betas = tuple(cfg["betas"])
@@ -373,6 +383,9 @@ class Trainer:
             tensors[f"G/{k}"] = v
         for k, v in self.D.state_dict().items():
             tensors[f"D/{k}"] = v
+        if self.G_ema is not None:
+            for k, v in self.G_ema.state_dict().items():
+                tensors[f"{EMA_PREFIX}{k}"] = v
         meta: dict[str, Any] = {
             "optim": {
                 "G": ckpt_io.flatten_optimizer("optim/G", self.opt_g.state_dict(), tensors),
@@ -412,6 +425,8 @@ class Trainer:
         try:
             self.G.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("G/")})
             self.D.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("D/")})
+            if self.G_ema is not None:
+                self.G_ema.load_state_dict({k[len(EMA_PREFIX):]: v for k, v in t.items() if k.startswith(EMA_PREFIX)})
             self.opt_g.load_state_dict(ckpt_io.unflatten_optimizer("optim/G", meta["optim"]["G"], t,
                                                                    self.opt_g.state_dict()))
             self.opt_d.load_state_dict(ckpt_io.unflatten_optimizer("optim/D", meta["optim"]["D"], t,
@@ -478,7 +493,8 @@ class Trainer:
         from rank 0's generator state and their rank (rank 0's is the single-process stream)."""
         sync_start = getattr(self.comm, "sync_start", None)
         if sync_start is not None:
-            sync_start([self.G, self.D], [self.labels, self.prior], self.gen)
+            nets = [self.G, self.D] + ([self.G_ema] if self.G_ema is not None else [])
+            sync_start(nets, [self.labels, self.prior], self.gen)
 
     def load_latest(self) -> int:
         ck = ckpt_io.load_latest(self.run_dir / rundir.CHECKPOINTS, self._apply, self.progress.message)
@@ -558,8 +574,25 @@ class Trainer:
     def evaluate(self, n: int | None = None) -> dict[str, float]:
         n = n or self.cfg["eval_samples"]
         g = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] + 7919 * (self.step + 1))
-        fake = generate(self.G, n, self.z_dim, self.prior, self.device, g)
+        fake = generate(self.sampling_generator, n, self.z_dim, self.prior, self.device, g)
         return score(self.comps, fake, self.data)[0]
+
+    @property
+    def sampling_generator(self) -> torch.nn.Module:
+        """The generator that samples and metrics use: the weight average when the run keeps one."""
+        return self.G_ema if self.G_ema is not None else self.G
+
+    def _ema_update(self) -> None:
+        """G_ema <- d * G_ema + (1 - d) * G, with d = min(g_ema, (1 + t) / (10 + t)) at step t
+        (a short warm-up so early averages are not dominated by the initial weights); buffers
+        (BatchNorm statistics) are copied. All on the device, no host synchronisation."""
+        assert self.G_ema is not None
+        t = self.step
+        d = min(self.ema_decay, (1.0 + t) / (10.0 + t))
+        with torch.no_grad():
+            torch._foreach_lerp_(self._ema_params, self._g_params, 1.0 - d)
+            for b_ema, b in self._ema_buffers:
+                b_ema.copy_(b)
 
     def _gather_reports(self) -> dict[str, float]:
         if not self._reports:
@@ -643,6 +676,12 @@ class Trainer:
         det, part = self.comps.detector, self.comps.partitioner
         log_every, eval_every, ck_every = cfg["log_every"], cfg["eval_every"], cfg["checkpoint_every"]
         sync_grads = getattr(self.comm, "sync_grads", None)
+        ema = self.G_ema is not None
+        if ema:
+            assert self.G_ema is not None
+            self._ema_params = [p for p in self.G_ema.parameters()]
+            self._g_params = [p for p in G.parameters()]
+            self._ema_buffers = list(zip(self.G_ema.buffers(), G.buffers()))
 
         def d_interp(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return D_call(x, c)
@@ -694,6 +733,8 @@ class Trainer:
             if sync_grads is not None:
                 sync_grads(G)
             opt_g.step()
+            if ema:
+                self._ema_update()
             for p in d_params:
                 p.requires_grad_(True)
             self.step += 1

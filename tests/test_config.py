@@ -326,8 +326,9 @@ def test_preset_fills_components_and_flags_override_it():
     assert cfg["preset"] == "dyngan"
     assert (cfg["detector"], cfg["partitioner"], cfg["conditioner"]) == ("dyngan", "dyngan", "onehot")
     assert cfg["options"]["detector"]["every"] == 500
-    cfg = resolve_settings({"preset": "dyngan", "steps": 10, "options": {"detector": {"delta": "0.05"}}})
-    assert cfg["steps"] == 10
+    assert cfg["g_ema"] == 0.99
+    cfg = resolve_settings({"preset": "dyngan", "steps": 10, "g_ema": 0, "options": {"detector": {"delta": "0.05"}}})
+    assert cfg["steps"] == 10 and cfg["g_ema"] == 0.0
     assert cfg["options"]["detector"]["delta"] == 0.05
     assert cfg["options"]["detector"]["every"] == 500  # the preset's other options survive
 

@@ -221,6 +221,7 @@ def test_registered_with_the_2d_defaults():
     assert s["options"]["detector"] == {"every": 500, "delta": 0.2, "lam": 0.1}
     assert s["options"]["partitioner"] == {"every": 3000, "tau": 0.01}
     assert s["options"]["conditioner"] == {"capacity": 30}
+    assert s["g_ema"] == 0.99  # ours, not the reference code's; --g-ema 0 turns it off
     json.dumps(s)
 
 

@@ -459,6 +459,7 @@ _SYNC_CASES = {
     # conditional path (labels, prior), with detection and partitioning at their own steps
     "dyngan": {"preset": "dyngan", "options": {"dataset": {"n": 2000}, "detector": {"every": 10},
                                                "partitioner": {"every": 20}}},
+    "g-ema": {"g_ema": 0.99},  # the weight average updated after every generator step
 }
 
 
