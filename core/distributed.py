@@ -360,7 +360,7 @@ class DistComm(Comm):
 def debug_dump(trainer: Any, directory: str | os.PathLike[str] | None = None) -> Path | None:
     """Test hook: write this rank's final state to ``<dir>/rank<R>.safetensors`` (``DYNGAN_DEBUG_DUMP_DIR``).
 
-    Tensors ``G/...``, ``D/...`` (state dicts), ``labels``, ``prior``, ``gen`` (the batch
+    Tensors ``G/...``, ``D/...``, ``G_ema/...`` when kept (state dicts), ``labels``, ``prior``, ``gen`` (the batch
     generator's state); metadata ``step`` and ``world_size``.
     """
     from safetensors.torch import save_file
@@ -370,7 +370,10 @@ def debug_dump(trainer: Any, directory: str | os.PathLike[str] | None = None) ->
         return None
     rank = int(getattr(trainer.comm, "rank", 0))
     tensors: dict[str, Any] = {}
-    for prefix, net in (("G", trainer.G), ("D", trainer.D)):
+    nets = [("G", trainer.G), ("D", trainer.D)]
+    if getattr(trainer, "G_ema", None) is not None:
+        nets.append(("G_ema", trainer.G_ema))
+    for prefix, net in nets:
         for k, v in net.state_dict().items():
             tensors[f"{prefix}/{k}"] = v.detach().cpu().contiguous().clone()
     tensors["labels"] = trainer.labels.detach().cpu().clone()

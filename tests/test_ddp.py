@@ -74,8 +74,8 @@ def dumps(d: Path) -> tuple[dict, dict]:
 
 
 def assert_same_state(a: dict, b: dict) -> None:
-    nets = [k for k in a if k.startswith(("G/", "D/"))]
-    assert nets and set(nets) == {k for k in b if k.startswith(("G/", "D/"))}
+    nets = [k for k in a if k.startswith(("G/", "D/", "G_ema/"))]
+    assert nets and set(nets) == {k for k in b if k.startswith(("G/", "D/", "G_ema/"))}
     differ = [k for k in nets if not torch.equal(a[k], b[k])]
     assert not differ, f"parameters differ between ranks: {differ}"
     assert torch.equal(a["labels"], b["labels"]), "partition labels differ between ranks"
@@ -118,6 +118,7 @@ def test_ddp_dyngan_identical_ranks_and_resume_both_ways(tmp_path):
     a, b = dumps(dump)
     assert a["world_size"] == 2 and a["step"] == 60
     assert_same_state(a, b)
+    assert any(k.startswith("G_ema/") for k in a)  # the preset's weight average, the same on both ranks
     # a partition really happened, and both ranks hold it
     assert int((torch.bincount(a["labels"]) > 0).sum()) >= 2
     assert float(a["prior"][1]) > 0
@@ -132,7 +133,7 @@ def test_ddp_dyngan_identical_ranks_and_resume_both_ways(tmp_path):
     ck = checkpoint(run_dir, 60)
     assert torch.equal(ck["rng/train"], a["gen"])
     assert torch.equal(ck["train/labels"], a["labels"])
-    for k in (k for k in a if k.startswith("G/")):
+    for k in (k for k in a if k.startswith(("G/", "G_ema/"))):
         assert torch.equal(ck[k], a[k])
 
     # the DDP checkpoint resumes in one process
