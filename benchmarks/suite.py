@@ -291,7 +291,11 @@ def _mean_se(xs: list[float]) -> str:
 def render() -> str:
     results = [r for r in load_results() if r.get("rc") == 0]
     lines = [BEGIN, ""]
-    for table, spec in TABLES.items():
+    names = list(TABLES)
+    # a "-ema" table right after the table it repeats with G's weight average
+    order = sorted(names, key=lambda t: names.index(t.removesuffix("-ema")) + (0.5 if t.endswith("-ema") else 0))
+    for table in order:
+        spec = TABLES[table]
         rows = [r for r in results if r["table"] == table]
         if not rows:
             continue
