@@ -162,11 +162,12 @@ PUBLISHED = {
     "stacked-digits": [],
 }
 
+
 def _with_ema(table: str) -> dict:
     """The table ``table`` with G's weight average for every method, scored with and without it."""
     spec = dict(TABLES[table])
-    spec["title"] += ", G weight average"
-    spec["protocol"] = f"as '{spec['title'][:-len(', G weight average')]}'." + EMA_NOTE
+    spec["title"] = f"{spec['title']}, G weight average"
+    spec["protocol"] = f"as '{TABLES[table]['title']}'." + EMA_NOTE
     spec["data"] = spec["data"] | EMA
     spec["methods"] = {m: {k: v for k, v in d.items() if k != "--g-ema"} for m, d in spec["methods"].items()}
     spec["generators"] = ["ema", "raw"]

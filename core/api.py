@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from . import __version__, rundir
 from .config import DEFAULTS, SLOTS, read_toml, resolve
@@ -186,7 +186,19 @@ def _pictures(run_dir: Path, trainer: Any) -> None:
 GENERATORS = ("auto", "ema", "raw")
 
 
-def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: str = "auto"):
+class LoadedRun(NamedTuple):
+    """A finished run's generator, ready to sample, and what it came from."""
+
+    cfg: dict[str, Any]
+    comps: Any
+    G: Any
+    prior: Any
+    device: Any
+    step: int
+    weights: str  # which weights G holds: "ema" (the average) or "raw"
+
+
+def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: str = "auto") -> LoadedRun:
     """A run's config, components and generator, from its latest good checkpoint.
 
     ``generator``: ``ema`` the weight average kept with ``--g-ema``, ``raw`` the trained
@@ -242,9 +254,7 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
                       weights="ema" if prefix == EMA_PREFIX else "raw")
 
     ck = ckpt_io.load_latest(run_dir / rundir.CHECKPOINTS, apply)
-    # which weights G holds ("ema" or "raw"), for callers that report it
-    holder["G"].dyngan_weights = holder["weights"]
-    return cfg, comps, holder["G"], holder["prior"], dev, ck.step
+    return LoadedRun(cfg, comps, holder["G"], holder["prior"], dev, ck.step, holder["weights"])
 
 
 def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
@@ -258,7 +268,7 @@ def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     host = host or get_host()
-    cfg, comps, G, prior, dev, _ = _load_run(Path(run_dir), host, device, generator)
+    cfg, comps, G, prior, dev, _, _ = _load_run(Path(run_dir), host, device, generator)
     g = torch.Generator(device=dev).manual_seed(seed)
     return generate(G, n, comps.model.z_dim, prior, dev, g).cpu().numpy().astype("float32")
 
@@ -272,7 +282,7 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     from .training import generate, load_dataset, score
 
     host = host or get_host()
-    cfg, comps, G, prior, dev, step = _load_run(Path(run_dir), host, device, generator)
+    cfg, comps, G, prior, dev, step, weights = _load_run(Path(run_dir), host, device, generator)
     n = n or cfg["eval_samples"]
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
@@ -281,5 +291,5 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     fake = generate(G, n, comps.model.z_dim, prior, dev, g)
     values, protocols = score(comps, fake, real)
     return {"run": str(run_dir), "step": step, "samples": n, "dataset": cfg["dataset"],
-            "generator": G.dyngan_weights,
+            "generator": weights,
             "metrics": values, "protocols": protocols}

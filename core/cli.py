@@ -100,6 +100,13 @@ def _opt(*names: str, **kw: Any):
     return click.option(*names, default=None, show_default=False, **kw)
 
 
+#: which weights ``sample`` / ``evaluate`` use (the choices of ``core.api.GENERATORS``)
+_generator_option = click.option(
+    "--generator", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
+    help="ema: G's weight average (runs trained with --g-ema); raw: the trained weights; "
+         "auto: the average when the run keeps one.")
+
+
 @cli.command(context_settings={"show_default": True})
 @_opt("--dataset", help="Dataset name (default grid25).")
 @_opt("--loss", help="Loss name (default ns).")
@@ -171,9 +178,7 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
 @click.option("--out", "out", type=click.Path(), required=True, help="Output .npy file.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--generator", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
-              help="ema: G's weight average (runs trained with --g-ema); raw: the trained weights; "
-                   "auto: the average when the run keeps one.")
+@_generator_option
 def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: str) -> None:
     """Write N samples of a run's latest checkpoint to a .npy file."""
     import numpy as np
@@ -203,9 +208,7 @@ def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: st
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--generator", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
-              help="ema: G's weight average (runs trained with --g-ema); raw: the trained weights; "
-                   "auto: the average when the run keeps one.")
+@_generator_option
 def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool, generator: str) -> None:
     """Mode-coverage metrics of a run's latest checkpoint."""
     from . import api

@@ -370,10 +370,7 @@ def debug_dump(trainer: Any, directory: str | os.PathLike[str] | None = None) ->
         return None
     rank = int(getattr(trainer.comm, "rank", 0))
     tensors: dict[str, Any] = {}
-    nets = [("G", trainer.G), ("D", trainer.D)]
-    if getattr(trainer, "G_ema", None) is not None:
-        nets.append(("G_ema", trainer.G_ema))
-    for prefix, net in nets:
+    for prefix, net in trainer.named_networks().items():
         for k, v in net.state_dict().items():
             tensors[f"{prefix}/{k}"] = v.detach().cpu().contiguous().clone()
     tensors["labels"] = trainer.labels.detach().cpu().clone()

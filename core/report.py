@@ -109,7 +109,7 @@ class _Run:
 
         host = host or get_host()
         self.dir = run_dir
-        self.cfg, self.comps, self.G, self.prior, self.device, self.step = _load_run(run_dir, host, device)
+        self.cfg, self.comps, self.G, self.prior, self.device, self.step, _ = _load_run(run_dir, host, device)
         self.z_dim = int(self.comps.model.z_dim)
         self.metrics = rundir.read_metrics(run_dir)
         # the partition labels of the checkpoint that was loaded (read again: _load_run keeps only G)

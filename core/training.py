@@ -72,8 +72,9 @@ class Aborted(DynganError):
                          f"dyngan train --out {run_dir} --resume")
 
 
-#: checkpoint tensor prefix of the generator's weight average (``--g-ema``)
-EMA_PREFIX = "G_ema/"
+#: name of the generator's weight average (``--g-ema``); its checkpoint tensors are ``G_ema/...``
+EMA_NAME = "G_ema"
+EMA_PREFIX = EMA_NAME + "/"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -331,6 +332,10 @@ class Trainer:
         self.G_ema: torch.nn.Module | None = None
         if self.ema_decay > 0:
             self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
+            # the pairs _ema_update works on (load_state_dict copies in place: they stay valid)
+            self._ema_params = list(self.G_ema.parameters())
+            self._g_params = list(self.G.parameters())
+            self._ema_buffers = list(zip(self.G_ema.buffers(), self.G.buffers()))
         self.z_dim = comps.model.z_dim
         self.capacity = spec.capacity
         betas = tuple(cfg["betas"])
@@ -379,13 +384,9 @@ class Trainer:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}
-        for k, v in self.G.state_dict().items():
-            tensors[f"G/{k}"] = v
-        for k, v in self.D.state_dict().items():
-            tensors[f"D/{k}"] = v
-        if self.G_ema is not None:
-            for k, v in self.G_ema.state_dict().items():
-                tensors[f"{EMA_PREFIX}{k}"] = v
+        for name, net in self.named_networks().items():
+            for k, v in net.state_dict().items():
+                tensors[f"{name}/{k}"] = v
         meta: dict[str, Any] = {
             "optim": {
                 "G": ckpt_io.flatten_optimizer("optim/G", self.opt_g.state_dict(), tensors),
@@ -423,10 +424,9 @@ class Trainer:
                 f"{ck.path.name}: made for data of shape {meta.get('data_shape')} x {meta.get('n_train')}, "
                 f"this run has {list(self.data_shape)} x {self.N}")
         try:
-            self.G.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("G/")})
-            self.D.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("D/")})
-            if self.G_ema is not None:
-                self.G_ema.load_state_dict({k[len(EMA_PREFIX):]: v for k, v in t.items() if k.startswith(EMA_PREFIX)})
+            for name, net in self.named_networks().items():
+                prefix = name + "/"
+                net.load_state_dict({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
             self.opt_g.load_state_dict(ckpt_io.unflatten_optimizer("optim/G", meta["optim"]["G"], t,
                                                                    self.opt_g.state_dict()))
             self.opt_d.load_state_dict(ckpt_io.unflatten_optimizer("optim/D", meta["optim"]["D"], t,
@@ -493,8 +493,7 @@ class Trainer:
         from rank 0's generator state and their rank (rank 0's is the single-process stream)."""
         sync_start = getattr(self.comm, "sync_start", None)
         if sync_start is not None:
-            nets = [self.G, self.D] + ([self.G_ema] if self.G_ema is not None else [])
-            sync_start(nets, [self.labels, self.prior], self.gen)
+            sync_start(list(self.named_networks().values()), [self.labels, self.prior], self.gen)
 
     def load_latest(self) -> int:
         ck = ckpt_io.load_latest(self.run_dir / rundir.CHECKPOINTS, self._apply, self.progress.message)
@@ -576,6 +575,13 @@ class Trainer:
         g = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] + 7919 * (self.step + 1))
         fake = generate(self.sampling_generator, n, self.z_dim, self.prior, self.device, g)
         return score(self.comps, fake, self.data)[0]
+
+    def named_networks(self) -> dict[str, torch.nn.Module]:
+        """The run's networks by checkpoint prefix: ``G``, ``D`` and, when kept, ``G_ema``."""
+        nets: dict[str, torch.nn.Module] = {"G": self.G, "D": self.D}
+        if self.G_ema is not None:
+            nets[EMA_NAME] = self.G_ema
+        return nets
 
     @property
     def sampling_generator(self) -> torch.nn.Module:
@@ -677,11 +683,6 @@ class Trainer:
         log_every, eval_every, ck_every = cfg["log_every"], cfg["eval_every"], cfg["checkpoint_every"]
         sync_grads = getattr(self.comm, "sync_grads", None)
         ema = self.G_ema is not None
-        if ema:
-            assert self.G_ema is not None
-            self._ema_params = [p for p in self.G_ema.parameters()]
-            self._g_params = [p for p in G.parameters()]
-            self._ema_buffers = list(zip(self.G_ema.buffers(), G.buffers()))
 
         def d_interp(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return D_call(x, c)

@@ -43,8 +43,6 @@ def test_update_rule_with_warm_up(tmp_path):
             p.copy_(torch.randn(p.shape, generator=gen))
     g0 = [p.clone() for p in tr.G.parameters()]
     e0 = [p.clone() for p in tr.G_ema.parameters()]
-    tr._ema_params, tr._g_params = list(tr.G_ema.parameters()), list(tr.G.parameters())
-    tr._ema_buffers = []
     for step, d in ((0, 1 / 10), (5, 6 / 15), (1000, 0.9)):  # min(0.9, (1+t)/(10+t))
         tr.step = step
         before = [p.clone() for p in tr.G_ema.parameters()]
