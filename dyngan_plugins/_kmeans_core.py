@@ -40,8 +40,8 @@ def assign(
     """Nearest centre of every row of ``x``.
 
     With ``own`` (current cluster of each row, ``(n,)`` long) and ``own_weight``
-    (``(n,)``), the distance of row i to its own centre ``own[i]`` is multiplied
-    by ``own_weight[i]`` before the argmin (distances to the other centres are
+    (``(n,)``), the squared distance of row i to its own centre ``own[i]`` is
+    multiplied by ``own_weight[i]`` before the argmin (distances to the other centres are
     left as they are): DynGAN's score-weighted refinement.
 
     Returns ``(labels (n,) long, dist (n,))``: dist is the plain (unweighted)
@@ -93,24 +93,37 @@ class KMeansResult:
     iterations: int
 
 
+WEIGHTINGS = ("squared", "reference")
+
+
 def lloyd(
     x: Tensor,
     centres: Tensor,
     *,
     labels: Tensor | None = None,
     own_weight: Tensor | None = None,
+    weighting: str = "squared",
     tol: float = 1e-4,
     max_iter: int = 100,
     chunk: int = DEFAULT_CHUNK,
 ) -> KMeansResult:
     """Lloyd iterations from ``centres`` until no centre moves by ``tol`` or more.
 
-    ``labels``: the current assignment (needed with ``own_weight``: the
-    weighted distance applies to each sample's cluster of the previous
-    iteration, i.e. its current one). Empty clusters keep their old centre.
-    The convergence test reads one number per iteration (a host sync): this
-    runs every few thousand training steps, not per step.
+    ``own_weight`` (DynGAN's score-weighted refinement) scales each sample's
+    distance to its "own" centre before the argmin; distances to other centres
+    are left as they are. ``weighting`` says which distance and which centre:
+
+    - ``squared``: the squared distance to the centre of the sample's cluster
+      of the previous iteration (at first: ``labels``);
+    - ``reference``: as the authors' 2D code, the Euclidean distance to the
+      centre of the sample's cluster in ``labels``, fixed for all iterations.
+
+    Empty clusters keep their old centre. The convergence test reads one
+    number per iteration (a host sync): this runs every few thousand training
+    steps, not per step.
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     k = centres.shape[0]
     # work around the mean: same clustering, less cancellation in the distance expansion
     mu = x.mean(0)
@@ -120,18 +133,23 @@ def lloyd(
     weighted = own_weight is not None
     if weighted and labels is None:
         raise ValueError("weighted k-means needs the current labels")
+    fixed = labels if weighting == "reference" else None
+    # assign() scales squared distances: a factor w on the distance is w**2 on its square
+    sq_weight = own_weight * own_weight if weighted and weighting == "reference" else own_weight
+
+    def own() -> Tensor | None:
+        return None if not weighted else (fixed if fixed is not None else labels)
+
     it = 0
     for it in range(1, max_iter + 1):
-        labels, _ = assign(x, centres, own=labels if weighted else None, own_weight=own_weight, chunk=chunk,
-                           x_sq=x_sq)
+        labels, _ = assign(x, centres, own=own(), own_weight=sq_weight, chunk=chunk, x_sq=x_sq)
         new, _ = centres_of(x, labels, k, fallback=centres)
         shift = (new - centres).norm(dim=1).max()
         centres = new
         if float(shift) < tol:
             break
     # final assignment consistent with the final centres
-    labels, dist = assign(x, centres, own=labels if weighted else None, own_weight=own_weight, chunk=chunk,
-                          x_sq=x_sq, exact=True)
+    labels, dist = assign(x, centres, own=own(), own_weight=sq_weight, chunk=chunk, x_sq=x_sq, exact=True)
     return KMeansResult(labels=labels, centres=centres + mu, inertia=dist.sum(), iterations=it)
 
 

@@ -12,10 +12,15 @@ condition and its collapsed samples move there (several at once; with too few
 free slots the partitions with the most collapsed samples go first, ties to the
 lower id). Then k-means in D's penultimate-feature space refines the
 assignment (k = number of conditions, centres from the current assignment,
-until no centre moves by ``tol``); with ``weighted`` the squared distance of a
-sample to its own current centre is multiplied by its score, so samples the
-generator already fits (low score) stay put ("own" = a sample's cluster of the
-previous Lloyd iteration; distances are squared Euclidean). Features come from
+until no centre moves by ``tol``); with ``weighted`` a sample's distance to its
+own centre is multiplied by its score, so samples the generator already fits
+(low score) stay put. ``weighting`` picks the rule: ``squared`` (default, ours)
+scales the squared distance to the centre of the sample's cluster of the
+previous Lloyd iteration; ``reference`` scales the Euclidean distance to the
+centre of its post-split cluster, fixed through the iterations, as the
+authors' 2D code does. The reference rule anchors well-fit samples harder (a
+score of 0.5 halves the distance instead of dividing it by 1.41); it measured
+worse on both grid protocols (BENCHMARKS.md, method ``dyngan-refw``). Features come from
 the current D: the detection's (same D pass, each sample under its label), or
 recomputed under no_grad when the detection has none. An empty cluster keeps
 its old centre.
@@ -198,6 +203,12 @@ class DynGANPartitioner(Partitioner):
         "tol": Option(1e-4, "k-means stops when no centre moves this far", min=0.0),
         "max_iter": Option(100, "maximum k-means iterations", min=0),
         "weighted": Option(True, "multiply each sample's distance to its own centre by its score (2D code)"),
+        "weighting": Option(
+            "squared",
+            "squared: squared distance to the centre of the previous iteration's cluster (ours); reference: "
+            "Euclidean distance to the post-split cluster's centre, as the authors' 2D code",
+            choices=("squared", "reference"),
+        ),
         "refine": Option(True, "refine the split with k-means in D's feature space"),
         "knn": Option(5, "neighbours voting for samples outside the detector's subset", min=1),
         "batch_size": Option(8192, "samples per discriminator pass when features must be recomputed", min=1),
@@ -263,7 +274,7 @@ class DynGANPartitioner(Partitioner):
                 if self.opts.weighted and detection.score is not None:
                     weight = detection.score.to(ctx.device).float()[rows]
                 res = km.lloyd(
-                    x, centres, labels=lab, own_weight=weight,
+                    x, centres, labels=lab, own_weight=weight, weighting=str(self.opts.weighting),
                     tol=float(self.opts.tol), max_iter=int(self.opts.max_iter),
                 )
                 lab = res.labels

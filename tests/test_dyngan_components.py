@@ -329,6 +329,19 @@ def test_weighted_refinement_keeps_well_fit_samples(weighted):
         assert labels[20:30].tolist() == [1] * 10  # plain k-means moves M to the new condition
 
 
+@pytest.mark.parametrize("weighting,m_stays", [("squared", False), ("reference", True)])
+def test_weighting_rules_differ_on_a_moderately_fit_group(weighting, m_stays):
+    # M's score 0.25: its distance to centre 0 is 2.67, to the new centre 1. The reference rule
+    # compares 0.25 * 2.67 = 0.67 < 1 and keeps M; ours compares 0.25 * 7.1 = 1.8 > 1 and moves it
+    feats, score, collapsed = weighted_scenario()
+    score[20:30] = 0.25
+    ctx, _ = make_ctx(FakeD(torch.zeros(40), feats), torch.zeros(40))
+    det = Detection(collapsed=collapsed, fraction=collapsed.float().mean(), score=score, features=feats)
+    labels = DynGANPartitioner(weighting=weighting).partition(ctx, det).labels
+    assert labels[:20].tolist() == [0] * 20 and labels[30:].tolist() == [1] * 10
+    assert labels[20:30].tolist() == ([0] * 10 if m_stays else [1] * 10)
+
+
 def test_refine_recomputes_current_features_when_the_detection_has_none():
     feats, score, collapsed = weighted_scenario()
     D = FakeD(torch.zeros(40), feats)

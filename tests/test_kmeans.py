@@ -103,6 +103,35 @@ def test_assign_is_chunk_independent_and_weighting_keeps_own_cluster():
     assert lab.tolist() == [0, 1]
 
 
+def weighted_line():
+    # 100 points at 0 (cluster 0), 100 at 1 and one at 0.45 (cluster 1): centres 0 and ~0.9946
+    x = torch.cat([torch.zeros(100, 1), torch.ones(100, 1), torch.tensor([[0.45]])])
+    labels = torch.tensor([0] * 100 + [1] * 101)
+    centres, _ = km.centres_of(x, labels, 2)
+    return x, labels, centres
+
+
+@pytest.mark.parametrize("weighting,w,stays", [
+    # the authors' rule: w times the distance, 0.545 * w against 0.45
+    ("reference", 0.75, True), ("reference", 0.85, False),
+    # ours: w times the squared distance, 0.297 * w against 0.2025
+    ("squared", 0.75, False), ("squared", 0.65, True),
+])
+def test_weighted_lloyd_rules(weighting, w, stays):
+    x, labels, centres = weighted_line()
+    weight = torch.ones(201)
+    weight[200] = w
+    res = km.lloyd(x, centres, labels=labels, own_weight=weight, weighting=weighting)
+    assert int(res.labels[200]) == (1 if stays else 0)
+    assert torch.equal(res.labels[:200], labels[:200])
+
+
+def test_unknown_weighting_is_refused():
+    x, labels, centres = weighted_line()
+    with pytest.raises(ValueError, match="weighting must be one of squared, reference"):
+        km.lloyd(x, centres, labels=labels, own_weight=torch.ones(201), weighting="cubed")
+
+
 def test_centres_of_keeps_the_old_centre_of_an_empty_cluster():
     x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0]])
     labels = torch.tensor([0, 0, 2])
