@@ -352,7 +352,8 @@ def render() -> str:
             lines.append("| " + " | ".join(cells) + " |")
         first = rows[0]
         ev = " --generator ema` and `... --generator raw" if generators != [None] else ""
-        lines += ["", f"Command (one run): `{first['command']}`, then `dyngan evaluate RUN --json{ev}`. "
+        n_eval = f" --n {spec['eval_samples']}" if spec.get("eval_samples") else ""
+        lines += ["", f"Command (one run): `{first['command']}`, then `dyngan evaluate RUN --json{n_eval}{ev}`. "
                       f"Machine: {first['machine']}. Dates: {min(r['date'] for r in rows)} to "
                       f"{max(r['date'] for r in rows)}.", ""]
     lines.append(END)
