@@ -133,23 +133,22 @@ def lloyd(
     weighted = own_weight is not None
     if weighted and labels is None:
         raise ValueError("weighted k-means needs the current labels")
-    fixed = labels if weighting == "reference" else None
+    reference = weighting == "reference"
     # assign() scales squared distances: a factor w on the distance is w**2 on its square
-    sq_weight = own_weight * own_weight if weighted and weighting == "reference" else own_weight
-
-    def own() -> Tensor | None:
-        return None if not weighted else (fixed if fixed is not None else labels)
-
+    sq_weight = own_weight * own_weight if weighted and reference else own_weight
+    own = labels if weighted else None  # the "own" clusters; the reference rule never moves them
     it = 0
     for it in range(1, max_iter + 1):
-        labels, _ = assign(x, centres, own=own(), own_weight=sq_weight, chunk=chunk, x_sq=x_sq)
+        labels, _ = assign(x, centres, own=own, own_weight=sq_weight, chunk=chunk, x_sq=x_sq)
+        if weighted and not reference:
+            own = labels
         new, _ = centres_of(x, labels, k, fallback=centres)
         shift = (new - centres).norm(dim=1).max()
         centres = new
         if float(shift) < tol:
             break
     # final assignment consistent with the final centres
-    labels, dist = assign(x, centres, own=own(), own_weight=sq_weight, chunk=chunk, x_sq=x_sq, exact=True)
+    labels, dist = assign(x, centres, own=own, own_weight=sq_weight, chunk=chunk, x_sq=x_sq, exact=True)
     return KMeansResult(labels=labels, centres=centres + mu, inertia=dist.sum(), iterations=it)
 
 
