@@ -73,8 +73,13 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def plugins(as_json: bool) -> None:
-    """List plugins: version, hooks, components by kind, and load errors."""
+@click.option("--options", "show_options", is_flag=True,
+              help="Also show each component's options (as -o KIND.KEY=DEFAULT) and each preset's settings.")
+def plugins(as_json: bool, show_options: bool) -> None:
+    """List plugins: version, hooks, components by kind, and load errors.
+
+    The JSON output always carries the option schemas (key "options").
+    """
     from .plugins import get_host
 
     host = get_host()
@@ -93,6 +98,53 @@ def plugins(as_json: bool) -> None:
             click.echo(f"  hooks: {', '.join(p['hooks'])}")
         for kind, names in sorted(p["components"].items()):
             click.echo(f"  {kind}: {', '.join(names)}")
+            if show_options:
+                for name in names:
+                    lines = _describe_lines(kind, p["options"].get(kind, {}).get(name, {}))
+                    click.echo(f"    {name}" + ("" if lines else ": no options"))
+                    for line in lines:
+                        click.echo(f"      {line}")
+
+
+def _describe_lines(kind: str, schema: dict[str, Any]) -> list[str]:
+    """Lines for one component under ``dyngan plugins --options``."""
+    if isinstance(schema.get("malformed"), str):  # the schema itself could not be read
+        return [f"malformed: {schema['malformed']}"]
+    lines = []
+    if kind == "preset":
+        for key, value in schema.items():
+            if key == "options" and isinstance(value, dict):
+                lines += [f"-o {k}.{kk}={_cli_value(vv)}" for k, opts in value.items()
+                          for kk, vv in (opts.items() if isinstance(opts, dict) else [])]
+            else:
+                lines.append(f"{key} = {json.dumps(value)}")
+        return lines
+    for key, o in schema.items():
+        if "malformed" in o:
+            lines.append(f"-o {kind}.{key}: malformed ({o['malformed']})")
+            continue
+        lines.append(f"-o {kind}.{key}={_cli_value(o['default'])}  [{_option_type(o)}]  {o['help']}".rstrip())
+    return lines
+
+
+def _cli_value(v: Any) -> str:
+    """A value as it is written after ``-o kind.key=``."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+def _option_type(o: dict[str, Any]) -> str:
+    from .options import Option
+
+    fields = {k: o[k] for k in ("min", "max", "nullable")}
+    choices = tuple(o["choices"]) if o["choices"] is not None else None
+    t = {"bool": bool, "int": int, "float": float, "str": str}.get(o["type"])
+    if t is None:
+        return o["type"]
+    return Option(o["default"], type=t, choices=choices, **fields).describe()
 
 
 

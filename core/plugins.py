@@ -14,6 +14,7 @@ Environment switches:
 
 from __future__ import annotations
 
+import json
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class PluginInfo:
     version: str | None = None
     hooks: list[str] = field(default_factory=list)
     components: dict[str, list[str]] = field(default_factory=dict)
+    #: kind -> component name -> option key -> ``Option.to_json()`` (presets: their settings)
+    options: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     error: str | None = None
     traceback: str | None = None
 
@@ -51,8 +54,29 @@ class PluginInfo:
             "version": self.version,
             "hooks": self.hooks,
             "components": self.components,
+            "options": self.options,
             "error": self.error,
         }
+
+
+def _describe(cls: type) -> dict[str, Any]:
+    """A registered component's option schema as JSON (a preset: its settings).
+
+    For display only: a malformed schema is refused when the component is used, so
+    here it is shown as malformed rather than failing the plugin.
+    """
+    try:
+        if getattr(cls, "kind", None) == "preset":
+            return json.loads(json.dumps(dict(cls.settings), default=repr))
+        out: dict[str, Any] = {}
+        for key, opt in dict(cls.options).items():
+            try:
+                out[str(key)] = opt.to_json()
+            except Exception:  # noqa: BLE001
+                out[str(key)] = {"malformed": repr(opt)}
+        return json.loads(json.dumps(out, default=repr))
+    except Exception as e:  # noqa: BLE001
+        return {"malformed": f"{type(e).__name__}: {e}"}
 
 
 def _split_env(value: str | None) -> set[str] | None:
@@ -128,6 +152,7 @@ class PluginHost:
             msg = str(e) if isinstance(e, DynganError) else f"{type(e).__name__}: {e}"
             info.error = f"failed while registering: {msg}"
             info.components = {}
+            info.options = {}
         return info
 
     def _impls(self, hook_name: str, plugin_name: str) -> list[pluggy.HookImpl]:
@@ -141,6 +166,7 @@ class PluginHost:
                 def register(cls: type, _kind: str = kind) -> None:
                     self.registry.add(_kind, cls, plugin_name)
                     info.components.setdefault(_kind, []).append(cls.name)
+                    info.options.setdefault(_kind, {})[cls.name] = _describe(cls)
 
                 impl.function(**{a: register for a in impl.argnames})
 

@@ -29,6 +29,7 @@ from core.components import (
     Preset,
 )
 from core.errors import PluginError, UsageError
+from core.options import Option
 from core.plugins import PluginHost, get_host, load_plugins, set_host
 from core.testing import plugin_host
 
@@ -241,7 +242,8 @@ def test_report_and_versions(host):
     json.dumps(report)
     assert [r["name"] for r in report] == ["v", "broken"]
     assert report[0] == {"name": "v", "module": "v_mod", "distribution": "dyngan-v", "version": "1.2.3",
-                         "hooks": ["register_losses"], "components": {"loss": ["v-loss"]}, "error": None}
+                         "hooks": ["register_losses"], "components": {"loss": ["v-loss"]},
+                         "options": {"loss": {"v-loss": {}}}, "error": None}
     assert report[1]["error"] == "failed to import: ZeroDivisionError: division by zero"
     assert "traceback" not in report[1]
 
@@ -461,7 +463,9 @@ def test_plugins_json_lists_the_builtins_with_their_components():
     by_name = {p["name"]: p for p in data}
     assert set(BUILTIN_EPS) <= set(by_name)
     for p in data:
-        assert set(p) == {"name", "module", "distribution", "version", "hooks", "components", "error"}
+        assert set(p) == {"name", "module", "distribution", "version", "hooks", "components", "options", "error"}
+        # every listed component has an entry in the option schemas, and nothing else does
+        assert {k: sorted(v) for k, v in p["options"].items()} == {k: sorted(v) for k, v in p["components"].items()}
     losses, mixtures, mlp = by_name["losses"], by_name["mixtures"], by_name["mlp"]
     for p in (losses, mixtures, mlp):
         assert p["error"] is None
@@ -471,6 +475,63 @@ def test_plugins_json_lists_the_builtins_with_their_components():
     assert set(losses["components"]) == {"loss"}
     assert {"ring8", "grid25"} <= set(mixtures["components"]["dataset"])
     assert mlp["components"] == {"model": ["mlp"]} and mlp["hooks"] == ["register_models"]
+
+
+def test_plugins_json_carries_each_components_option_schema_and_each_presets_settings():
+    from dyngan_plugins.dyngan import DynGANDetector, DynGANPreset
+
+    code, data, _ = plugins_json()
+    assert code == 0
+    dyn = {p["name"]: p for p in data}["dyngan"]["options"]
+    assert dyn["detector"]["dyngan"] == {k: o.to_json() for k, o in DynGANDetector.options.items()}
+    assert dyn["detector"]["dyngan"]["delta"]["default"] == DynGANDetector.options["delta"].default
+    assert dyn["preset"]["dyngan"] == json.loads(json.dumps(DynGANPreset.settings))
+
+
+def test_plugins_options_text_shows_ready_to_use_o_flags_per_component():
+    from dyngan_plugins.dyngan import DynGANDetector, DynGANPreset
+
+    with plugin_host():
+        plain = CliRunner().invoke(cli, ["plugins"])
+        result = CliRunner().invoke(cli, ["plugins", "--options"])
+    assert result.exit_code == 0 and plain.exit_code == 0
+    assert "-o detector." not in plain.stdout
+    lines = result.stdout.splitlines()
+    i = lines.index("  detector: dyngan")
+    assert lines[i + 1] == "    dyngan"
+    delta = DynGANDetector.options["delta"]
+    assert lines[i + 2 + list(DynGANDetector.options).index("delta")] == (
+        f"      -o detector.delta={delta.default}  [{delta.describe()}]  {delta.help}")
+    subset = next(ln for ln in lines if ln.startswith("      -o detector.subset="))
+    assert subset.startswith("      -o detector.subset=none  [an integer >= 1 or none]")
+    # a kind with several components names each one above its own options
+    j = lines.index("  loss: mm, ns, ls, hinge, wgan-gp")
+    assert "    wgan-gp" in lines[j:] and "      -o loss.gp_lambda=10.0  [a number >= 0.0]" in "\n".join(lines[j:])
+    # a preset's settings, its component options written as -o flags
+    k = lines.index("  preset: dyngan")
+    block = lines[k + 2:k + 2 + 30]
+    assert '      loss = "ns"' in block
+    for kind, opts in DynGANPreset.settings["options"].items():
+        for key, value in opts.items():
+            assert f"      -o {kind}.{key}={value}" in block
+
+
+def test_plugins_options_lists_a_component_with_a_malformed_schema_without_failing_it():
+    bad = type("Loss_badopts", (Loss,), {"name": "badopts", "options": {"x": 5, "y": Option(None)}})
+
+    def register_losses(register):
+        register(bad)
+
+    plugin = make_plugin("badopts_plugin", register_losses=register_losses)
+    code, data, _ = plugins_json(plugin)
+    entry = {p["name"]: p for p in data}["badopts_plugin"]
+    assert code == 0 and entry["error"] is None and entry["components"] == {"loss": ["badopts"]}
+    assert set(entry["options"]["loss"]["badopts"]) == {"x", "y"}
+    assert all("malformed" in o for o in entry["options"]["loss"]["badopts"].values())
+    with plugin_host(plugin):
+        result = CliRunner().invoke(cli, ["plugins", "--options"])
+    assert result.exit_code == 0
+    assert "      -o loss.x: malformed (5)" in result.stdout.splitlines()
 
 
 def test_plugins_json_shows_a_broken_plugin_and_still_exits_0():
@@ -544,7 +605,8 @@ def test_installed_plugins_appear_in_the_dyngan_command(tmp_path):
     by_name = {p["name"]: p for p in json.loads(out.stdout)}
     assert by_name["hello"] == {
         "name": "hello", "module": "dyngan_hello_e2e", "distribution": "dyngan-hello", "version": "0.3.0",
-        "hooks": ["register_losses"], "components": {"loss": ["hello-loss"]}, "error": None,
+        "hooks": ["register_losses"], "components": {"loss": ["hello-loss"]},
+        "options": {"loss": {"hello-loss": {}}}, "error": None,
     }
     broken = by_name["broken"]
     assert (broken["distribution"], broken["version"], broken["components"]) == ("dyngan-broken", "0.0.1", {})
