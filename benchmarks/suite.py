@@ -188,6 +188,14 @@ for _t in ("dyngan-grid25", "dyngan-code-grid25", "dyngan-code-ring8"):
 # average gives (the average does not change training), so a separate raw table would repeat them
 for _t in ("dyngan-code-grid25", "dyngan-code-ring8"):
     del TABLES[_t], PUBLISHED[_t]
+# is HQ still rising at the reference length? the same methods, twice as long
+LONG = dict(TABLES["dyngan-code-grid25-ema"])
+LONG.update(title="DynGAN on grid25, DynGAN-code protocol, G weight average, 60,000 steps",
+            protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average', trained for 60,000 steps "
+                     "(twice the reference code's 30,000), to see whether HQ is still rising at 30,000.",
+            methods={m: TABLES["dyngan-code-grid25-ema"]["methods"][m] for m in ("ns", "dyngan")}, steps=60000)
+TABLES["dyngan-code-grid25-60k"] = LONG
+PUBLISHED["dyngan-code-grid25-60k"] = PUBLISHED["dyngan-code-grid25-ema"]
 # DynGAN with the authors' k-means weighting rule instead of ours (partitioner option `weighting`)
 REFW = "dyngan-refw"
 REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=reference: the authors' rule "
