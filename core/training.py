@@ -439,8 +439,18 @@ class Trainer:
             self.labels.copy_(labels)
             self.prior.copy_(prior)
             torch.set_rng_state(t["rng/cpu"])
-            self.gen.set_state(t["rng/train"])
-            self.comp_rng.set_state(t["rng/components"])
+            if t["rng/train"].shape == self.gen.get_state().shape:
+                self.gen.set_state(t["rng/train"])
+                self.comp_rng.set_state(t["rng/components"])
+            else:
+                # saved on another kind of device (a CUDA generator's state is not a CPU one's):
+                # the random streams cannot move, so they start afresh from the seed and step
+                self.gen.manual_seed(self.cfg["seed"] + 2_000_003 + self.step)
+                self.comp_rng.manual_seed(self.cfg["seed"] + 2_000_004 + self.step)
+                self.progress.message(
+                    f"the checkpoint's random streams were saved on another kind of device than "
+                    f"{self.device.type}; they restart from the seed, so the continuation differs from "
+                    f"one on the original device")
             if self.device.type == "cuda" and "rng/cuda" in t:
                 torch.cuda.set_rng_state(t["rng/cuda"], self.device)
             partition_count = int(meta.get("partition_count", 1))
@@ -509,11 +519,18 @@ class Trainer:
         if self.comps.partitioner is not None:
             call_component(self.comps.partitioner, "setup", ctx)
 
+    def _clock(self) -> float:
+        """Start time of a periodic phase: on an accelerator, once the queued training steps
+        are done, so that the phase's ``seconds`` hold its own work alone."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _detect(self, log: rundir.MetricsLog | None) -> None:
         det = self.comps.detector
         assert det is not None
         self._reports.clear()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         with torch.no_grad():
             result = call_component(det, "detect", self.context())
         if not isinstance(result, Detection) or result.collapsed.shape != (self.N,):
@@ -532,7 +549,7 @@ class Trainer:
         part = self.comps.partitioner
         assert part is not None
         self._reports.clear()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         with torch.no_grad():
             upd = call_component(part, "partition", self.context(), self.last_detection)
         if upd is None:

@@ -8,6 +8,7 @@ Runs are tiny (grid25 with 2000 points, tens of steps) so the file stays fast.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import shutil
@@ -205,6 +206,30 @@ def test_exact_resume_is_bit_identical(run60, tmp_path):
     steps_b = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
                if "loss/d" in json.loads(x)]
     assert len(steps_b) == len(set(steps_b))
+
+
+def test_resume_from_a_checkpoint_written_on_another_device(run60, tmp_path):
+    """A run trained on a GPU resumes on the CPU (seen on an H200: before the fix, the CUDA
+    generators' 16-byte states were refused by the CPU generators and the run could not go on).
+    Here the GPU checkpoint is imitated by giving the random streams a CUDA generator's shape."""
+    _, src = run60
+    out = tmp_path / "r"
+    shutil.copytree(src, out)
+    newest = ckpt_io.list_checkpoints(out / "checkpoints")[-1][1]
+    ck = ckpt_io.read(newest)
+    tensors = dict(ck.tensors)
+    for k in ("rng/train", "rng/components"):
+        assert tensors[k].numel() > 16  # a CPU generator's state
+        tensors[k] = torch.arange(16, dtype=torch.uint8)  # a CUDA (Philox) generator's: seed and offset
+    ckpt_io.save(out / "checkpoints", ck.step, tensors, ck.meta)
+    stream = io.StringIO()
+    result = api.train({"out": str(out), "steps": 70}, resume=True, quiet=False, stream=stream)
+    assert result.step == 70 and ckpt_steps(out)[-1] == 70
+    assert "random streams were saved on another kind of device" in stream.getvalue()
+    # the labels and prior came back as saved, and the resumed run reads back
+    assert torch.equal(final_tensors(out)["train/labels"], ck.tensors["train/labels"])
+    res = invoke(["evaluate", str(out), "--json", "--n", "200"])
+    assert res.exit_code == 0, res.output
 
 
 def test_resume_accepts_the_runs_own_settings_again(run60, tmp_path):
