@@ -1,6 +1,6 @@
 """Share of a DynGAN run spent in detection and partitioning, one run at a time.
 
-    python benchmarks/detect_share.py [--seeds 3] [--steps 30000] [--jobs 1]
+    python benchmarks/detect_share.py [--seeds 3] [--steps 30000] [--jobs 1] [--device cpu]
 
 Runs ``dyngan train --preset dyngan`` on grid25 (PacGAN protocol: 100,000 training points,
 the default intervals: a detection pass over all points every 500 steps, a partition check
@@ -32,14 +32,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="training device (cpu, cuda, cuda:N)")
     ap.add_argument("--table", default="dyngan-grid25-ema", choices=[t for t in suite.TABLES if "grid25" in t])
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dyngan-share-"))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        recs = list(pool.map(lambda s: suite.run_one(args.table, "dyngan", s, args.steps, work), range(args.seeds)))
+        recs = list(pool.map(lambda s: suite.run_one(args.table, "dyngan", s, args.steps, work,
+                                                         args.device), range(args.seeds)))
     steps = args.steps or suite.TABLES[args.table]["steps"]
     every = 500
-    print(f"machine: {suite.machine()}; load average at the end: {os.getloadavg()[0]:.2f}; jobs {args.jobs}")
+    print(f"machine: {suite.machine(args.device)}; load average at the end: {os.getloadavg()[0]:.2f}; jobs {args.jobs}")
     print("| seed | wall s | detect s | partition s | ms per detection pass | share |")
     print("|---|---|---|---|---|---|")
     shares = []

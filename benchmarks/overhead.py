@@ -7,6 +7,11 @@ imports and the final checkpoint cancel. Runs alternate between the two to share
 machine noise; the median of the repeats is reported.
 
     python benchmarks/overhead.py [--short 1000] [--long 5000] [--repeats 3] [--threads 1]
+                                  [--device cpu|cuda] [--batch-size 128] [--compile] [--no-startup]
+
+With ``--device cuda`` both programs run on the GPU and the bare loop synchronises once at
+its end (``dyngan train`` does when it writes its final checkpoint); with ``--compile`` both
+``torch.compile`` their two networks (compilation happens in both run lengths and cancels).
 
 Prints one JSON line with the ratio (dyngan steps/s divided by bare steps/s) and the
 start-up time of `dyngan train` (launch to the first step, from the run's `start` event,
@@ -31,23 +36,28 @@ import torch.nn.functional as F
 from torch import nn
 torch.set_num_threads(int(sys.argv[2]))
 torch.manual_seed(0)
-steps, B, N, Z = int(sys.argv[1]), 128, 100_000, 50
+steps, B, N, Z = int(sys.argv[1]), int(sys.argv[3]), 100_000, 50
+dev, compile_ = torch.device(sys.argv[4]), sys.argv[5] == "1"
 # the same networks as dyngan's mlp model, written out by hand
 G = nn.Sequential(nn.Linear(Z, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2))
 D = nn.Sequential(nn.Linear(2, 128), nn.LeakyReLU(0.1), nn.Linear(128, 128), nn.LeakyReLU(0.1),
                   nn.Linear(128, 1))
+G, D = G.to(dev), D.to(dev)
 opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
 opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
 centres = torch.tensor([[x, y] for x in (-4., -2., 0., 2., 4.) for y in (-4., -2., 0., 2., 4.)])
-data = centres[torch.randint(25, (N,))] + 0.05 * torch.randn(N, 2)
+data = (centres[torch.randint(25, (N,))] + 0.05 * torch.randn(N, 2)).to(dev)
+Gc, Dc = (torch.compile(G), torch.compile(D)) if compile_ else (G, D)
 for step in range(steps):
-    x = data[torch.randint(N, (B,))]
+    x = data[torch.randint(N, (B,), device=dev)]
     with torch.no_grad():
-        fake = G(torch.randn(B, Z))
-    loss_d = F.softplus(-D(x)).mean() + F.softplus(D(fake)).mean()
+        fake = Gc(torch.randn(B, Z, device=dev))
+    loss_d = F.softplus(-Dc(x)).mean() + F.softplus(Dc(fake)).mean()
     opt_d.zero_grad(); loss_d.backward(); opt_d.step()
-    loss_g = F.softplus(-D(G(torch.randn(B, Z)))).mean()
+    loss_g = F.softplus(-Dc(Gc(torch.randn(B, Z, device=dev)))).mean()
     opt_g.zero_grad(); loss_g.backward(); opt_g.step()
+if dev.type == "cuda":
+    torch.cuda.synchronize()
 """
 
 
@@ -75,12 +85,17 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both programs)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the networks in both programs")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
     args = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), DYNGAN_NO_PICTURES="1")
     tmp = tempfile.mkdtemp(prefix="dyngan-overhead-")
 
     def bare(steps: int) -> float:
-        return timed([sys.executable, "-c", BARE, str(steps), str(args.threads)], env)
+        return timed([sys.executable, "-c", BARE, str(steps), str(args.threads), str(args.batch_size),
+                      args.device, "1" if args.compile else "0"], env)
 
     run_id = [0]
 
@@ -88,41 +103,52 @@ def main() -> None:
         run_id[0] += 1
         out = os.path.join(tmp, f"r{run_id[0]}")
         return [sys.executable, "-m", "core", "train", "--steps", str(steps), "--out", out,
-                "--device", "cpu", "--threads", str(args.threads), "--quiet",
+                "--device", args.device, "--threads", str(args.threads), "--quiet",
+                "--batch-size", str(args.batch_size), "--compile" if args.compile else "--no-compile",
                 "--checkpoint-every", "0", "--eval-every", "0"], out
 
     def dyngan(steps: int) -> float:
         return timed(dyngan_cmd(steps)[0], env)
 
     per_bare, per_dyn, start_dyn = [], [], []
+    if args.compile:
+        # fill the compiler's caches first, so that the short and the long runs compile alike
+        bare(10), dyngan(10)
     for _ in range(args.repeats):
         b_s, d_s, b_l, d_l = bare(args.short), dyngan(args.short), bare(args.long), dyngan(args.long)
         span = args.long - args.short
         per_bare.append((b_l - b_s) / span)
         per_dyn.append((d_l - d_s) / span)
-        cmd, out = dyngan_cmd(10)
-        start_dyn.append(first_step_delay(cmd, env, out))
-    # import share of start-up: importing what `dyngan train` imports before it builds anything
-    imp = timed([sys.executable, "-c", "import torch, core.cli, core.api, core.training; "
-                 "from core.plugins import get_host; get_host()"], env)
+        if not args.no_startup:
+            cmd, out = dyngan_cmd(10)
+            start_dyn.append(first_step_delay(cmd, env, out))
     pb, pd = statistics.median(per_bare), statistics.median(per_dyn)
+    import torch
+
     result = {
         "benchmark": "overhead",
         "dataset": "grid25 (100,000 points)",
-        "setup": "mlp 2x128, z 50, batch 128, Adam 1e-3 (0.5, 0.999), ns loss",
+        "setup": f"mlp 2x128, z 50, batch {args.batch_size}, Adam 1e-3 (0.5, 0.999), ns loss",
+        "device": args.device,
+        "compile": args.compile,
         "threads": args.threads,
         "steps": [args.short, args.long],
         "repeats": args.repeats,
         "bare_ms_per_step": round(pb * 1e3, 4),
         "dyngan_ms_per_step": round(pd * 1e3, 4),
+        "bare_steps_per_s": round(1 / pb, 1),
+        "dyngan_steps_per_s": round(1 / pd, 1),
         "ratio_dyngan_over_bare_steps_per_s": round(pb / pd, 4),
-        "startup_to_first_step_s": round(statistics.median(start_dyn), 3),
-        "import_s": round(imp, 3),
-        "import_share_of_startup": round(imp / statistics.median(start_dyn), 3),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
-        "torch": __import__("torch").__version__,
-        "date": time.strftime("%Y-%m-%d"),
     }
+    if start_dyn:
+        # import share of start-up: importing what `dyngan train` imports before it builds anything
+        imp = timed([sys.executable, "-c", "import torch, core.cli, core.api, core.training; "
+                     "from core.plugins import get_host; get_host()"], env)
+        result.update(startup_to_first_step_s=round(statistics.median(start_dyn), 3), import_s=round(imp, 3),
+                      import_share_of_startup=round(imp / statistics.median(start_dyn), 3))
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None
+    result.update(machine=f"{platform.machine()}, {os.cpu_count()} cores" + (f", {gpu}" if gpu else ""),
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     print(json.dumps(result))
 
 
