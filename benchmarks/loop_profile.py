@@ -3,10 +3,10 @@
     python benchmarks/loop_profile.py [--device cuda] [--batch-size 128] [--steps 200]
 
 Runs both loops in this process under ``torch.profiler`` (grid25, MLP 2x128, ns loss) and
-prints, per step, the number of operator calls, of CUDA kernels and of CUDA runtime calls
-(launches, copies, synchronisations), with the names whose counts differ most, then the
-time per step of each loop measured without the profiler (median of 3 timed blocks, the device
-synchronised around each). Used to find where `dyngan train` spends more than the bare loop.
+prints the time per step of each loop, measured before any profiling (median of 3 timed
+blocks, the device synchronised around each), then, per step, the number of operator calls, of
+CUDA kernels and of CUDA runtime calls (launches, copies, synchronisations), with the names
+whose counts differ most. Used to find where `dyngan train` spends more than the bare loop.
 """
 
 from __future__ import annotations
@@ -121,12 +121,12 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="dyngan-prof-")
     loops = {"bare": bare_loop(dev, args.batch_size), "dyngan": dyngan_loop(dev, args.batch_size, work)}
     res: dict = {"device": args.device, "batch": args.batch_size, "torch": torch.__version__}
-    prof = {}
     for name, run in loops.items():
         run(50)  # warm-up: allocator, cuBLAS handles, the optimisers' state
-        prof[name] = counts(run, dev, args.steps)
+    # timed before any profiling: a profiler can leave per-launch callbacks behind it
     for name, run in loops.items():
         res[f"{name}_ms_per_step"] = round(per_step_ms(run, dev, args.steps * 2), 4)
+    prof = {name: counts(run, dev, args.steps) for name, run in loops.items()}
     (bo, bk), (do, dk) = prof["bare"], prof["dyngan"]
     n = args.steps
     runtime = ("cuda", "cu")  # runtime and driver API calls are CPU events named cuda*/cu*
