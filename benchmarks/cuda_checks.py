@@ -33,8 +33,6 @@ from core import rundir
 from core.plugins import get_host
 from core.training import Trainer
 
-#: the phases that run at their own intervals and may gather scalars to the host
-ALLOWED_PHASES = ("_log_step", "_eval", "save", "_detect", "_partition")
 CASES = {
     "ns": {},
     "wgan-gp": {"loss": "wgan-gp"},
@@ -83,7 +81,7 @@ def count_syncs(settings: dict) -> tuple[collections.Counter, int]:
 
         setattr(T.Trainer, name, wrapper)
 
-    for n in ("_loop",) + ALLOWED_PHASES:
+    for n in ("_loop",) + T.Trainer.PERIODIC_PHASES:
         wrap(n)
     try:
         with warnings.catch_warnings(record=True) as caught:

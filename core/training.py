@@ -282,6 +282,11 @@ class TrainResult:
 class Trainer:
     """One training run. ``Trainer(cfg, registry, run_dir).run()``."""
 
+    #: the methods the loop calls at their own intervals: the only places where it may wait for
+    #: the device (gather scalars, read the partition); checked by tests/test_pipeline.py and,
+    #: on a GPU, benchmarks/cuda_checks.py
+    PERIODIC_PHASES = ("_log_step", "_eval", "save", "_detect", "_partition")
+
     def __init__(
         self,
         cfg: dict[str, Any],
@@ -439,18 +444,12 @@ class Trainer:
             self.labels.copy_(labels)
             self.prior.copy_(prior)
             torch.set_rng_state(t["rng/cpu"])
-            if t["rng/train"].shape == self.gen.get_state().shape:
+            # saved on another kind of device (a CUDA generator's state is not a CPU one's), the
+            # random streams cannot move: they restart from the seed and step, below
+            rng_moved = t["rng/train"].shape != self.gen.get_state().shape
+            if not rng_moved:
                 self.gen.set_state(t["rng/train"])
                 self.comp_rng.set_state(t["rng/components"])
-            else:
-                # saved on another kind of device (a CUDA generator's state is not a CPU one's):
-                # the random streams cannot move, so they start afresh from the seed and step
-                self.gen.manual_seed(self.cfg["seed"] + 2_000_003 + self.step)
-                self.comp_rng.manual_seed(self.cfg["seed"] + 2_000_004 + self.step)
-                self.progress.message(
-                    f"the checkpoint's random streams were saved on another kind of device than "
-                    f"{self.device.type}; they restart from the seed, so the continuation differs from "
-                    f"one on the original device")
             if self.device.type == "cuda" and "rng/cuda" in t:
                 torch.cuda.set_rng_state(t["rng/cuda"], self.device)
             partition_count = int(meta.get("partition_count", 1))
@@ -473,6 +472,13 @@ class Trainer:
         self.last_detection = detection
         self.last_fraction = float(fraction) if isinstance(fraction, (int, float)) else None
         self.step = ck.step
+        if rng_moved:
+            self.gen.manual_seed(self.cfg["seed"] + 2_000_003 + ck.step)
+            self.comp_rng.manual_seed(self.cfg["seed"] + 2_000_004 + ck.step)
+            self.progress.message(
+                f"the checkpoint's random streams were saved on another kind of device than "
+                f"{self.device.type}; they restart from the seed, so the continuation differs from "
+                f"one on the original device")
 
     def save(self) -> None:
         for what, net in (("generator", self.G), ("discriminator", self.D)):  # on every rank: same verdict
