@@ -219,6 +219,13 @@ REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=refer
 for _t in ("dyngan-grid25-ema", "dyngan-code-grid25-ema"):
     TABLES[_t]["methods"][REFW] = TABLES[_t]["methods"]["dyngan"] | {"-o": ["partitioner.weighting=reference"]}
     TABLES[_t]["protocol"] += REFW_NOTE
+# the reference code's initial weights (N(0, 0.02), zero biases) instead of PyTorch's default
+INIT = "dyngan-init-normal"
+TABLES["dyngan-code-grid25-ema"]["methods"][INIT] = (TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]
+                                                     | {"-o": ["model.init=normal"]})
+TABLES["dyngan-code-grid25-ema"]["protocol"] += (
+    f" {INIT} = the same preset with -o model.init=normal: the reference code's initial weights "
+    "(N(0, 0.02), zero biases) instead of PyTorch's default.")
 TABLES["stacked-digits"] = TABLES.pop("stacked-digits")  # the 2D tables first
 # a baseline that really drops modes: D at 1/4 of G's width (PacGAN's Table 3 setting), and twice the
 # steps, so that DynGAN's detector (every 500 steps, moving average lam 0.2) has time to fire

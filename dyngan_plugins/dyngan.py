@@ -309,7 +309,7 @@ class DynGANPreset(Preset):
     """DynGAN with the defaults of the authors' 2D code (grid / ring mixtures), plus one
     setting of ours: samples and metrics come from a moving average of G's weights
     (``g_ema`` 0.99, over about the last 100 steps), which the reference code does not keep;
-    ``--g-ema 0`` gives the reference setup exactly."""
+    ``--g-ema 0`` gives the reference setup (``-o model.init=normal`` also its initial weights)."""
 
     name = "dyngan"
     settings = {

@@ -51,7 +51,14 @@ def _build(data_shape, spec: ConditioningSpec, opts):
             f = self.body(h)
             return self.head(f), f
 
-    return Generator(), Discriminator()
+    g, d = Generator(), Discriminator()
+    if opts.init == "normal":
+        for net in (g, d):
+            for layer in net.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, 0.0, 0.02)
+                    nn.init.zeros_(layer.bias)
+    return g, d
 
 
 class MLP(Model):
@@ -63,6 +70,9 @@ class MLP(Model):
         "hidden": Option(128, "width of each hidden layer", min=1),
         "layers": Option(2, "number of hidden layers in each network", min=1),
         "slope": Option(0.1, "negative slope of D's LeakyReLU", min=0.0),
+        "init": Option("torch", "initial weights: torch (PyTorch's default, uniform, fan-in scaled) or "
+                       "normal (N(0, 0.02) weights and zero biases, as the DynGAN reference code)",
+                       choices=("torch", "normal")),
     }
 
     def build(self, data_shape, spec):

@@ -93,3 +93,24 @@ def test_each_call_builds_a_fresh_module():
     c = EmbeddingConditioner(capacity=3, dim=4)
     a, b = c.generator_code(), c.generator_code()
     assert a is not b
+
+
+def test_mlp_normal_init_is_the_reference_codes():
+    """model.init=normal: every Linear of G and D gets N(0, 0.02) weights and zero biases (the
+    DynGAN 2D code's initialisation); the default keeps PyTorch's fan-in scaled uniform init."""
+    spec = OneHotConditioner(capacity=30).spec()
+    torch.manual_seed(0)
+    G, D = MLP(hidden=128, init="normal").build((2,), spec)
+    layers = [m for net in (G, D) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 6
+    weights = torch.cat([m.weight.flatten() for m in layers])
+    assert abs(weights.std().item() - 0.02) < 1e-3 and abs(weights.mean().item()) < 1e-3
+    assert all(torch.count_nonzero(m.bias) == 0 for m in layers)
+    torch.manual_seed(0)
+    G0, _ = MLP(hidden=128).build((2,), spec)
+    first = next(m for m in G0.modules() if isinstance(m, torch.nn.Linear))
+    # PyTorch's default: uniform within 1/sqrt(fan_in), biases non-zero
+    assert first.weight.abs().max().item() <= 1 / (50 + 30) ** 0.5 + 1e-6
+    assert first.weight.std().item() > 0.05 and torch.count_nonzero(first.bias) > 0
+    with pytest.raises(OptionError):
+        MLP(init="xavier")
