@@ -370,6 +370,25 @@ def test_subset_partition_labels_the_rest_by_nearest_neighbours():
     assert torch.equal(upd.labels, blob)  # the samples outside the subset follow their neighbours
 
 
+@pytest.mark.parametrize("dim,projected", [(4, True), (64, False), (None, False)])
+def test_knn_dim_votes_in_a_random_projection(dim, projected):
+    # 64-d features, 2 blobs 5 apart along the diagonal; knn_dim=4 votes in 4 random directions
+    n = 60
+    g = torch.Generator().manual_seed(2)
+    blob = (torch.arange(n) >= 30).long()
+    feats = blob[:, None] * torch.full((1, 64), 5.0 / 8) + 0.1 * torch.randn(n, 64, generator=g)
+    D = FakeD(torch.where(blob == 1, 6.0, -6.0), feats)
+    ctx, _ = make_ctx(D, torch.zeros(n), seed=3)
+    det = DynGANDetector(subset=20, lam=1.0)
+    det.setup(ctx)
+    out = det.detect(ctx)
+    before = ctx.rng.get_state()
+    upd = DynGANPartitioner(knn_dim=dim).partition(ctx, out)
+    assert torch.equal(upd.labels, blob)
+    # the projection is drawn from the run's generator only when it is narrower than the features
+    assert torch.equal(ctx.rng.get_state(), before) is not projected
+
+
 def test_partitioner_broadcasts_the_decision():
     class Recorder(Comm):
         def __init__(self):
