@@ -242,6 +242,10 @@ LONGSD = dict(TABLES["stacked-digits"])
 LONGSD.update(title="Stacked digits, 20,000 steps",
               protocol="as 'Stacked digits (8x8x3, 1000 modes)', trained for 20,000 steps (4x), NS-GAN and DynGAN.",
               methods={m: TABLES["stacked-digits"]["methods"][m] for m in ("ns", "dyngan")}, steps=20000)
+LONGSD["methods"]["dyngan-knn128"] = LONGSD["methods"]["dyngan"] | {
+    "-o": LONGSD["methods"]["dyngan"]["-o"] + ["partitioner.knn_dim=128"]}
+LONGSD["protocol"] += (" dyngan-knn128: the same DynGAN with -o partitioner.knn_dim=128 (the 5-NN vote "
+                       "outside the detector's subset in a random 128-d projection of D's features).")
 TABLES["stacked-digits-20k"] = LONGSD
 PUBLISHED["stacked-digits-20k"] = []
 
