@@ -31,9 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite import _mean_se  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "reference_2d.jsonl"
 BATCH, Z, SLOTS, HIDDEN, LAM, TAU, EVERY_DETECT, EVERY_PART, SIGMA = 128, 50, 30, 128, 0.1, 0.01, 500, 3000, 0.1
@@ -158,12 +162,8 @@ def run(delta: float, seed: int, steps: int = 30000) -> dict:
 
 
 def _summary(rows: list[dict]) -> str:
-    import statistics as st
-
     def ms(key):
-        v = [float(r[key]) for r in rows]
-        se = st.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0
-        return f"{st.mean(v):.3f} ± {se:.3f}"
+        return _mean_se([float(r[key]) for r in rows])
 
     return (f"delta {rows[0]['delta']}: {len(rows)} seeds, modes {ms('modes')}, HQ {ms('hq3')}, "
             f"KL {ms('reverse_kl')}, conditions {ms('conditions')}")

@@ -55,7 +55,7 @@ def _image_shape(data_shape) -> tuple[int, int, bool]:
     return c, h, squeeze
 
 
-def _dcgan_init(module) -> None:
+def dcgan_init(module) -> None:
     """DCGAN initialisation: weights N(0, 0.02), batch-norm scales N(1, 0.02), biases 0."""
     from torch import nn
 
@@ -117,7 +117,7 @@ def _build(data_shape, spec: ConditioningSpec, opts):
                 r *= 2
             blocks += [nn.ConvTranspose2d(g_ch(r), c, 4, 2, 1), nn.Tanh()]
             self.blocks = nn.Sequential(*blocks)
-            self.apply(_dcgan_init)
+            self.apply(dcgan_init)
 
         def forward(self, z, code=None):
             b = z.shape[0]
@@ -145,7 +145,7 @@ def _build(data_shape, spec: ConditioningSpec, opts):
             self.body = nn.Sequential(*layers)
             self.feature_dim = width
             self.head = nn.Linear(width + spec.d_dim, spec.d_heads)
-            self.apply(_dcgan_init)
+            self.apply(dcgan_init)
 
         def forward(self, x, code=None):
             b = x.shape[0]

@@ -52,12 +52,11 @@ def _build(data_shape, spec: ConditioningSpec, opts):
             return self.head(f), f
 
     g, d = Generator(), Discriminator()
-    if opts.init == "normal":
-        for net in (g, d):
-            for layer in net.modules():
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, 0.0, 0.02)
-                    nn.init.zeros_(layer.bias)
+    if opts.init == "normal":  # the DynGAN reference code's: DCGAN's N(0, 0.02), zero biases
+        from .dcgan import dcgan_init
+
+        g.apply(dcgan_init)
+        d.apply(dcgan_init)
     return g, d
 
 
