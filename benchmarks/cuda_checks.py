@@ -7,7 +7,7 @@
    weight average) trains on the GPU with ``torch.cuda.set_sync_debug_mode("warn")`` switched
    on while the loop runs and off inside the periodic phases (logging, evaluation, checkpoint,
    detection, partitioning). Every synchronising CUDA call left is counted with the Python line
-   that made it. This also catches syncs that no Tensor method shows (boolean-mask indexing,
+   that made it and the innermost line of this repository's code above it. This also catches syncs that no Tensor method shows (boolean-mask indexing,
    ``nonzero``, a host-side branch on a device value).
 2. A DynGAN run trained on the GPU, with partitions, resumes from its checkpoint on the GPU and
    on the CPU with the same labels and prior, and ``dyngan evaluate`` reads it on the CPU.
@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from core import checkpoint as ckpt_io
 from core import rundir
 from core.plugins import get_host
 from core.training import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CASES = {
     "ns": {},
@@ -83,17 +86,25 @@ def count_syncs(settings: dict) -> tuple[collections.Counter, int]:
 
     for n in ("_loop",) + T.Trainer.PERIODIC_PHASES:
         wrap(n)
+    syncs: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        # the line that made the call (often inside torch) and the innermost line of ours above it
+        ours = [(p, f.lineno) for f in traceback.extract_stack()[:-1]
+                if (p := Path(f.filename).resolve()).is_relative_to(ROOT) and p != Path(__file__).resolve()]
+        via = f" via {ours[-1][0].relative_to(ROOT)}:{ours[-1][1]}" if ours else ""
+        syncs[f"{Path(filename).parent.name}/{Path(filename).name}:{lineno}{via}"] += 1
+
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = record
             result = api.train(settings, quiet=True)
     finally:
         for n, f in originals.items():
             setattr(T.Trainer, n, f)
-    syncs: collections.Counter = collections.Counter()
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
     return syncs, result.step
 
 

@@ -133,6 +133,9 @@ class PluginHost:
         try:
             self.pm.register(obj, name=name)
         except Exception as e:
+            # pluggy up to 1.6 (1.7 rolls back) leaves a plugin that failed validation half-registered
+            if self.pm.get_plugin(name) is not None:
+                self.pm.unregister(name=name)
             info.error = f"invalid plugin: {type(e).__name__}: {e}"
             return info
         try:

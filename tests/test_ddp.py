@@ -25,7 +25,9 @@ import torch
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
-SMALL = ["-o", "dataset.n=2000", "--log-every", "20", "-q"]
+# --device cpu: these runs test Gloo on the CPU; on a one-GPU machine "auto" would pick CUDA,
+# and two ranks on one GPU are refused
+SMALL = ["--device", "cpu", "-o", "dataset.n=2000", "--log-every", "20", "-q"]
 # DynGAN with intervals short enough to detect and partition within 60 steps; lam=1 and
 # delta=1.5 make the detector flag samples (D(x) > 0.4) this early, so a partition happens
 DYNGAN = ["--preset", "dyngan", "-o", "detector.every=20", "-o", "partitioner.every=40",

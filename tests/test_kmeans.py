@@ -89,7 +89,9 @@ def test_assign_is_chunk_independent_and_weighting_keeps_own_cluster():
     c = x[torch.tensor([0, 30, 60])] + 0.5
     l1, d1 = km.assign(x, c, chunk=7)
     l2, d2 = km.assign(x, c, chunk=10_000)
-    assert torch.equal(l1, l2) and torch.allclose(d1, d2)
+    # distances come from |x|^2 - 2 x.c + |c|^2 in float32 (|x|^2 ~ 100 here), whose rounding
+    # depends on the BLAS's blocking of each chunk: equal labels, distances equal to that rounding
+    assert torch.equal(l1, l2) and torch.allclose(d1, d2, atol=1e-3)
     assert torch.allclose(d1, ((x - c[l1]) ** 2).sum(1), atol=1e-3)
     # a point halfway between two centres stays with its own one when its distance is down-weighted
     pts = torch.tensor([[0.45], [0.55]])
