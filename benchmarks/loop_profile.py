@@ -1,4 +1,4 @@
-"""What one training step launches: `dyngan train`'s loop against the bare loop of overhead.py.
+"""What one training step launches: `dyngan train`'s loop against the bare loop (bare_loop.py).
 
     python benchmarks/loop_profile.py [--device cuda] [--batch-size 128] [--steps 200]
 
@@ -21,36 +21,8 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from bare_loop import build as build_bare
 from torch.profiler import ProfilerActivity, profile
-
-
-def bare_loop(dev: torch.device, B: int):
-    torch.manual_seed(0)
-    N, Z = 100_000, 50
-    G = nn.Sequential(nn.Linear(Z, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2)).to(dev)
-    D = nn.Sequential(nn.Linear(2, 128), nn.LeakyReLU(0.1), nn.Linear(128, 128), nn.LeakyReLU(0.1),
-                      nn.Linear(128, 1)).to(dev)
-    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    data = torch.randn(N, 2, device=dev)
-
-    def run(steps: int) -> None:
-        for _ in range(steps):
-            x = data[torch.randint(N, (B,), device=dev)]
-            with torch.no_grad():
-                fake = G(torch.randn(B, Z, device=dev))
-            loss_d = F.softplus(-D(x)).mean() + F.softplus(D(fake)).mean()
-            opt_d.zero_grad()
-            loss_d.backward()
-            opt_d.step()
-            loss_g = F.softplus(-D(G(torch.randn(B, Z, device=dev)))).mean()
-            opt_g.zero_grad()
-            loss_g.backward()
-            opt_g.step()
-
-    return run
 
 
 def dyngan_loop(dev: torch.device, B: int, work: str):
@@ -119,7 +91,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dev = torch.device(args.device)
     work = tempfile.mkdtemp(prefix="dyngan-prof-")
-    loops = {"bare": bare_loop(dev, args.batch_size), "dyngan": dyngan_loop(dev, args.batch_size, work)}
+    loops = {"bare": build_bare(dev, args.batch_size)[2], "dyngan": dyngan_loop(dev, args.batch_size, work)}
     res: dict = {"device": args.device, "batch": args.batch_size, "torch": torch.__version__}
     for name, run in loops.items():
         run(50)  # warm-up: allocator, cuBLAS handles, the optimisers' state

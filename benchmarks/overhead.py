@@ -1,7 +1,8 @@
 """Overhead of `dyngan train` against a bare hand-written PyTorch loop.
 
 Both train the default grid25 setup (MLP 2x128, z 50, batch 128, Adam 1e-3 (0.5, 0.999),
-non-saturating loss, 100,000 training points) in fresh processes. The per-step time of each
+non-saturating loss, 100,000 training points) in fresh processes; the bare loop is
+``benchmarks/bare_loop.py``. The per-step time of each
 is the difference of two run lengths divided by the difference of steps, so start-up,
 imports and the final checkpoint cancel. Runs alternate between the two to share
 machine noise; the median of the repeats is reported.
@@ -13,7 +14,8 @@ With ``--device cuda`` both programs run on the GPU and the bare loop synchronis
 its end (``dyngan train`` does when it writes its final checkpoint); with ``--compile`` both
 ``torch.compile`` their two networks (compilation happens in both run lengths and cancels).
 
-Prints one JSON line with the ratio (dyngan steps/s divided by bare steps/s) and the
+Prints one JSON line with the ratio (dyngan steps/s divided by bare steps/s: of the median
+step times, and the median of each repeat's own ratio, with every repeat's) and the
 start-up time of `dyngan train` (launch to the first step, from the run's `start` event,
 and the part spent importing torch, the CLI and the plugins).
 """
@@ -23,42 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-BARE = r"""
-import sys, time, torch
-import torch.nn.functional as F
-from torch import nn
-torch.set_num_threads(int(sys.argv[2]))
-torch.manual_seed(0)
-steps, B, N, Z = int(sys.argv[1]), int(sys.argv[3]), 100_000, 50
-dev, compile_ = torch.device(sys.argv[4]), sys.argv[5] == "1"
-# the same networks as dyngan's mlp model, written out by hand
-G = nn.Sequential(nn.Linear(Z, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2))
-D = nn.Sequential(nn.Linear(2, 128), nn.LeakyReLU(0.1), nn.Linear(128, 128), nn.LeakyReLU(0.1),
-                  nn.Linear(128, 1))
-G, D = G.to(dev), D.to(dev)
-opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
-opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
-centres = torch.tensor([[x, y] for x in (-4., -2., 0., 2., 4.) for y in (-4., -2., 0., 2., 4.)])
-data = (centres[torch.randint(25, (N,))] + 0.05 * torch.randn(N, 2)).to(dev)
-Gc, Dc = (torch.compile(G), torch.compile(D)) if compile_ else (G, D)
-for step in range(steps):
-    x = data[torch.randint(N, (B,), device=dev)]
-    with torch.no_grad():
-        fake = Gc(torch.randn(B, Z, device=dev))
-    loss_d = F.softplus(-Dc(x)).mean() + F.softplus(Dc(fake)).mean()
-    opt_d.zero_grad(); loss_d.backward(); opt_d.step()
-    loss_g = F.softplus(-Dc(Gc(torch.randn(B, Z, device=dev)))).mean()
-    opt_g.zero_grad(); loss_g.backward(); opt_g.step()
-if dev.type == "cuda":
-    torch.cuda.synchronize()
-"""
+from suite import machine
+
+BARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bare_loop.py")
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -94,8 +69,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="dyngan-overhead-")
 
     def bare(steps: int) -> float:
-        return timed([sys.executable, "-c", BARE, str(steps), str(args.threads), str(args.batch_size),
-                      args.device, "1" if args.compile else "0"], env)
+        return timed([sys.executable, BARE, str(steps), "--threads", str(args.threads), "--batch-size",
+                      str(args.batch_size), "--device", args.device] + (["--compile"] if args.compile else []), env)
 
     run_id = [0]
 
@@ -139,6 +114,9 @@ def main() -> None:
         "bare_steps_per_s": round(1 / pb, 1),
         "dyngan_steps_per_s": round(1 / pd, 1),
         "ratio_dyngan_over_bare_steps_per_s": round(pb / pd, 4),
+        # each repeat's own ratio: its four runs are back to back, so slow drifts of the machine cancel
+        "ratio_per_repeat": [round(b / d, 3) for b, d in zip(per_bare, per_dyn)],
+        "ratio_median_of_repeats": round(statistics.median(b / d for b, d in zip(per_bare, per_dyn)), 4),
     }
     if start_dyn:
         # import share of start-up: importing what `dyngan train` imports before it builds anything
@@ -146,9 +124,7 @@ def main() -> None:
                      "from core.plugins import get_host; get_host()"], env)
         result.update(startup_to_first_step_s=round(statistics.median(start_dyn), 3), import_s=round(imp, 3),
                       import_share_of_startup=round(imp / statistics.median(start_dyn), 3))
-    gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None
-    result.update(machine=f"{platform.machine()}, {os.cpu_count()} cores" + (f", {gpu}" if gpu else ""),
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    result.update(machine=machine(args.device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     print(json.dumps(result))
 
 
