@@ -281,11 +281,11 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
 
     from .training import generate, load_dataset, score
 
+    if n is not None and n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
     host = host or get_host()
     cfg, comps, G, prior, dev, step, weights = _load_run(Path(run_dir), host, device, generator)
-    n = n or cfg["eval_samples"]
-    if n < 1:
-        raise UsageError(f"--n must be at least 1, got {n}")
+    n = cfg["eval_samples"] if n is None else n
     real = load_dataset(comps, cfg["seed"]).to(dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     fake = generate(G, n, comps.model.z_dim, prior, dev, g)

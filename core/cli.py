@@ -33,15 +33,19 @@ class DynganGroup(click.Group):
     lists the core commands and plugin commands are found on first use.
     """
 
-    _plugin_commands_loaded = False
+    _commands_host: Any = None  # the plugin host whose commands were added
+    _core_commands: frozenset[str] | None = None
 
     def _load_plugin_commands(self) -> None:
-        if self._plugin_commands_loaded:
-            return
-        self._plugin_commands_loaded = True
         from .plugins import get_host
 
-        get_host().add_commands(self)
+        host = get_host()
+        if self._commands_host is host:
+            return
+        self._commands_host = host
+        if self._core_commands is None:  # before any plugin command: the core's own
+            self._core_commands = frozenset(self.commands)
+        host.add_commands(self, protected=self._core_commands)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         cmd = super().get_command(ctx, cmd_name)
@@ -83,7 +87,7 @@ def plugins(as_json: bool, show_options: bool) -> None:
     from .plugins import get_host
 
     host = get_host()
-    host.add_commands(cli)
+    cli._load_plugin_commands()  # type: ignore[attr-defined]
     data = host.report()
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -96,6 +100,8 @@ def plugins(as_json: bool, show_options: bool) -> None:
         click.echo(f"{p['name']}{dist}  ({p['module']})")
         if p["hooks"]:
             click.echo(f"  hooks: {', '.join(p['hooks'])}")
+        if p["commands"]:
+            click.echo(f"  commands: {', '.join(p['commands'])}")
         for kind, names in sorted(p["components"].items()):
             click.echo(f"  {kind}: {', '.join(names)}")
             if show_options:

@@ -27,6 +27,9 @@ SLOTS: dict[str, str] = {
     "partitioner": "partitioner",
     "conditioner": "conditioner",
 }
+#: kinds whose options ``-o KIND.KEY=VALUE`` and ``[options.KIND]`` set: the slots, and the
+#: metrics (``metric.KEY`` goes to every chosen metric that has KEY, ``metric.NAME.KEY`` to one)
+OPTION_KINDS: tuple[str, ...] = (*SLOTS, "metric")
 #: slots that may be "none"
 OPTIONAL_SLOTS = ("detector", "partitioner", "conditioner")
 
@@ -94,8 +97,8 @@ def parse_option_flags(items: list[str] | tuple[str, ...]) -> dict[str, dict[str
         kind, dot, opt = key.strip().partition(".")
         if not sep or not dot or not kind or not opt:
             raise UsageError(f"option {item!r} must look like KIND.KEY=VALUE, e.g. detector.delta=0.1")
-        if kind not in SLOTS:
-            raise UsageError(f"option {item!r}: unknown kind {kind!r} (kinds: {', '.join(SLOTS)})")
+        if kind not in OPTION_KINDS:
+            raise UsageError(f"option {item!r}: unknown kind {kind!r} (kinds: {', '.join(OPTION_KINDS)})")
         out.setdefault(kind, {})[opt.strip()] = value.strip()
     return out
 
@@ -188,6 +191,37 @@ def _none(v: Any) -> bool:
     return v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null"))
 
 
+def _metric_options(classes: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{metric: resolved options}`` for the chosen metrics from ``metric.KEY`` / ``metric.NAME.KEY``.
+
+    An unscoped KEY goes to every chosen metric that declares it (it must be declared by one);
+    a scoped one, which wins over the unscoped, to its metric, which must be chosen.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in given.items():
+        if isinstance(value, Mapping):  # [options.metric.prdc] in a config file
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[str(key)] = value
+    per: dict[str, dict[str, Any]] = {m: {} for m in classes}
+    chosen = ", ".join(classes) or "none"
+    for key in sorted(flat, key=lambda k: "." in k):  # unscoped first, so scoped values win
+        name, dot, opt = key.rpartition(".")
+        if dot:
+            if name not in classes:
+                raise UsageError(f"option 'metric.{key}': metric {name!r} is not chosen (metrics: {chosen})")
+            per[name][opt] = flat[key]
+            continue
+        takers = [m for m, cls in classes.items() if key in cls.options]
+        if not takers:
+            offered = "; ".join(f"{m}: {', '.join(sorted(cls.options)) or 'none'}" for m, cls in classes.items())
+            raise UsageError(f"option 'metric.{key}': no chosen metric has it (metrics: {chosen}"
+                             f"{'; ' + offered if offered else ''})")
+        for m in takers:
+            per[m][key] = flat[key]
+    return {m: cls.resolve_options(per[m]) for m, cls in classes.items()}
+
+
 def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Merge ``layers`` (config file, then flags) over the defaults and a preset; validate all.
 
@@ -213,8 +247,8 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
     opts_in: dict[str, Any] = cfg.get("options") or {}
     user_opts: Mapping[str, Any] = user.get("options") or {}
     for kind in opts_in:
-        if kind not in SLOTS:
-            raise UsageError(f"options for unknown kind {kind!r} (kinds: {', '.join(SLOTS)})")
+        if kind not in OPTION_KINDS:
+            raise UsageError(f"options for unknown kind {kind!r} (kinds: {', '.join(OPTION_KINDS)})")
 
     # names: required slots must name a registered component; optional ones may be none
     for slot in SLOTS:
@@ -259,9 +293,9 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
         metrics = list(dataset_cls.default_metrics)
     elif isinstance(metrics, str):
         metrics = [m for m in metrics.replace(" ", "").split(",") if m and m.lower() != "none"]
-    for m in metrics:
-        registry.get("metric", m)
-    cfg["metrics"] = list(metrics)
+    metric_classes = {m: registry.get("metric", m) for m in metrics}
+    cfg["metrics"] = [cls.name for cls in metric_classes.values()]
+    resolved_opts["metric"] = _metric_options(metric_classes, opts_in.get("metric") or {})
     if cfg.get("eval_samples") is None:
         cfg["eval_samples"] = int(getattr(dataset_cls, "eval_samples", 2500))
     return cfg

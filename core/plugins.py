@@ -43,6 +43,8 @@ class PluginInfo:
     components: dict[str, list[str]] = field(default_factory=dict)
     #: kind -> component name -> option key -> ``Option.to_json()`` (presets: their settings)
     options: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: commands its ``register_commands`` added to the CLI (known once the CLI has asked)
+    commands: list[str] = field(default_factory=list)
     error: str | None = None
     traceback: str | None = None
 
@@ -55,6 +57,7 @@ class PluginInfo:
             "hooks": self.hooks,
             "components": self.components,
             "options": self.options,
+            "commands": self.commands,
             "error": self.error,
         }
 
@@ -173,15 +176,31 @@ class PluginHost:
 
                 impl.function(**{a: register for a in impl.argnames})
 
-    def add_commands(self, cli: Any) -> None:
-        """Run every plugin's ``register_commands(cli)``; a failure marks the plugin."""
+    def add_commands(self, cli: Any, protected: Iterable[str] = ()) -> None:
+        """Run every plugin's ``register_commands(cli)``, recording what each adds.
+
+        A failure marks the plugin; so does replacing a command in ``protected`` (the core
+        commands) or one another plugin of this host added, and the replaced one is put back.
+        """
         for impl in self.pm.hook.register_commands.get_hookimpls():
+            info = self.plugins.get(impl.plugin_name)
+            keep = set(protected) | {n for p in self.plugins.values() if p is not info for n in p.commands}
+            before = dict(getattr(cli, "commands", {}))
             try:
                 impl.function(**{a: cli for a in impl.argnames})
             except Exception as e:  # noqa: BLE001
-                info = self.plugins.get(impl.plugin_name)
                 if info is not None:
                     info.error = f"failed in register_commands: {type(e).__name__}: {e}"
+                continue
+            after = getattr(cli, "commands", {})
+            taken = sorted(n for n, c in after.items() if n in keep and n in before and c is not before[n])
+            for name in taken:
+                after[name] = before[name]
+            if info is not None:
+                info.commands = sorted(set(info.commands) | {n for n in after if n not in before})
+                if taken:
+                    info.error = (f"failed in register_commands: command {', '.join(map(repr, taken))} "
+                                  "already exists; the existing one is kept")
 
     # ------------------------------------------------------------------ queries
 

@@ -125,12 +125,12 @@ def plugin_host(
             continue
         infos.append(host.add_plugin(name, lambda obj=obj: obj, module=getattr(obj, "__name__", "")))
     commands_before = dict(cli.commands)
-    # the group loads plugin commands lazily, once; put that flag back too, so that a
-    # lookup made inside the block does not stop the real host's commands loading later
-    lazy_loaded_before = cli._plugin_commands_loaded
+    # the group loads plugin commands lazily, once per host; put back which host it loaded,
+    # so that the real host's commands still load after the block
+    lazy_loaded_before = cli._commands_host
     previous = set_host(host)
     try:
-        host.add_commands(cli)
+        cli._load_plugin_commands()
         broken = [f"{i.name}: {i.error}" for i in infos if i.error is not None]
         if strict and broken:
             raise PluginError("plugin failed to load: " + "; ".join(broken))
@@ -141,7 +141,7 @@ def plugin_host(
             _restore_plugin_names(host, previous)
         cli.commands.clear()
         cli.commands.update(commands_before)
-        cli._plugin_commands_loaded = lazy_loaded_before
+        cli._commands_host = lazy_loaded_before
 
 
 def _restore_plugin_names(used: PluginHost, restored: PluginHost) -> None:

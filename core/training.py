@@ -129,21 +129,22 @@ class Components:
 def instantiate(cfg: dict[str, Any], registry: Registry) -> Components:
     opts = cfg["options"]
 
-    def make(slot: str, kind: str) -> Any:
-        name = cfg.get(slot)
-        if name is None:
-            return None
+    def build(kind: str, name: str, values: dict[str, Any]) -> Any:
         cls = registry.get(kind, name)
         try:
-            return cls(**opts.get(slot, {}))
+            return cls(**values)
         except DynganError:
             raise
         except Exception as e:  # a plugin's __init__ raised
             raise ComponentFailure(kind, name, cls.plugin, "__init__", e) from e
 
-    metrics = []
-    for m in cfg.get("metrics", []):
-        metrics.append(registry.get("metric", m)())
+    def make(slot: str, kind: str) -> Any:
+        name = cfg.get(slot)
+        return None if name is None else build(kind, name, opts.get(slot, {}))
+
+    # runs saved before metric options existed have none in their config: the defaults
+    metric_opts = opts.get("metric", {})
+    metrics = [build("metric", m, metric_opts.get(m, {})) for m in cfg.get("metrics", [])]
     return Components(
         dataset=make("dataset", "dataset"),
         model=make("model", "model"),

@@ -45,7 +45,7 @@ def test_defaults_fill_every_setting():
     # every option of every chosen component is resolved to a value
     assert cfg["options"]["dataset"]["n"] == 100_000
     assert cfg["options"]["model"]["z_dim"] == 50
-    assert set(cfg["options"]) == {"dataset", "model", "loss"}
+    assert set(cfg["options"]) == {"dataset", "model", "loss", "metric"}
     json.dumps(cfg)  # plain JSON
 
 
@@ -274,7 +274,7 @@ def test_preset_components_can_be_switched_off():
     cfg = resolve_settings({"preset": "dyngan", "detector": "none", "partitioner": "none",
                             "conditioner": "none"})
     assert cfg["detector"] is None and cfg["partitioner"] is None and cfg["conditioner"] is None
-    assert set(cfg["options"]) == {"dataset", "model", "loss"}
+    assert set(cfg["options"]) == {"dataset", "model", "loss", "metric"}
     res = _dry_run(["--preset", "dyngan", "--detector", "none", "--partitioner", "none",
                     "--conditioner", "none"])
     assert res.exit_code == 0, res.output
@@ -364,3 +364,53 @@ def test_dry_run_prints_config_and_creates_nothing(tmp_path, monkeypatch):
     assert not out.exists()
     assert not (tmp_path / "runs").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ metric options
+
+
+def test_metric_options_go_to_every_chosen_metric_that_has_them():
+    cfg = resolve_settings({"metrics": "mixture,prdc",
+                            "options": {"metric": {"chunk_size": "64", "prdc.k": "3", "hq_sigmas": "2"}}})
+    mixture, prdc = cfg["options"]["metric"]["mixture"], cfg["options"]["metric"]["prdc"]
+    assert mixture == {"hq_sigmas": 2.0, "chunk_size": 64}
+    assert prdc["k"] == 3 and prdc["chunk_size"] == 64 and prdc["max_samples"] == 5000
+    # a scoped value wins over the unscoped one, whatever the order given
+    cfg = resolve_settings({"metrics": "mixture,prdc",
+                            "options": {"metric": {"prdc.chunk_size": "8", "chunk_size": "64"}}})
+    assert cfg["options"]["metric"]["prdc"]["chunk_size"] == 8
+    assert cfg["options"]["metric"]["mixture"]["chunk_size"] == 64
+
+
+def test_metric_options_from_a_config_file_subtable(tmp_path):
+    path = _write_toml(tmp_path / "run.toml", 'metrics = "mixture,prdc"\n[options.metric]\nhq_sigmas = 2.5\n'
+                                              '[options.metric.prdc]\nk = 7\n')
+    res = _dry_run(["--config", path])
+    assert res.exit_code == 0, res.output
+    opts = json.loads(res.stdout)["options"]["metric"]
+    assert opts["mixture"]["hq_sigmas"] == 2.5 and opts["prdc"]["k"] == 7
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-o", "metric.bogus=1"], "no chosen metric has it (metrics: mixture; mixture: chunk_size, hq_sigmas)"),
+    (["-o", "metric.prdc.k=3"], "metric 'prdc' is not chosen"),
+    (["-o", "metric.hq_sigmas=-1"], "hq_sigmas"),
+    (["--metrics", "none", "-o", "metric.k=3"], "no chosen metric has it (metrics: none)"),
+])
+def test_bad_metric_options_exit_2(args, needle):
+    res = _dry_run(args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_metric_options_reach_the_metric():
+    from core.api import get_host
+    from core.training import instantiate
+
+    cfg = resolve_settings({"options": {"metric": {"hq_sigmas": "100"}}})
+    comps = instantiate(cfg, get_host().registry)
+    assert [m.opts.hq_sigmas for m in comps.metrics] == [100.0]
+    # a config saved before metric options existed: the metrics' defaults
+    del cfg["options"]["metric"]
+    assert [m.opts.hq_sigmas for m in instantiate(cfg, get_host().registry).metrics] == [3.0]

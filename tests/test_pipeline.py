@@ -349,6 +349,14 @@ def test_sample_of_a_non_run_exits_2(tmp_path):
     assert res.exit_code == 2 and "not a run directory" in res.stderr
 
 
+@pytest.mark.parametrize("n", ["0", "-5"])
+def test_evaluate_refuses_a_sample_count_below_one(run60, n):
+    _, run = run60
+    res = invoke(["evaluate", str(run), "--n", n])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == f"Error: --n must be at least 1, got {n}\n"
+
+
 def test_evaluate_cli_json(run60):
     _, run = run60
     res = invoke(["evaluate", str(run), "--json", "--n", "500"])

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 import click
+import click.testing
 import pytest
 from click.testing import CliRunner
 
@@ -232,6 +233,35 @@ def test_failing_register_commands_marks_the_plugin(host):
     assert host.plugins["cmds"].error == "failed in register_commands: ValueError: bad command"
 
 
+def _adds_command(name, text):
+    def register_commands(cli):
+        @cli.command(name)
+        def _cmd():
+            click.echo(text)
+    return register_commands
+
+
+def test_commands_a_plugin_adds_are_recorded_and_cannot_replace_others(host):
+    group = click.Group()
+
+    @group.command("train")
+    def train():
+        click.echo("core train")
+
+    host.add_plugin("hello", lambda: make_plugin("hello", register_commands=_adds_command("hello", "hi")))
+    host.add_plugin("thief", lambda: make_plugin("thief", register_commands=_adds_command("train", "stolen")))
+    host.add_plugin("twin", lambda: make_plugin("twin", register_commands=_adds_command("hello", "other")))
+    host.add_commands(group, protected={"train"})
+    assert host.plugins["hello"].commands == ["hello"] and host.plugins["hello"].error is None
+    assert host.plugins["thief"].error == ("failed in register_commands: command 'train' already exists; "
+                                           "the existing one is kept")
+    assert host.plugins["twin"].error is not None and "'hello' already exists" in host.plugins["twin"].error
+    runner = click.testing.CliRunner()
+    assert runner.invoke(group, ["train"]).output == "core train\n"
+    assert runner.invoke(group, ["hello"]).output == "hi\n"
+    assert host.report()[0]["commands"] == ["hello"]
+
+
 def test_report_and_versions(host):
     host.add_plugin("v", lambda: make_plugin("v", register_losses=registering(Loss, "v-loss")),
                     module="v_mod", distribution="dyngan-v", version="1.2.3")
@@ -243,7 +273,7 @@ def test_report_and_versions(host):
     assert [r["name"] for r in report] == ["v", "broken"]
     assert report[0] == {"name": "v", "module": "v_mod", "distribution": "dyngan-v", "version": "1.2.3",
                          "hooks": ["register_losses"], "components": {"loss": ["v-loss"]},
-                         "options": {"loss": {"v-loss": {}}}, "error": None}
+                         "options": {"loss": {"v-loss": {}}}, "commands": [], "error": None}
     assert report[1]["error"] == "failed to import: ZeroDivisionError: division by zero"
     assert "traceback" not in report[1]
 
@@ -463,7 +493,8 @@ def test_plugins_json_lists_the_builtins_with_their_components():
     by_name = {p["name"]: p for p in data}
     assert set(BUILTIN_EPS) <= set(by_name)
     for p in data:
-        assert set(p) == {"name", "module", "distribution", "version", "hooks", "components", "options", "error"}
+        assert set(p) == {"name", "module", "distribution", "version", "hooks", "components", "options", "commands",
+                          "error"}
         # every listed component has an entry in the option schemas, and nothing else does
         assert {k: sorted(v) for k, v in p["options"].items()} == {k: sorted(v) for k, v in p["components"].items()}
     losses, mixtures, mlp = by_name["losses"], by_name["mixtures"], by_name["mlp"]
@@ -572,6 +603,24 @@ def test_plugins_lists_a_failing_register_commands():
     assert entry["error"] == "failed in register_commands: RuntimeError: no commands today"
 
 
+def test_plugins_lists_the_commands_a_plugin_adds():
+    """`dyngan plugins` shows plugin commands (the root help does not: it loads no plugins), and a
+    plugin cannot take over a core command."""
+    with plugin_host(make_plugin("greeter", register_commands=_adds_command("greet", "hello")),
+                     make_plugin("usurper", register_commands=_adds_command("train", "not training")),
+                     builtins=False):
+        text = CliRunner().invoke(cli, ["plugins"])
+        data = json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).stdout)
+        greeted = CliRunner().invoke(cli, ["greet"])
+        train_help = CliRunner().invoke(cli, ["train", "--help"])
+    assert text.exit_code == 0
+    assert "greeter  (greeter)\n  hooks: register_commands\n  commands: greet\n" in text.output
+    assert "usurper  FAILED: failed in register_commands: command 'train' already exists" in text.output
+    assert {p["name"]: p["commands"] for p in data} == {"greeter": ["greet"], "usurper": []}
+    assert greeted.output == "hello\n"
+    assert "--preset" in train_help.output  # still the core train
+
+
 def test_usage_errors_reach_the_cli_as_exit_2():
     """A library UsageError from a plugin command becomes a one-line message and exit code 2."""
     def register_commands(cli):
@@ -606,7 +655,7 @@ def test_installed_plugins_appear_in_the_dyngan_command(tmp_path):
     assert by_name["hello"] == {
         "name": "hello", "module": "dyngan_hello_e2e", "distribution": "dyngan-hello", "version": "0.3.0",
         "hooks": ["register_losses"], "components": {"loss": ["hello-loss"]},
-        "options": {"loss": {"hello-loss": {}}}, "error": None,
+        "options": {"loss": {"hello-loss": {}}}, "commands": [], "error": None,
     }
     broken = by_name["broken"]
     assert (broken["distribution"], broken["version"], broken["components"]) == ("dyngan-broken", "0.0.1", {})
