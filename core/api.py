@@ -15,7 +15,7 @@ from typing import Any, Mapping, NamedTuple
 
 from . import __version__, rundir
 from .config import DEFAULTS, SLOTS, read_toml, resolve
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, is_out_of_memory, out_of_memory
 from .plugins import PluginHost, get_host
 
 #: keys of a saved config that are records, not settings
@@ -139,17 +139,29 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
             share((str(run_dir), None))
     try:
         trainer = Trainer(cfg, host.registry, run_dir, resume=resume, quiet=quiet, comm=comm, stream=stream)
-    except BaseException:
+    except BaseException as e:
         # bad data or a broken component, before the first step: do not leave a run that
         # blocks the same --out ("already holds a run") with nothing in it to resume
         if not resume and (comm is None or comm.rank == 0):
             rundir.discard_unstarted(run_dir)
+        if is_out_of_memory(e):
+            raise out_of_memory(e, "while setting up the run",
+                                "the dataset or the networks do not fit; try a smaller dataset or model") from None
         raise
     if not quiet and (comm is None or comm.rank == 0):
         trainer.progress.message(
             f"run directory: {run_dir}  ({cfg['dataset']}, loss {cfg['loss']}, device {trainer.device}, "
             f"{cfg['steps']} steps)")
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        saved = rundir.list_checkpoints(run_dir / rundir.CHECKPOINTS)
+        where = (f"the checkpoints already in {str(run_dir)!r} are intact" if saved else
+                 f"nothing was saved: start again with another --out or after deleting {str(run_dir)!r}")
+        raise out_of_memory(e, f"at step {trainer.step} on {trainer.device} with batch size {cfg['batch_size']}",
+                            f"use a smaller --batch-size; {where}") from None
     if os.environ.get("DYNGAN_DEBUG_DUMP_DIR"):  # test hook, see core.distributed.debug_dump
         from .distributed import debug_dump
 

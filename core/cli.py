@@ -234,7 +234,7 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
 @click.argument("run_dir", type=click.Path())
 @click.option("--n", "n", type=int, required=True, help="Number of samples.")
 @click.option("--out", "out", type=click.Path(), required=True, help="Output .npy file.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @_generator_option
 def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: str) -> None:
@@ -263,7 +263,7 @@ def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: st
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--n", "n", type=int, default=None, help="Samples to score (default: the dataset's, e.g. 2500).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_generator_option
@@ -287,7 +287,7 @@ def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool,
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--n", "n", type=int, default=2500, show_default=True, help="Samples to draw.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 def report(run_dir: str, n: int, seed: int) -> None:
     """Pictures of a run: samples, curves, partitions (needs dyngan[plots])."""
     from pathlib import Path

@@ -67,7 +67,11 @@ _OPTIMIZER_KEYS = ("lr_g", "lr_d", "betas")
 _INT_KEYS = {"steps": 1, "batch_size": 1, "seed": 0, "log_every": 1, "eval_every": 0,
              "checkpoint_every": 0, "keep_checkpoints": 1, "eval_samples": 1,
              "threads": 1}
+# upper bounds: more torch threads than this fail inside the OpenMP runtime (a crash, not an error)
+# seeds past 2**63 overflow torch's generators once the run's stream offsets are added
+_INT_MAX = {"threads": 1024, "seed": 2**63 - 1}
 _FLOAT_KEYS = ("lr_g", "lr_d")
+_FLOAT_MAX = 10.0  # an Adam learning rate above this is a typo (and past ~1e38 crashes the optimiser)
 _CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}
 
 
@@ -144,6 +148,8 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
                 raise UsageError(f"setting {key!r} must be an integer, got {cfg[key]!r}") from None
         if v < lo:
             raise UsageError(f"setting {key!r} must be >= {lo}, got {v}")
+        if key in _INT_MAX and v > _INT_MAX[key]:
+            raise UsageError(f"setting {key!r} must be between {lo} and {_INT_MAX[key]}, got {v}")
         cfg[key] = v
     for key in _FLOAT_KEYS:
         v = cfg.get(key)
@@ -155,6 +161,8 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
             raise UsageError(f"setting {key!r} must be a number, got {v!r}") from None
         if not math.isfinite(f) or f <= 0:
             raise UsageError(f"setting {key!r} must be a positive number, got {v!r}")
+        if f > _FLOAT_MAX:
+            raise UsageError(f"setting {key!r} must be a positive number at most {_FLOAT_MAX:g}, got {v!r}")
         cfg[key] = f
     v = cfg.get("g_ema")
     if v is not None:

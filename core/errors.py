@@ -44,6 +44,26 @@ class CheckpointError(UsageError):
     """A checkpoint or run directory that is corrupt, foreign or missing."""
 
 
+class OutOfMemory(UsageError):
+    """The settings ask for more memory than the machine or GPU has (batch size, sample count)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: Python's MemoryError, CUDA's OutOfMemoryError or
+    the CPU allocator's RuntimeError (torch raises no dedicated class for the latter)."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def out_of_memory(error: BaseException, doing: str, hint: str) -> OutOfMemory:
+    """An ``OutOfMemory`` for ``error``: what was being done, the allocator's first line, what to change."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if len(first) > 200:
+        first = first[:200] + "..."
+    return OutOfMemory(f"out of memory {doing} ({first}); {hint}")
+
+
 class RunFailure(DynganError):
     """A failure while running (divergence, a component raising). Exit code 1."""
 

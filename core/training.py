@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import signal
 import threading
 import time
@@ -43,6 +44,7 @@ from .errors import (
     DataError,
     DivergenceError,
     DynganError,
+    OutOfMemory,
     UsageError,
 )
 from .networks import build_networks
@@ -182,7 +184,10 @@ def generate(
     generator: torch.Generator,
     batch: int = 4096,
 ) -> torch.Tensor:
-    """``n`` samples with conditions drawn from ``prior``, in eval mode, batched."""
+    """``n`` samples with conditions drawn from ``prior``, in eval mode, batched.
+
+    Raises ``OutOfMemory`` (before the allocation, once the first batch shows a sample's size) when
+    the ``n`` samples alone would exceed the device's memory: past that the OS kills the process."""
     was_training = G.training
     G.eval()
     out = []
@@ -192,9 +197,29 @@ def generate(
             cond = torch.multinomial(prior, b, replacement=True, generator=generator)
             z = torch.randn(b, z_dim, device=device, generator=generator)
             out.append(G(z, cond).float())
+            if start == 0 and n > b:
+                _check_fits(n, out[0], device)
     finally:
         G.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (physical RAM for the CPU), or None where it cannot be told."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[1])
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+
+
+def _check_fits(n: int, first: torch.Tensor, device: torch.device) -> None:
+    need = n * first[0].numel() * first.element_size()
+    have = _memory_bytes(device)
+    if have is not None and need > have:
+        raise OutOfMemory(f"{n:,} samples of shape {tuple(first.shape[1:])} need {need / 2**30:,.1f} GiB, "
+                          f"more than the {have / 2**30:,.1f} GiB of {device.type}; draw fewer (--n)")
 
 
 def score(comps: Components, fake: torch.Tensor, real: torch.Tensor) -> tuple[dict[str, float], dict[str, str]]:

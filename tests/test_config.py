@@ -185,6 +185,9 @@ _BAD_SCALARS = [
     ({"steps": True}, "'steps' must be an integer"),
     ({"batch_size": 0}, "'batch_size' must be >= 1"),
     ({"seed": -1}, "'seed' must be >= 0"),
+    ({"seed": 2**63}, "'seed' must be between 0 and 9223372036854775807"),
+    ({"threads": 100_000}, "'threads' must be between 1 and 1024"),
+    ({"lr_g": 1e308}, "'lr_g' must be a positive number at most 10"),
     ({"keep_checkpoints": 0}, "'keep_checkpoints' must be >= 1"),
     ({"log_every": 0}, "'log_every' must be >= 1"),
     ({"eval_every": -1}, "'eval_every' must be >= 0"),
@@ -222,10 +225,15 @@ def test_good_scalar_forms_are_normalised():
     assert cfg["lr_g"] == 2e-4
     assert cfg["device"] == "cuda:1"  # validated, not opened: resolving needs no GPU
     assert cfg["eval_every"] == 0
+    # the upper bounds themselves are allowed
+    top = resolve_settings({"seed": 2**63 - 1, "threads": 1024, "lr_g": 10.0})
+    assert (top["seed"], top["threads"], top["lr_g"]) == (2**63 - 1, 1024, 10.0)
 
 
 @pytest.mark.parametrize("args", [["--steps", "0"], ["--betas", "1.5,0.9"], ["--device", "tpu"],
-                                  ["--lr-g", "-1"], ["--dataset", "grid52"], ["--loss", "hinj"]])
+                                  ["--lr-g", "-1"], ["--dataset", "grid52"], ["--loss", "hinj"],
+                                  ["--threads", "100000"], ["--seed", "99999999999999999999999"],
+                                  ["--lr-d", "1e308"]])
 def test_cli_bad_settings_exit_2_one_line(args):
     res = _dry_run(args)
     assert res.exit_code == 2, res.output

@@ -1,0 +1,112 @@
+"""Running out of memory is a usage problem (a batch size or sample count too large for the
+machine): one line, exit code 2, and the run's saved checkpoints untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import core.training as training
+from core.errors import OutOfMemory, UsageError, is_out_of_memory, out_of_memory
+from tests.cli_helpers import invoke
+
+ALLOC = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 800000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_allocation_failures_are_recognised_and_nothing_else():
+    assert is_out_of_memory(ALLOC)
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 2x5)"))
+    assert not is_out_of_memory(ValueError("can't allocate memory"))  # only the allocator's RuntimeError
+    err = out_of_memory(ALLOC, "at step 3", "use a smaller --batch-size")
+    assert isinstance(err, UsageError) and err.exit_code == 2
+    assert str(err).startswith("out of memory at step 3 ([enforce fail") and str(err).endswith("--batch-size")
+
+
+def _train(out, *more):
+    return invoke(["train", "--out", str(out), "--dataset", "grid25", "--steps", "20", "--batch-size", "16",
+                   "--checkpoint-every", "10", "--eval-every", "0", "--device", "cpu", "--quiet", *more])
+
+
+def _oom_after(monkeypatch, steps_ok: int):
+    """Make the training loop fail to allocate once it has run ``steps_ok`` more steps (the real loop,
+    stopped there, also writes its end-of-run checkpoint first)."""
+    real_loop = training.Trainer._loop
+
+    def loop(self, log, flag):
+        if steps_ok == 0:
+            raise ALLOC
+        stop_at = self.step + steps_ok
+        real_steps = self.cfg["steps"]
+        self.cfg["steps"] = stop_at
+        try:
+            real_loop(self, log, flag)
+        finally:
+            self.cfg["steps"] = real_steps
+        raise ALLOC
+
+    monkeypatch.setattr(training.Trainer, "_loop", loop)
+
+
+def test_out_of_memory_while_training_keeps_the_checkpoints(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert _train(out).exit_code == 0
+    ckdir = out / "checkpoints"
+    before = {p.name: p.read_bytes() for p in ckdir.iterdir()}
+    assert before
+    _oom_after(monkeypatch, 5)
+    res = _train(out, "--resume", "--steps", "40")
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.output
+    assert "out of memory at step 25 on cpu with batch size 16" in lines[0]
+    assert "use a smaller --batch-size" in lines[0] and "are intact" in lines[0]
+    assert {p.name: p.read_bytes() for p in ckdir.iterdir() if p.name in before} == before
+
+
+def test_out_of_memory_before_any_checkpoint_says_nothing_was_saved(tmp_path, monkeypatch):
+    _oom_after(monkeypatch, 0)
+    res = _train(tmp_path / "fresh")
+    assert res.exit_code == 2, res.output
+    assert "out of memory at step 0" in res.stderr and "nothing was saved" in res.stderr
+
+
+def test_too_many_samples_are_refused_before_allocating(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert _train(out).exit_code == 0
+    monkeypatch.setattr(training, "_memory_bytes", lambda device: 50_000)  # a 50 kB machine
+    # 10,000 2-d float32 samples need 80 kB: refused, for every command that draws samples
+    for cmd in (["evaluate", str(out), "--n", "10000"],
+                ["sample", str(out), "--n", "10000", "--out", str(tmp_path / "s.npy")]):
+        res = invoke(cmd)
+        assert res.exit_code == 2, res.output
+        assert "10,000 samples of shape (2,) need" in res.stderr and "draw fewer (--n)" in res.stderr
+    assert not (tmp_path / "s.npy").exists()
+    # 5,000 need 40 kB: drawn
+    assert invoke(["evaluate", str(out), "--n", "5000"]).exit_code == 0
+
+
+def test_generate_checks_only_past_the_first_batch():
+    G = torch.nn.Linear(3, 2)
+    prior = torch.ones(1)
+    gen = torch.Generator().manual_seed(0)
+    orig = training._memory_bytes
+    try:
+        training._memory_bytes = lambda device: 1  # noqa: E731
+        # one batch: already allocated, nothing to refuse
+        assert training.generate(G_call_module(G), 8, 3, prior, torch.device("cpu"), gen, batch=8).shape == (8, 2)
+        with pytest.raises(OutOfMemory):
+            training.generate(G_call_module(G), 16, 3, prior, torch.device("cpu"), gen, batch=8)
+    finally:
+        training._memory_bytes = orig
+
+
+class G_call_module(torch.nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, z, c):
+        return self.lin(z)
