@@ -75,6 +75,9 @@ _FLOAT_MAX = 10.0  # an Adam learning rate above this is a typo (and past ~1e38 
 _CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}
 
 
+MAX_CONFIG_BYTES = 2**20
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A config file: the same keys as the flags (``steps = 1000``, ``[options.detector]``)."""
     try:
@@ -83,7 +86,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         import tomli as tomllib  # type: ignore[no-redef]
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        with open(p, "rb") as f:  # bounded: /dev/zero or a huge file is refused, not read forever
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UsageError(f"config file {str(p)!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: "
+                             "not a dyngan config")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file {str(p)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:

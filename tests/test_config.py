@@ -7,6 +7,7 @@ training, no files but the TOML ones) and through the CLI's ``--dry-run``.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -99,6 +100,15 @@ def test_config_file_errors(tmp_path):
     assert res.exit_code == 2
     assert "did you mean 'steps'" in res.stderr
     assert "Traceback" not in res.output
+    # an endless or huge "file" is refused after 1 MiB instead of read until memory runs out
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(UsageError, match="larger than 1 MiB"):
+            resolve_settings({"config": "/dev/zero"})
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 110_000 + "steps = 3\n")
+    with pytest.raises(UsageError, match="larger than 1 MiB"):
+        resolve_settings({"config": str(big)})
+    assert resolve_settings({"config": _write_toml(tmp_path / "ok.toml", "# x\n" * 1000 + "steps = 3\n")})["steps"] == 3
 
 
 # ------------------------------------------------------------------ -o KIND.KEY=VALUE
