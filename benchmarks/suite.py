@@ -229,6 +229,19 @@ EMADECAY.update(title="DynGAN on grid25, DynGAN-code protocol, G weight average,
                          for d in DECAYS})
 TABLES["dyngan-code-grid25-ema-decay"] = EMADECAY
 PUBLISHED["dyngan-code-grid25-ema-decay"] = PUBLISHED["dyngan-code-grid25-ema"]
+# since 2026-12-05 the trainer runs no partition on the final step (nothing would train on it);
+# the same seeds again, on the machine of the -ema-decay table, to measure what that changes
+LASTSTEP = dict(TABLES["dyngan-code-grid25-ema"])
+LASTSTEP.update(title="DynGAN on grid25, DynGAN-code protocol, G weight average, no partition at the last step",
+                protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average', with the trainer as of "
+                         "2026-12-05, which runs no partition on the run's final step (no training would follow "
+                         "it, so the saved G would draw conditions it never learnt; the reference code records "
+                         "its statistics before its own last-step partition). Same seeds and machine (AVX-512) as "
+                         "the 'longer averages' table, whose dyngan-ema-0.99 rows are the same runs before this "
+                         "change: seeds without a partition at step 30,000 are identical in both.",
+                methods={"dyngan": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]})
+TABLES["dyngan-code-grid25-laststep"] = LASTSTEP
+PUBLISHED["dyngan-code-grid25-laststep"] = PUBLISHED["dyngan-code-grid25-ema"]
 # DynGAN with the authors' k-means weighting rule instead of ours (partitioner option `weighting`)
 REFW = "dyngan-refw"
 REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=reference: the authors' rule "

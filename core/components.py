@@ -369,9 +369,10 @@ class PartitionUpdate:
 class Partitioner(Component):
     """Splits the training set into conditions.
 
-    ``partition(ctx, detection)`` is called every ``self.every`` steps with the
-    latest detection (None when no detector runs); it returns a
-    ``PartitionUpdate`` or None to leave the partition as it is.
+    ``partition(ctx, detection)`` is called every ``self.every`` steps (not on
+    the run's final step, which no training would follow) with the latest
+    detection (None when no detector runs); it returns a ``PartitionUpdate`` or
+    None to leave the partition as it is.
     """
 
     kind: ClassVar[str] = "partitioner"

@@ -793,7 +793,10 @@ class Trainer:
             # ---- periodic work, at completed-step counts
             if det is not None and s % det.every == 0:
                 self._detect(log)
-            if part is not None and s % part.every == 0:
+            # not on the final step: no training would follow a new split, so the saved model
+            # would draw conditions it never learnt (the reference code scores its run before
+            # its last-step partition); a resumed, longer run checks again at the next interval
+            if part is not None and s % part.every == 0 and s < steps:
                 self._partition(log)
             if s % log_every == 0 or s == steps:
                 now = time.perf_counter()

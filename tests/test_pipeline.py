@@ -531,3 +531,12 @@ def test_sync_counter_catches_a_per_step_item(tmp_path, monkeypatch):
                                                             checkpoint_every=0))
     assert steps == 20
     assert sum(c for (name, _, _), c in bad.items() if name == "item") == 20
+
+
+def test_no_partition_on_the_final_step(tmp_path):
+    """A partition at the last step would never be trained on: the loop skips it, and only it."""
+    cfg = small(tmp_path / "run", steps=60, partitioner="kmeans", conditioner="onehot")
+    cfg["options"].update(partitioner={"every": 20, "k": 4, "restarts": 1}, conditioner={"capacity": 8})
+    res = api.train(cfg, quiet=True)
+    events = [r["step"] for r in res.metrics if r.get("event") in ("partition", "partition-check")]
+    assert events == [20, 40], events
