@@ -188,33 +188,37 @@ for _t in ("dyngan-grid25", "dyngan-code-grid25", "dyngan-code-ring8"):
 # average gives (the average does not change training), so a separate raw table would repeat them
 for _t in ("dyngan-code-grid25", "dyngan-code-ring8"):
     del TABLES[_t], PUBLISHED[_t]
+
+
+def _variant(name: str, base: str, title: str, protocol: str, methods: dict, published: list | None = None,
+             **extra: object) -> None:
+    """Register table ``name``: table ``base`` with another title, protocol text and methods (and any
+    other field in ``extra``), beside ``base``'s published figures unless ``published`` is given."""
+    TABLES[name] = dict(TABLES[base]) | {"title": title, "protocol": protocol, "methods": methods} | extra
+    PUBLISHED[name] = PUBLISHED[base] if published is None else published
+
+
 # is HQ still rising at the reference length? the same methods, twice as long
-LONG = dict(TABLES["dyngan-code-grid25-ema"])
-LONG.update(title="DynGAN on grid25, DynGAN-code protocol, G weight average, 60,000 steps",
+_variant("dyngan-code-grid25-60k", "dyngan-code-grid25-ema", title="DynGAN on grid25, DynGAN-code protocol, G weight average, 60,000 steps",
             protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average', trained for 60,000 steps "
                      "(twice the reference code's 30,000), to see whether HQ is still rising at 30,000.",
             methods={m: TABLES["dyngan-code-grid25-ema"]["methods"][m] for m in ("ns", "dyngan")}, steps=60000)
-TABLES["dyngan-code-grid25-60k"] = LONG
-PUBLISHED["dyngan-code-grid25-60k"] = PUBLISHED["dyngan-code-grid25-ema"]
 # the authors' only DynGAN figures are a delta sweep on their grid (dyngan.md): the same sweep here
 DELTAS = ("0.04", "0.1", "0.2", "0.5", "1.0")
-SWEEP = dict(TABLES["dyngan-code-grid25-ema"])
-SWEEP.update(title="DynGAN on grid25, DynGAN-code protocol, G weight average, delta sweep",
+_variant("dyngan-code-grid25-delta", "dyngan-code-grid25-ema", title="DynGAN on grid25, DynGAN-code protocol, G weight average, delta sweep",
              protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average'; dyngan-delta-X is the "
                       "dyngan preset with -o detector.delta=X (threshold 1/(1+X)), the sweep of the authors' "
                       "plotting script, whose figures (their HQ threshold not stated) stand below; they come "
                       "from the trained weights, so compare them with the raw-G rows.",
              methods={f"dyngan-delta-{d}": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]
-                      | {"-o": [f"detector.delta={d}"]} for d in DELTAS})
-TABLES["dyngan-code-grid25-delta"] = SWEEP
-PUBLISHED["dyngan-code-grid25-delta"] = [
-    (f"DynGAN code, delta {d} (its plotting script)", modes, "-", hq, "-")
-    for d, modes, hq in (("0.04", "25.0", "0.9314"), ("0.1", "25.0", "0.9524"), ("0.2", "24.9", "0.9601"),
-                         ("0.5", "24.5", "0.9652"), ("1.0", "24.0", "0.9698"))]
+                      | {"-o": [f"detector.delta={d}"]} for d in DELTAS},
+         published=[(f"DynGAN code, delta {d} (its plotting script)", modes, "-", hq, "-")
+                    for d, modes, hq in (("0.04", "25.0", "0.9314"), ("0.1", "25.0", "0.9524"),
+                                         ("0.2", "24.9", "0.9601"), ("0.5", "24.5", "0.9652"),
+                                         ("1.0", "24.0", "0.9698"))])
 # the G average's horizon: 0.99 (about the last 100 steps, the preset's default) against longer ones
 DECAYS = ("0.99", "0.995", "0.999")
-EMADECAY = dict(TABLES["dyngan-code-grid25-ema"])
-EMADECAY.update(title="DynGAN on grid25, DynGAN-code protocol, G weight average, longer averages",
+_variant("dyngan-code-grid25-ema-decay", "dyngan-code-grid25-ema", title="DynGAN on grid25, DynGAN-code protocol, G weight average, longer averages",
                 protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average'; dyngan-ema-X is the "
                          "dyngan preset with --g-ema X (an average over about the last 1/(1-X) steps instead of "
                          "the default 0.99's 100). The average does not change training: the raw-G rows of one seed are "
@@ -227,12 +231,9 @@ EMADECAY.update(title="DynGAN on grid25, DynGAN-code protocol, G weight average,
                          "test run beside them; their metrics are unaffected (runs are deterministic).",
                 methods={f"dyngan-ema-{d}": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"] | {"--g-ema": d}
                          for d in DECAYS})
-TABLES["dyngan-code-grid25-ema-decay"] = EMADECAY
-PUBLISHED["dyngan-code-grid25-ema-decay"] = PUBLISHED["dyngan-code-grid25-ema"]
 # since 2026-12-05 the trainer runs no partition on the final step (nothing would train on it);
 # the same seeds again, on the machine of the -ema-decay table, to measure what that changes
-LASTSTEP = dict(TABLES["dyngan-code-grid25-ema"])
-LASTSTEP.update(title="DynGAN on grid25, DynGAN-code protocol, G weight average, no partition at the last step",
+_variant("dyngan-code-grid25-laststep", "dyngan-code-grid25-ema", title="DynGAN on grid25, DynGAN-code protocol, G weight average, no partition at the last step",
                 protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average', with the trainer as of "
                          "2026-12-05, which runs no partition on the run's final step (no training would follow "
                          "it, so the saved G would draw conditions it never learnt; the reference code records "
@@ -240,8 +241,14 @@ LASTSTEP.update(title="DynGAN on grid25, DynGAN-code protocol, G weight average,
                          "the 'longer averages' table, whose dyngan-ema-0.99 rows are the same runs before this "
                          "change: seeds without a partition at step 30,000 are identical in both.",
                 methods={"dyngan": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]})
-TABLES["dyngan-code-grid25-laststep"] = LASTSTEP
-PUBLISHED["dyngan-code-grid25-laststep"] = PUBLISHED["dyngan-code-grid25-ema"]
+# the PacGAN-protocol target table again, with the current trainer (no last-step partition) on
+# the AVX-512 machine whose rounding changed the DynGAN-code trajectories: is the target still met?
+_variant("dyngan-grid25-recheck", "dyngan-grid25-ema", title="DynGAN vs NS-GAN on grid25 (PacGAN protocol), G weight average, 2026-12-05 recheck",
+               protocol="as 'DynGAN vs NS-GAN on grid25 (PacGAN protocol), G weight average', rerun on "
+                        "2026-12-05 with the trainer that runs no partition on the final step, on the AVX-512 "
+                        "machine of the 'longer averages' table (other rounding, so other trajectories from "
+                        "the same seeds than the 2026-11-23 runs).",
+               methods={m: TABLES["dyngan-grid25-ema"]["methods"][m] for m in ("ns", "dyngan")})
 # DynGAN with the authors' k-means weighting rule instead of ours (partitioner option `weighting`)
 REFW = "dyngan-refw"
 REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=reference: the authors' rule "
