@@ -199,56 +199,61 @@ def _variant(name: str, base: str, title: str, protocol: str, methods: dict, pub
 
 
 # is HQ still rising at the reference length? the same methods, twice as long
-_variant("dyngan-code-grid25-60k", "dyngan-code-grid25-ema", title="DynGAN on grid25, DynGAN-code protocol, G weight average, 60,000 steps",
-            protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average', trained for 60,000 steps "
-                     "(twice the reference code's 30,000), to see whether HQ is still rising at 30,000.",
-            methods={m: TABLES["dyngan-code-grid25-ema"]["methods"][m] for m in ("ns", "dyngan")}, steps=60000)
+_variant("dyngan-code-grid25-60k", "dyngan-code-grid25-ema",
+         title="DynGAN on grid25, DynGAN-code protocol, G weight average, 60,000 steps",
+         protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average', trained for 60,000 steps "
+                  "(twice the reference code's 30,000), to see whether HQ is still rising at 30,000.",
+         methods={m: TABLES["dyngan-code-grid25-ema"]["methods"][m] for m in ("ns", "dyngan")}, steps=60000)
 # the authors' only DynGAN figures are a delta sweep on their grid (dyngan.md): the same sweep here
 DELTAS = ("0.04", "0.1", "0.2", "0.5", "1.0")
-_variant("dyngan-code-grid25-delta", "dyngan-code-grid25-ema", title="DynGAN on grid25, DynGAN-code protocol, G weight average, delta sweep",
-             protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average'; dyngan-delta-X is the "
-                      "dyngan preset with -o detector.delta=X (threshold 1/(1+X)), the sweep of the authors' "
-                      "plotting script, whose figures (their HQ threshold not stated) stand below; they come "
-                      "from the trained weights, so compare them with the raw-G rows.",
-             methods={f"dyngan-delta-{d}": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]
-                      | {"-o": [f"detector.delta={d}"]} for d in DELTAS},
+_variant("dyngan-code-grid25-delta", "dyngan-code-grid25-ema",
+         title="DynGAN on grid25, DynGAN-code protocol, G weight average, delta sweep",
+         protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average'; dyngan-delta-X is the "
+                  "dyngan preset with -o detector.delta=X (threshold 1/(1+X)), the sweep of the authors' "
+                  "plotting script, whose figures (their HQ threshold not stated) stand below; they come "
+                  "from the trained weights, so compare them with the raw-G rows.",
+         methods={f"dyngan-delta-{d}": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]
+                  | {"-o": [f"detector.delta={d}"]} for d in DELTAS},
          published=[(f"DynGAN code, delta {d} (its plotting script)", modes, "-", hq, "-")
                     for d, modes, hq in (("0.04", "25.0", "0.9314"), ("0.1", "25.0", "0.9524"),
                                          ("0.2", "24.9", "0.9601"), ("0.5", "24.5", "0.9652"),
                                          ("1.0", "24.0", "0.9698"))])
 # the G average's horizon: 0.99 (about the last 100 steps, the preset's default) against longer ones
 DECAYS = ("0.99", "0.995", "0.999")
-_variant("dyngan-code-grid25-ema-decay", "dyngan-code-grid25-ema", title="DynGAN on grid25, DynGAN-code protocol, G weight average, longer averages",
-                protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average'; dyngan-ema-X is the "
-                         "dyngan preset with --g-ema X (an average over about the last 1/(1-X) steps instead of "
-                         "the default 0.99's 100). The average does not change training: the raw-G rows of one seed are "
-                         "the same for every X. dyngan-ema-0.99 is the default, rerun beside the others because "
-                         "these runs were made on another machine (AVX-512) than the 'G weight average' table, "
-                         "whose rounding gives other trajectories from the same seeds (default here 0.926 "
-                         "with the average / 0.900 raw, there 0.934 / 0.915). Reading: a longer average does not "
-                         "raise HQ (0.927 at 0.995, 0.914 at 0.999), so the preset keeps 0.99. The s/run of the "
-                         "0.995/0.999 rows include one pair of runs (seed 6, 843 s) slowed by a memory-exhaustion "
-                         "test run beside them; their metrics are unaffected (runs are deterministic).",
-                methods={f"dyngan-ema-{d}": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"] | {"--g-ema": d}
-                         for d in DECAYS})
+_variant("dyngan-code-grid25-ema-decay", "dyngan-code-grid25-ema",
+         title="DynGAN on grid25, DynGAN-code protocol, G weight average, longer averages",
+         protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average'; dyngan-ema-X is the "
+                  "dyngan preset with --g-ema X (an average over about the last 1/(1-X) steps instead of "
+                  "the default 0.99's 100). The average does not change training: the raw-G rows of one seed are "
+                  "the same for every X. dyngan-ema-0.99 is the default, rerun beside the others because "
+                  "these runs were made on another machine (AVX-512) than the 'G weight average' table, "
+                  "whose rounding gives other trajectories from the same seeds (default here 0.926 "
+                  "with the average / 0.900 raw, there 0.934 / 0.915). Reading: a longer average does not "
+                  "raise HQ (0.927 at 0.995, 0.914 at 0.999), so the preset keeps 0.99. The s/run of the "
+                  "0.995/0.999 rows include one pair of runs (seed 6, 843 s) slowed by a memory-exhaustion "
+                  "test run beside them; their metrics are unaffected (runs are deterministic).",
+         methods={f"dyngan-ema-{d}": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"] | {"--g-ema": d}
+                  for d in DECAYS})
 # since 2026-12-05 the trainer runs no partition on the final step (nothing would train on it);
 # the same seeds again, on the machine of the -ema-decay table, to measure what that changes
-_variant("dyngan-code-grid25-laststep", "dyngan-code-grid25-ema", title="DynGAN on grid25, DynGAN-code protocol, G weight average, no partition at the last step",
-                protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average', with the trainer as of "
-                         "2026-12-05, which runs no partition on the run's final step (no training would follow "
-                         "it, so the saved G would draw conditions it never learnt; the reference code records "
-                         "its statistics before its own last-step partition). Same seeds and machine (AVX-512) as "
-                         "the 'longer averages' table, whose dyngan-ema-0.99 rows are the same runs before this "
-                         "change: seeds without a partition at step 30,000 are identical in both.",
-                methods={"dyngan": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]})
+_variant("dyngan-code-grid25-laststep", "dyngan-code-grid25-ema",
+         title="DynGAN on grid25, DynGAN-code protocol, G weight average, no partition at the last step",
+         protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average', with the trainer as of "
+                  "2026-12-05, which runs no partition on the run's final step (no training would follow "
+                  "it, so the saved G would draw conditions it never learnt; the reference code records "
+                  "its statistics before its own last-step partition). Same seeds and machine (AVX-512) as "
+                  "the 'longer averages' table, whose dyngan-ema-0.99 rows are the same runs before this "
+                  "change: seeds without a partition at step 30,000 are identical in both.",
+         methods={"dyngan": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]})
 # the PacGAN-protocol target table again, with the current trainer (no last-step partition) on
 # the AVX-512 machine whose rounding changed the DynGAN-code trajectories: is the target still met?
-_variant("dyngan-grid25-recheck", "dyngan-grid25-ema", title="DynGAN vs NS-GAN on grid25 (PacGAN protocol), G weight average, 2026-12-05 recheck",
-               protocol="as 'DynGAN vs NS-GAN on grid25 (PacGAN protocol), G weight average', rerun on "
-                        "2026-12-05 with the trainer that runs no partition on the final step, on the AVX-512 "
-                        "machine of the 'longer averages' table (other rounding, so other trajectories from "
-                        "the same seeds than the 2026-11-23 runs).",
-               methods={m: TABLES["dyngan-grid25-ema"]["methods"][m] for m in ("ns", "dyngan")})
+_variant("dyngan-grid25-recheck", "dyngan-grid25-ema",
+         title="DynGAN vs NS-GAN on grid25 (PacGAN protocol), G weight average, 2026-12-05 recheck",
+         protocol="as 'DynGAN vs NS-GAN on grid25 (PacGAN protocol), G weight average', rerun on "
+                  "2026-12-05 with the trainer that runs no partition on the final step, on the AVX-512 "
+                  "machine of the 'longer averages' table (other rounding, so other trajectories from "
+                  "the same seeds than the 2026-11-23 runs).",
+         methods={m: TABLES["dyngan-grid25-ema"]["methods"][m] for m in ("ns", "dyngan")})
 # DynGAN with the authors' k-means weighting rule instead of ours (partitioner option `weighting`)
 REFW = "dyngan-refw"
 REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=reference: the authors' rule "

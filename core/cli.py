@@ -158,6 +158,9 @@ def _opt(*names: str, **kw: Any):
     return click.option(*names, default=None, show_default=False, **kw)
 
 
+#: ``--seed`` of ``sample`` / ``evaluate`` / ``report``; the bound is core.config.MAX_SEED, written
+#: out so that `dyngan --help` does not import the config machinery (tests/test_config.py checks them)
+_seed_option = click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 #: which weights ``sample`` / ``evaluate`` use (the choices of ``core.api.GENERATORS``)
 _generator_option = click.option(
     "--generator", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
@@ -234,7 +237,7 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
 @click.argument("run_dir", type=click.Path())
 @click.option("--n", "n", type=int, required=True, help="Number of samples.")
 @click.option("--out", "out", type=click.Path(), required=True, help="Output .npy file.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@_seed_option
 @click.option("--device", default="cpu", show_default=True)
 @_generator_option
 def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: str) -> None:
@@ -263,7 +266,7 @@ def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: st
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--n", "n", type=int, default=None, help="Samples to score (default: the dataset's, e.g. 2500).")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@_seed_option
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_generator_option
@@ -287,7 +290,7 @@ def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool,
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--n", "n", type=int, default=2500, show_default=True, help="Samples to draw.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@_seed_option
 def report(run_dir: str, n: int, seed: int) -> None:
     """Pictures of a run: samples, curves, partitions (needs dyngan[plots])."""
     from pathlib import Path

@@ -69,7 +69,8 @@ _INT_KEYS = {"steps": 1, "batch_size": 1, "seed": 0, "log_every": 1, "eval_every
              "threads": 1}
 # upper bounds: more torch threads than this fail inside the OpenMP runtime (a crash, not an error)
 # seeds past 2**63 overflow torch's generators once the run's stream offsets are added
-_INT_MAX = {"threads": 1024, "seed": 2**63 - 1}
+MAX_SEED = 2**63 - 1
+_INT_MAX = {"threads": 1024, "seed": MAX_SEED}
 _FLOAT_KEYS = ("lr_g", "lr_d")
 _FLOAT_MAX = 10.0  # an Adam learning rate above this is a typo (and past ~1e38 crashes the optimiser)
 _CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from core.api import resolve_settings
 from core.cli import cli
-from core.config import DEFAULTS, FALLBACK_OPTIMIZER, parse_option_flags
+from core.config import DEFAULTS, FALLBACK_OPTIMIZER, MAX_SEED, parse_option_flags
 from core.errors import OptionError, UnknownComponentError, UsageError
 
 
@@ -238,6 +238,13 @@ def test_good_scalar_forms_are_normalised():
     # the upper bounds themselves are allowed
     top = resolve_settings({"seed": 2**63 - 1, "threads": 1024, "lr_g": 10.0})
     assert (top["seed"], top["threads"], top["lr_g"]) == (2**63 - 1, 1024, 10.0)
+
+
+def test_the_cli_seed_bound_is_the_configs():
+    """sample/evaluate/report write the seed bound out (no config import at start-up): it must be MAX_SEED."""
+    for name in ("sample", "evaluate", "report"):
+        (seed,) = [p for p in cli.commands[name].params if p.name == "seed"]
+        assert (seed.type.min, seed.type.max) == (0, MAX_SEED), name
 
 
 @pytest.mark.parametrize("args", [["--steps", "0"], ["--betas", "1.5,0.9"], ["--device", "tpu"],
