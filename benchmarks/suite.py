@@ -206,6 +206,17 @@ _variant("dyngan-code-grid25-60k", "dyngan-code-grid25-ema",
          methods={m: TABLES["dyngan-code-grid25-ema"]["methods"][m] for m in ("ns", "dyngan")}, steps=60000)
 # the authors' only DynGAN figures are a delta sweep on their grid (dyngan.md): the same sweep here
 DELTAS = ("0.04", "0.1", "0.2", "0.5", "1.0")
+# delta -> (modes of 25, HQ), hard-coded in the authors' plotting script (their HQ threshold not stated)
+AUTHORS_SWEEP = {"0.04": ("25.0", "0.9314"), "0.1": ("25.0", "0.9524"), "0.2": ("24.9", "0.9601"),
+                 "0.5": ("24.5", "0.9652"), "1.0": ("24.0", "0.9698")}
+
+
+def _sweep_rows(deltas) -> list[tuple]:
+    """Published rows of the authors' sweep at ``deltas``, in a DynGAN-code grid table's columns."""
+    return [(f"DynGAN code, delta {d} (its plotting script)", AUTHORS_SWEEP[d][0], "-", AUTHORS_SWEEP[d][1], "-")
+            for d in deltas]
+
+
 _variant("dyngan-code-grid25-delta", "dyngan-code-grid25-ema",
          title="DynGAN on grid25, DynGAN-code protocol, G weight average, delta sweep",
          protocol="as 'DynGAN on grid25, DynGAN-code protocol, G weight average'; dyngan-delta-X is the "
@@ -214,10 +225,7 @@ _variant("dyngan-code-grid25-delta", "dyngan-code-grid25-ema",
                   "from the trained weights, so compare them with the raw-G rows.",
          methods={f"dyngan-delta-{d}": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]
                   | {"-o": [f"detector.delta={d}"]} for d in DELTAS},
-         published=[(f"DynGAN code, delta {d} (its plotting script)", modes, "-", hq, "-")
-                    for d, modes, hq in (("0.04", "25.0", "0.9314"), ("0.1", "25.0", "0.9524"),
-                                         ("0.2", "24.9", "0.9601"), ("0.5", "24.5", "0.9652"),
-                                         ("1.0", "24.0", "0.9698"))])
+         published=_sweep_rows(DELTAS))
 # the G average's horizon: 0.99 (about the last 100 steps, the preset's default) against longer ones
 DECAYS = ("0.99", "0.995", "0.999")
 _variant("dyngan-code-grid25-ema-decay", "dyngan-code-grid25-ema",
@@ -254,6 +262,24 @@ _variant("dyngan-grid25-recheck", "dyngan-grid25-ema",
                   "machine of the 'longer averages' table (other rounding, so other trajectories from "
                   "the same seeds than the 2026-11-23 runs).",
          methods={m: TABLES["dyngan-grid25-ema"]["methods"][m] for m in ("ns", "dyngan")})
+# delta 0.5 (threshold 1/1.5) met the code grid's 0.96 in the 5-seed sweep above: the same setting on
+# every DynGAN protocol, 10 seeds on the AVX-512 machine, to see what it does to the other targets
+D05 = "dyngan-delta-0.5"
+for _base, _same in (("dyngan-grid25-ema", "dyngan-grid25-recheck"),
+                     ("dyngan-code-grid25-ema", "dyngan-code-grid25-laststep"),
+                     ("dyngan-code-ring8-ema", None)):
+    _dyn = TABLES[_base]["methods"]["dyngan"]
+    _variant(_base.removesuffix("-ema") + "-delta05", _base,
+             title=f"{TABLES[_base]['title']}, delta 0.5",
+             protocol=f"as '{TABLES[_base]['title']}'; {D05} is the dyngan preset with -o detector.delta=0.5 "
+                      "(collapsed when D's score exceeds 1/1.5 = 0.667, i.e. where p_g < 0.5 p_data, instead "
+                      "of the reference's 1/1.2 = 0.833); the issue's targets are stated at delta 0.2. Run "
+                      "on the AVX-512 machine with the current trainer; the preset's delta 0.2 on the same "
+                      "machine and seeds: " + (f"the dyngan rows of '{TABLES[_same]['title']}'." if _same
+                                               else "the dyngan rows here."),
+             methods={D05: _dyn | {"-o": ["detector.delta=0.5"]}} | ({} if _same else {"dyngan": _dyn}),
+             # the authors' sweep has a delta-0.5 figure on their grid only
+             published=_sweep_rows(("0.5", "0.2")) if _base == "dyngan-code-grid25-ema" else None)
 # DynGAN with the authors' k-means weighting rule instead of ours (partitioner option `weighting`)
 REFW = "dyngan-refw"
 REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=reference: the authors' rule "
