@@ -211,6 +211,11 @@ AUTHORS_SWEEP = {"0.04": ("25.0", "0.9314"), "0.1": ("25.0", "0.9524"), "0.2": (
                  "0.5": ("24.5", "0.9652"), "1.0": ("24.0", "0.9698")}
 
 
+def _at_delta(method: dict, delta: str) -> dict:
+    """``method`` (a dyngan preset method without -o options) with ``-o detector.delta=delta``."""
+    return method | {"-o": [f"detector.delta={delta}"]}
+
+
 def _sweep_rows(deltas) -> list[tuple]:
     """Published rows of the authors' sweep at ``deltas``, in a DynGAN-code grid table's columns."""
     return [(f"DynGAN code, delta {d} (its plotting script)", AUTHORS_SWEEP[d][0], "-", AUTHORS_SWEEP[d][1], "-")
@@ -223,8 +228,8 @@ _variant("dyngan-code-grid25-delta", "dyngan-code-grid25-ema",
                   "dyngan preset with -o detector.delta=X (threshold 1/(1+X)), the sweep of the authors' "
                   "plotting script, whose figures (their HQ threshold not stated) stand below; they come "
                   "from the trained weights, so compare them with the raw-G rows.",
-         methods={f"dyngan-delta-{d}": TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"]
-                  | {"-o": [f"detector.delta={d}"]} for d in DELTAS},
+         methods={f"dyngan-delta-{d}": _at_delta(TABLES["dyngan-code-grid25-ema"]["methods"]["dyngan"], d)
+                  for d in DELTAS},
          published=_sweep_rows(DELTAS))
 # the G average's horizon: 0.99 (about the last 100 steps, the preset's default) against longer ones
 DECAYS = ("0.99", "0.995", "0.999")
@@ -281,7 +286,7 @@ def _delta_variant(base: str, delta: str) -> None:
                       "on the AVX-512 machine with the current trainer; the preset's delta 0.2 on the same "
                       "machine and seeds: " + (f"the dyngan rows of '{TABLES[same]['title']}'." if same
                                                else "the dyngan rows here."),
-             methods={label: dyn | {"-o": [f"detector.delta={delta}"]}} | ({} if same else {"dyngan": dyn}),
+             methods={label: _at_delta(dyn, delta)} | ({} if same else {"dyngan": dyn}),
              # the authors' sweep has figures on their grid only, and none at every delta
              published=_sweep_rows([d for d in (delta, "0.2") if d in AUTHORS_SWEEP])
              if base == "dyngan-code-grid25-ema" else None)
