@@ -105,7 +105,7 @@ def analyse(run_dir: Path, n: int, detail: bool) -> dict:
                          f"leak {float(q[~own].sum()):.3f}  rho {modes}")
     nz = mixture > 0
     kl = float((mixture[nz] * (mixture[nz] * k).log()).sum())
-    parts = [(r["step"], r["partition/count"]) for r in run.metrics if r.get("event") == "partition"]
+    last_partition = max((r["step"] for r in run.metrics if r.get("event") == "partition"), default=None)
     out = {"run": run.name, "step": run.step, "conditions": len(active), "reverse_kl": round(kl, 4),
            "hq": round(hq_all, 4), "leak": round(leak, 4), "rho_min": round(rho_min, 3), **bands,
            "hq_one_mode": round(hq_by_kind["one mode"][0] / hq_by_kind["one mode"][1], 3)
@@ -113,7 +113,7 @@ def analyse(run_dir: Path, n: int, detail: bool) -> dict:
            "hq_several": round(hq_by_kind["several"][0] / hq_by_kind["several"][1], 3)
            if hq_by_kind["several"][1] else None,
            "prior_several": round(hq_by_kind["several"][1], 3),
-           "last_partition": parts[-1][0] if parts else None}
+           "last_partition": last_partition}
     print(json.dumps(out), flush=True)
     for line in lines:
         print(line, flush=True)

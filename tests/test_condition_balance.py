@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from core import api
 from core.report import _Run
@@ -40,15 +39,11 @@ def test_one_condition_matches_the_mixture_metric(tmp_path, capsys):
     assert result["conditions"] == 1 and result["leak"] == 0.0
     assert _pairs(result) == 25
     # the same samples through the library metric give the same KL and HQ
-    fake = _Run(run_dir, None, "cpu").generate_cond(0, n, seed=0)
-    ref = mixture_stats(fake, balance_centres(run_dir), 0.05)
+    run = _Run(run_dir, None, "cpu")
+    ref = mixture_stats(run.generate_cond(0, n, seed=0), run.info["centres"], 0.05)
     assert result["reverse_kl"] == pytest.approx(ref["mixture/reverse_kl"], abs=1e-4)
     assert result["hq"] == pytest.approx(ref["mixture/hq"], abs=1e-4)
     assert result["hq_several"] == pytest.approx(result["hq"], abs=1e-3) and result["hq_one_mode"] is None
-
-
-def balance_centres(run_dir: Path):
-    return torch.as_tensor(_Run(run_dir, None, "cpu").info["centres"])
 
 
 def test_a_partitioned_run_counts_its_conditions(tmp_path):
