@@ -45,12 +45,17 @@ MIN_SHARE = 0.10
 BANDS = ((0.2, "rho<=0.2"), (0.5, "0.2-0.5"), (0.8, "0.5-0.8"), (math.inf, "rho>0.8"))
 
 
+def condition_seed(c: int) -> int:
+    """Condition c's noise seed: each condition its own noise (the seeds of the runs in BENCHMARKS.md)."""
+    return 104_729 * (c + 1)
+
+
 def analyse(run_dir: Path, n: int, detail: bool) -> dict:
     import torch
 
-    from core.report import _Run
+    from core.api import load_run
 
-    run = _Run(run_dir, None, "cpu")
+    run = load_run(run_dir)
     if run.labels is None:
         raise SystemExit(f"{run_dir}: its checkpoint holds no partition labels")
     try:
@@ -70,7 +75,7 @@ def analyse(run_dir: Path, n: int, detail: bool) -> dict:
 
     real_mode, _ = nearest(run.real)
     per_mode = torch.bincount(real_mode, minlength=k).double()
-    active = [int(c) for c in (run.prior > 0).nonzero().flatten()]
+    active = run.conditions
     mixture = torch.zeros(k, dtype=torch.float64)
     hq_all = leak = 0.0
     bands = dict.fromkeys([b[1] for b in BANDS], 0)
@@ -79,7 +84,7 @@ def analyse(run_dir: Path, n: int, detail: bool) -> dict:
     lines = []
     for c in active:
         p = float(run.prior[c])
-        x = run.generate_cond(c, n, seed=0)
+        x = run.generate(n, seed=condition_seed(c), condition=c)
         idx, dist = nearest(x)
         q = torch.bincount(idx, minlength=k).double() / n
         counts = torch.bincount(real_mode[run.labels == c], minlength=k).double()

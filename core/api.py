@@ -269,20 +269,127 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
     return LoadedRun(cfg, comps, holder["G"], holder["prior"], dev, ck.step, holder["weights"])
 
 
-def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
-           host: PluginHost | None = None, generator: str = "auto"):
-    """``n`` samples from the run's latest checkpoint as a float32 NumPy array ``(n, *data_shape)``.
-    ``generator``: see ``_load_run`` (auto = the weight average when the run keeps one)."""
-    import torch
+class Run:
+    """A finished run, loaded to be used (``load_run``): its resolved config (``cfg``), components
+    (``comps``), generator ``G`` (``weights`` says which: "ema" or "raw"), condition ``prior``,
+    checkpoint ``step`` and ``device``; its training data (``real``), the partition labels of the
+    loaded checkpoint (``labels``, None when it has none that fit the data), the dataset's
+    ``info()`` and the records of metrics.jsonl (``metrics``), each read when first asked for."""
 
-    from .training import generate
+    def __init__(self, run_dir: Path, loaded: LoadedRun, host: PluginHost) -> None:
+        self.dir = run_dir
+        self.cfg, self.comps, self.G, self.prior, self.device, self.step, self.weights = loaded
+        self.z_dim = int(self.comps.model.z_dim)
+        self._host = host
+        self._cache: dict[str, Any] = {}
 
-    if n < 1:
-        raise UsageError(f"--n must be at least 1, got {n}")
+    @property
+    def name(self) -> str:
+        return self.dir.resolve().name
+
+    @property
+    def conditions(self) -> list[int]:
+        """The conditions in use (prior > 0), in order."""
+        return [int(c) for c in (self.prior > 0).nonzero().flatten().tolist()]
+
+    @property
+    def real(self) -> Any:
+        if "real" not in self._cache:
+            from .training import load_dataset
+
+            self._cache["real"] = load_dataset(self.comps, self.cfg["seed"])
+        return self._cache["real"]
+
+    @property
+    def labels(self) -> Any:
+        if "labels" not in self._cache:
+            self._cache["labels"] = self._read_labels()
+        return self._cache["labels"]
+
+    def _read_labels(self) -> Any:
+        import torch
+
+        from . import checkpoint as ckpt_io
+
+        for step, path in ckpt_io.list_checkpoints(self.dir / rundir.CHECKPOINTS):
+            if step != self.step:
+                continue
+            try:
+                lab = ckpt_io.read(path).tensors.get("train/labels")
+            except CheckpointError:
+                return None  # pruned or replaced meanwhile: no partitions to show
+            if isinstance(lab, torch.Tensor) and lab.dim() == 1 and lab.shape[0] == self.real.shape[0] \
+                    and (lab.numel() == 0 or int(lab.min()) >= 0):
+                return lab.long()
+            return None
+        return None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        if "info" not in self._cache:
+            try:
+                self._cache["info"] = dict(self.comps.dataset.info() or {})
+            except Exception:  # noqa: BLE001 - a plugin's info() is only description
+                self._cache["info"] = {}
+        return self._cache["info"]
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        if "metrics" not in self._cache:
+            self._cache["metrics"] = rundir.read_metrics(self.dir)
+        return self._cache["metrics"]
+
+    def generate(self, n: int, seed: int = 0, condition: int | None = None) -> Any:
+        """``n`` samples on the CPU: conditions drawn from the prior (what ``dyngan sample --seed``
+        writes), or all of one ``condition`` in use. The noise comes from a generator seeded with
+        ``seed``, so one seed gives every condition the same noise."""
+        import torch
+
+        from .training import generate
+
+        _check_n(n)
+        if condition is not None:
+            used = self.conditions
+            if isinstance(condition, bool) or not isinstance(condition, int) or condition not in used:
+                raise UsageError(f"condition {condition!r} is not in use in this run; it uses "
+                                 + _ranges(used) + " (conditions with a prior above 0)")
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return generate(self.G, n, self.z_dim, self.prior, self.device, g, condition=condition).cpu()
+
+
+def _check_n(n: Any) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UsageError(f"--n must be at least 1, got {n!r}")
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    parts: list[str] = []
+    for v in values:
+        if parts and parts[-1][1] == v - 1:
+            parts[-1][1] = v
+        else:
+            parts.append([v, v])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts) or "none"
+
+
+def load_run(run_dir: str | Path, *, device: str = "cpu", generator: str = "auto",
+             host: PluginHost | None = None) -> Run:
+    """A finished run from its latest good checkpoint (``generator``: see ``_load_run``).
+    Raises UsageError / CheckpointError for a bad run directory."""
     host = host or get_host()
-    cfg, comps, G, prior, dev, _, _ = _load_run(Path(run_dir), host, device, generator)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    return generate(G, n, comps.model.z_dim, prior, dev, g).cpu().numpy().astype("float32")
+    run_dir = Path(run_dir)
+    return Run(run_dir, _load_run(run_dir, host, device, generator), host)
+
+
+def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
+           host: PluginHost | None = None, generator: str = "auto", condition: int | None = None):
+    """``n`` samples from the run's latest checkpoint as a float32 NumPy array ``(n, *data_shape)``:
+    conditions drawn from the run's prior, or all of one ``condition`` in use.
+    ``generator``: see ``_load_run`` (auto = the weight average when the run keeps one)."""
+    _check_n(n)
+    run = load_run(run_dir, device=device, generator=generator, host=host)
+    return run.generate(n, seed, condition).numpy().astype("float32")
 
 
 def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device: str = "cpu",

@@ -240,7 +240,11 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
 @_seed_option
 @click.option("--device", default="cpu", show_default=True)
 @_generator_option
-def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: str) -> None:
+@click.option("--condition", type=int, default=None, metavar="C",
+              help="Draw every sample from condition C (one partition of a DynGAN run) "
+                   "instead of drawing conditions from the run's prior.")
+def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: str,
+           condition: int | None) -> None:
     """Write N samples of a run's latest checkpoint to a .npy file."""
     import numpy as np
 
@@ -250,7 +254,7 @@ def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: st
 
     if not out.endswith(".npy"):
         raise UsageError(f"--out must name a .npy file, got {out!r}")
-    arr = api.sample(run_dir, n, seed, device=device, generator=generator)
+    arr = api.sample(run_dir, n, seed, device=device, generator=generator, condition=condition)
     import io
     from pathlib import Path
 
@@ -260,7 +264,8 @@ def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: st
         atomic_write_bytes(Path(out), buf.getvalue())
     except OSError as e:
         raise UsageError(f"cannot write {out!r}: {e.strerror or e}") from None
-    click.echo(f"{out}: {arr.shape[0]} samples of shape {tuple(arr.shape[1:])}")
+    of = "" if condition is None else f" of condition {condition}"
+    click.echo(f"{out}: {arr.shape[0]} samples{of} of shape {tuple(arr.shape[1:])}")
 
 
 @cli.command()

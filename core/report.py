@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
+    from .api import Run
+
     from .plugins import PluginHost
 
 PICTURES = "pictures"
@@ -95,93 +97,20 @@ def coverage(samples: "Tensor", centres: "Tensor | Sequence[Sequence[float]]", s
 # --------------------------------------------------------------------------- the run
 
 
-class _Run:
-    """What the pictures need from a run directory."""
+def _condition_seed(seed: int, condition: int) -> int:
+    """The noise seed of one condition's row of images: each row its own noise."""
+    return seed + 104_729 * (condition + 1)
 
-    def __init__(self, run_dir: Path, host: "PluginHost | None", device: str) -> None:
-        import torch
 
-        from . import checkpoint as ckpt_io
-        from .api import _load_run
-        from .errors import CheckpointError
-        from .plugins import get_host
-        from .training import load_dataset
-
-        host = host or get_host()
-        self.dir = run_dir
-        self.cfg, self.comps, self.G, self.prior, self.device, self.step, _ = _load_run(run_dir, host, device)
-        self.z_dim = int(self.comps.model.z_dim)
-        self.metrics = rundir.read_metrics(run_dir)
-        # the partition labels of the checkpoint that was loaded (read again: _load_run keeps only G)
-        self.labels: torch.Tensor | None = None
-        for step, path in ckpt_io.list_checkpoints(run_dir / rundir.CHECKPOINTS):
-            if step == self.step:
-                try:
-                    ck = ckpt_io.read(path)
-                except CheckpointError:
-                    break  # pruned or replaced meanwhile: draw without partitions
-                lab = ck.tensors.get("train/labels")
-                if isinstance(lab, torch.Tensor) and lab.dim() == 1:
-                    self.labels = lab.long()
-                break
-        self.real = load_dataset(self.comps, self.cfg["seed"])
-        if self.labels is not None and (self.labels.shape[0] != self.real.shape[0]
-                                        or int(self.labels.min()) < 0):
-            self.labels = None
-        try:
-            self.info = dict(self.comps.dataset.info() or {})
-        except Exception:  # a plugin's info() is only decoration here
-            self.info = {}
-
-    @property
-    def name(self) -> str:
-        return self.dir.resolve().name
-
-    @property
-    def partitions(self) -> int:
-        """Conditions in use now (prior > 0)."""
-        return int((self.prior > 0).sum())
-
-    def title(self) -> str:
-        cfg = self.cfg
-        parts = [f"run {self.name}", cfg["dataset"], f"loss {cfg['loss']}"]
-        if cfg.get("preset"):
-            parts.append(f"preset {cfg['preset']}")
-        elif cfg.get("partitioner"):
-            parts.append(f"partitioner {cfg['partitioner']}")
-        parts.append(f"step {self.step}")
-        return "  |  ".join(parts)
-
-    def generate(self, n: int, seed: int) -> "Tensor":
-        """``n`` samples, conditions drawn from the prior: the samples ``dyngan sample --seed`` gives."""
-        import torch
-
-        from .training import generate
-
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        return generate(self.G, n, self.z_dim, self.prior, self.device, g).cpu()
-
-    def generate_cond(self, cond: int, n: int, seed: int) -> "Tensor":
-        """``n`` samples of one fixed condition."""
-        import torch
-
-        g = torch.Generator(device=self.device).manual_seed(seed + 104_729 * (cond + 1))
-        z = torch.randn(n, self.z_dim, device=self.device, generator=g)
-        c = torch.full((n,), cond, dtype=torch.long, device=self.device)
-        return self._forward(z, c)
-
-    def _forward(self, z: "Tensor", cond: "Tensor", batch: int = 4096) -> "Tensor":
-        import torch
-
-        was = self.G.training
-        self.G.eval()
-        try:
-            with torch.no_grad():
-                out = [self.G(z[i:i + batch], cond[i:i + batch]).float().cpu()
-                       for i in range(0, z.shape[0], batch)]
-        finally:
-            self.G.train(was)
-        return torch.cat(out)
+def _title(run: "Run") -> str:
+    cfg = run.cfg
+    parts = [f"run {run.name}", cfg["dataset"], f"loss {cfg['loss']}"]
+    if cfg.get("preset"):
+        parts.append(f"preset {cfg['preset']}")
+    elif cfg.get("partitioner"):
+        parts.append(f"partitioner {cfg['partitioner']}")
+    parts.append(f"step {run.step}")
+    return "  |  ".join(parts)
 
 
 # --------------------------------------------------------------------------- writing
@@ -248,7 +177,7 @@ def _projection(real: "Tensor") -> tuple["Tensor", "Tensor", list[str]]:
     return mean, v[:2].T, [f"principal axis {i + 1} ({100 * float(var[i]):.0f}% of variance)" for i in range(2)]
 
 
-def _samples_vector(run: _Run, n: int, seed: int, plt: Any) -> Path:
+def _samples_vector(run: "Run", n: int, seed: int, plt: Any) -> Path:
     import torch
 
     real = run.real.reshape(run.real.shape[0], -1)
@@ -338,10 +267,10 @@ def _samples_vector(run: _Run, n: int, seed: int, plt: Any) -> Path:
         else:
             ax2.text(0.01, 0.01, f"{len(active)} partitions; colours repeat after 20", fontsize=8,
                      transform=ax2.transAxes, va="bottom")
-    sup = run.title()
+    sup = _title(run)
     if centres is not None and cov is not None:
         sup += f"  |  {int(cov.sum())}/{cov.numel()} modes covered"
-    sup += f"  |  {_plural(run.partitions, 'partition')}"
+    sup += f"  |  {_plural(len(run.conditions), 'partition')}"
     fig.suptitle(sup, fontsize=12)
     return _save(fig, run.dir / PICTURES / "samples.png")
 
@@ -378,7 +307,7 @@ def _vector_axes(ax: Any, names: list[str], rp: "Tensor", fp: "Tensor") -> None:
     ax.grid(True, alpha=0.25)
 
 
-def _samples_1d(run: _Run, real: "Tensor", fake: "Tensor", plt: Any) -> Path:
+def _samples_1d(run: "Run", real: "Tensor", fake: "Tensor", plt: Any) -> Path:
     import torch
 
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
@@ -390,10 +319,10 @@ def _samples_1d(run: _Run, real: "Tensor", fake: "Tensor", plt: Any) -> Path:
             linewidth=2, label=f"generated ({fake.shape[0]})")
     ax.set_xlabel("x")
     ax.set_ylabel("density")
-    ax.set_title(f"step {run.step}: generated vs real  |  {_plural(run.partitions, 'partition')}", fontsize=11)
+    ax.set_title(f"step {run.step}: generated vs real  |  {_plural(len(run.conditions), 'partition')}", fontsize=11)
     ax.legend()
     ax.grid(True, alpha=0.25)
-    fig.suptitle(run.title(), fontsize=12)
+    fig.suptitle(_title(run), fontsize=12)
     return _save(fig, run.dir / PICTURES / "samples.png")
 
 
@@ -429,7 +358,7 @@ def _mosaic(rows: list["Tensor"], cols: int, pad: int = 1) -> "Tensor":
     return out
 
 
-def _samples_images(run: _Run, seed: int, plt: Any) -> Path:
+def _samples_images(run: "Run", seed: int, plt: Any) -> Path:
     import torch
 
     shape = tuple(run.real.shape[1:])
@@ -450,7 +379,7 @@ def _samples_images(run: _Run, seed: int, plt: Any) -> Path:
     partitioned = labels is not None and len(active) > 1
     g = torch.Generator().manual_seed(seed + 1)
     for k in shown:
-        imgs = _to_rgb(as_chw(run.generate_cond(k, per * GRID_COLS, seed)))
+        imgs = _to_rgb(as_chw(run.generate(per * GRID_COLS, _condition_seed(seed, k), condition=k)))
         for r in range(per):
             gen_rows.append(imgs[r * GRID_COLS:(r + 1) * GRID_COLS])
             row_names.append(f"condition {k}\np = {float(prior[k]):.3f}" if r == 0 else "")
@@ -505,7 +434,7 @@ def _samples_images(run: _Run, seed: int, plt: Any) -> Path:
         ax2.tick_params(length=0)
         for y in bounds if partitioned else []:
             ax2.axhline(y, color="black", linewidth=1.5)
-    fig.suptitle(run.title() + f"  |  {_plural(run.partitions, 'partition')}", fontsize=12)
+    fig.suptitle(_title(run) + f"  |  {_plural(len(run.conditions), 'partition')}", fontsize=12)
     return _save(fig, run.dir / PICTURES / "samples.png")
 
 
@@ -555,7 +484,7 @@ def _keys(records: list[dict[str, Any]], event: str, pred) -> list[str]:
     return list(seen)
 
 
-def _curves(run: _Run, plt: Any) -> Path:
+def _curves(run: "Run", plt: Any) -> Path:
     import re
 
     recs = run.metrics
@@ -677,7 +606,7 @@ def _curves(run: _Run, plt: Any) -> Path:
         for s in px:  # when the data were re-partitioned
             ax.axvline(s, color="tab:green", alpha=0.25, linewidth=1)
     axs[-1][0].set_xlabel("training step")
-    fig.suptitle(run.title(), fontsize=12)
+    fig.suptitle(_title(run), fontsize=12)
     return _save(fig, run.dir / PICTURES / "curves.png")
 
 
@@ -697,7 +626,9 @@ def write_report(run_dir: str | Path, n: int = 2500, seed: int = 0, host: "Plugi
     run_dir = Path(run_dir)
     rundir.read_config(run_dir)  # a bad run directory says so before anything else
     plt = _pyplot()
-    run = _Run(run_dir, host, device)
+    from .api import load_run
+
+    run = load_run(run_dir, device=device, host=host)
     out = run_dir / PICTURES
     try:
         out.mkdir(exist_ok=True)

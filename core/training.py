@@ -183,8 +183,10 @@ def generate(
     device: torch.device,
     generator: torch.Generator,
     batch: int = 4096,
+    condition: int | None = None,
 ) -> torch.Tensor:
-    """``n`` samples with conditions drawn from ``prior``, in eval mode, batched.
+    """``n`` samples with conditions drawn from ``prior``, in eval mode, batched; with
+    ``condition``, every sample of that one condition (``generator`` then draws only the noise).
 
     Raises ``OutOfMemory`` (before the allocation, once the first batch shows a sample's size) when
     the ``n`` samples alone would exceed the device's memory: past that the OS kills the process."""
@@ -194,7 +196,10 @@ def generate(
     try:
         for start in range(0, n, batch):
             b = min(batch, n - start)
-            cond = torch.multinomial(prior, b, replacement=True, generator=generator)
+            if condition is None:
+                cond = torch.multinomial(prior, b, replacement=True, generator=generator)
+            else:
+                cond = torch.full((b,), condition, dtype=torch.long, device=device)
             z = torch.randn(b, z_dim, device=device, generator=generator)
             out.append(G(z, cond).float())
             if start == 0 and n > b:

@@ -1,0 +1,121 @@
+"""core.api.load_run and per-condition sampling (`dyngan sample --condition C`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core import api
+from core.errors import UsageError
+from cli_helpers import invoke
+
+
+def _train(out, **options):
+    settings = {"dataset": "grid25", "steps": 40, "seed": 3, "device": "cpu", "out": str(out),
+                "options": {"dataset": {"n": 2000}, **options}}
+    if options:
+        settings["preset"] = "dyngan"
+    return api.train(settings, quiet=True).run_dir
+
+
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory):
+    # a detector that flags most samples at every step and a partition check every 10 steps:
+    # several conditions open within the 40 steps
+    return _train(tmp_path_factory.mktemp("dyn") / "run", detector={"every": 1, "lam": 1.0, "delta": 0.8},
+                  partitioner={"every": 10})
+
+
+def _last_partition_count(run_dir):
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [e["partition/count"] for e in events if e.get("event") == "partition"][-1]
+
+
+def test_load_run_exposes_the_checkpoint(partitioned):
+    run = api.load_run(partitioned)
+    assert run.step == 40 and run.weights == "ema"  # the preset keeps a weight average of G
+    assert run.conditions == [int(c) for c in torch.nonzero(run.prior > 0).flatten()]
+    assert len(run.conditions) == _last_partition_count(partitioned) > 1
+    # every training sample carries the label of a condition in use, and the prior is their share
+    assert run.labels.shape[0] == run.real.shape[0] == 2000
+    counts = torch.bincount(run.labels, minlength=run.prior.shape[0]).double()
+    assert sorted(torch.unique(run.labels).tolist()) == run.conditions
+    assert torch.allclose(run.prior.double(), counts / counts.sum(), atol=1e-6)
+    assert api.load_run(partitioned, generator="raw").weights == "raw"
+
+
+def test_one_condition_is_g_on_that_label_with_the_seeds_noise(partitioned):
+    run = api.load_run(partitioned)
+    c = run.conditions[-1]
+    x = run.generate(300, seed=7, condition=c)
+    z = torch.randn(300, run.z_dim, generator=torch.Generator().manual_seed(7))
+    run.G.eval()
+    with torch.no_grad():
+        want = run.G(z, torch.full((300,), c, dtype=torch.long))
+    assert torch.equal(x, want)
+    # one seed, one noise: another condition maps the same z elsewhere
+    other = run.generate(300, seed=7, condition=run.conditions[0])
+    assert not torch.equal(other, x)
+    # without a condition the conditions come from the prior (the samples `dyngan sample` writes)
+    mixed = run.generate(300, seed=7)
+    assert torch.equal(torch.from_numpy(api.sample(partitioned, 300, 7)), mixed)
+
+
+def test_cli_sample_condition_writes_that_conditions_samples(partitioned, tmp_path):
+    run = api.load_run(partitioned)
+    c = run.conditions[1]
+    out = tmp_path / "c.npy"
+    res = invoke(["sample", str(partitioned), "--n", "50", "--seed", "2", "--condition", str(c),
+                  "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"of condition {c}" in res.output
+    arr = np.load(out, allow_pickle=False)
+    assert arr.shape == (50, 2) and arr.dtype == np.float32
+    assert np.array_equal(arr, run.generate(50, 2, condition=c).numpy())
+
+
+@pytest.mark.parametrize("bad", ["29", "-1", "1000"])
+def test_a_condition_not_in_use_is_a_usage_error(partitioned, tmp_path, bad):
+    run = api.load_run(partitioned)
+    assert int(bad) not in run.conditions
+    out = tmp_path / "c.npy"
+    res = invoke(["sample", str(partitioned), "--n", "5", "--condition", bad, "--out", str(out)])
+    assert res.exit_code == 2
+    assert f"condition {bad} is not in use" in res.output and "Traceback" not in res.output
+    # it names the conditions the run uses
+    assert f"it uses {api._ranges(run.conditions)} (conditions" in res.output
+    assert not out.exists()
+
+
+def test_an_unconditional_run_has_condition_zero_only(tmp_path):
+    run_dir = _train(tmp_path / "ns")
+    run = api.load_run(run_dir)
+    assert run.conditions == [0] and run.weights == "raw"
+    assert run.generate(20, 0, condition=0).shape == (20, 2)
+    with pytest.raises(UsageError, match="condition 1 is not in use in this run; it uses 0 "):
+        run.generate(20, 0, condition=1)
+    with pytest.raises(UsageError, match="--n must be at least 1"):
+        run.generate(0, 0)
+
+
+def test_ranges_text():
+    assert api._ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert api._ranges([3]) == "3" and api._ranges([]) == "none"
+
+
+def test_the_readme_example_runs(partitioned, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", readme, re.M | re.S) if "load_run(" in b]
+    assert len(blocks) == 1
+    exec(compile(blocks[0].replace('"runs/dyn"', repr(str(partitioned))), "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    run = api.load_run(partitioned)
+    assert [int(line.split()[0]) for line in lines] == run.conditions
+    # the second column is the condition's prior, the third its number of training samples
+    assert [int(line.split()[2]) for line in lines] == [int((run.labels == c).sum()) for c in run.conditions]
