@@ -276,11 +276,10 @@ class Run:
     loaded checkpoint (``labels``, None when it has none that fit the data), the dataset's
     ``info()`` and the records of metrics.jsonl (``metrics``), each read when first asked for."""
 
-    def __init__(self, run_dir: Path, loaded: LoadedRun, host: PluginHost) -> None:
+    def __init__(self, run_dir: Path, loaded: LoadedRun) -> None:
         self.dir = run_dir
         self.cfg, self.comps, self.G, self.prior, self.device, self.step, self.weights = loaded
         self.z_dim = int(self.comps.model.z_dim)
-        self._host = host
         self._cache: dict[str, Any] = {}
 
     @property
@@ -379,7 +378,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", generator: str = "auto
     Raises UsageError / CheckpointError for a bad run directory."""
     host = host or get_host()
     run_dir = Path(run_dir)
-    return Run(run_dir, _load_run(run_dir, host, device, generator), host)
+    return Run(run_dir, _load_run(run_dir, host, device, generator))
 
 
 def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
