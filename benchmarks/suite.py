@@ -328,6 +328,19 @@ def _rerun_1206(base: str) -> None:
 
 for _base in ("dyngan-code-grid25-laststep", "dyngan-code-grid25-delta05", "dyngan-grid25-delta05"):
     _rerun_1206(_base)
+# a third CPU (the second machine of 2026-12-06, AMD EPYC family 23 model 1, AVX2 only, about 3x slower
+# per run): the two target tables again, seeds 0-9, to see how far the figures move with the CPU alone
+MACHINE_F23 = "a third CPU (AMD EPYC, family 23 model 1, AVX2; a later 2026-12-06 session)"
+for _name, _base, _title in (
+        ("dyngan-grid25-f23", "dyngan-grid25-20seeds",
+         "DynGAN vs NS-GAN on grid25 (PacGAN protocol), G weight average, third CPU"),
+        ("dyngan-code-grid25-laststep-f23", "dyngan-code-grid25-laststep-1206",
+         "DynGAN on grid25, DynGAN-code protocol, G weight average, no partition at the last step, third CPU")):
+    _variant(_name, _base, title=_title,
+             protocol=f"as '{TABLES[_base]['title']}' (same trainer and methods; seeds 0-9), rerun on {MACHINE_F23}. "
+                      "Every run here is that table's run of the same method and seed again, bit for bit (metrics, "
+                      "raw-G metrics and partition counts): an AVX2 and an AVX-512 AMD CPU give the same runs.",
+             methods=TABLES[_base]["methods"])
 # the KL left at delta 0.2 is imbalance inside conditions (benchmarks/condition_balance.py), which
 # the detector cannot see and the NS loss does not undo; MM-nsat (Eide et al.) is a loss meant to
 # undo the NS loss's sample weighting: DynGAN with it, on both grids, on the same CPU
