@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -280,7 +281,6 @@ class Run:
         self.dir = run_dir
         self.cfg, self.comps, self.G, self.prior, self.device, self.step, self.weights = loaded
         self.z_dim = int(self.comps.model.z_dim)
-        self._cache: dict[str, Any] = {}
 
     @property
     def name(self) -> str:
@@ -291,21 +291,14 @@ class Run:
         """The conditions in use (prior > 0), in order."""
         return [int(c) for c in (self.prior > 0).nonzero().flatten().tolist()]
 
-    @property
+    @cached_property
     def real(self) -> Any:
-        if "real" not in self._cache:
-            from .training import load_dataset
+        from .training import load_dataset
 
-            self._cache["real"] = load_dataset(self.comps, self.cfg["seed"])
-        return self._cache["real"]
+        return load_dataset(self.comps, self.cfg["seed"])
 
-    @property
+    @cached_property
     def labels(self) -> Any:
-        if "labels" not in self._cache:
-            self._cache["labels"] = self._read_labels()
-        return self._cache["labels"]
-
-    def _read_labels(self) -> Any:
         import torch
 
         from . import checkpoint as ckpt_io
@@ -323,20 +316,16 @@ class Run:
             return None
         return None
 
-    @property
+    @cached_property
     def info(self) -> dict[str, Any]:
-        if "info" not in self._cache:
-            try:
-                self._cache["info"] = dict(self.comps.dataset.info() or {})
-            except Exception:  # noqa: BLE001 - a plugin's info() is only description
-                self._cache["info"] = {}
-        return self._cache["info"]
+        try:
+            return dict(self.comps.dataset.info() or {})
+        except Exception:  # noqa: BLE001 - a plugin's info() is only description
+            return {}
 
-    @property
+    @cached_property
     def metrics(self) -> list[dict[str, Any]]:
-        if "metrics" not in self._cache:
-            self._cache["metrics"] = rundir.read_metrics(self.dir)
-        return self._cache["metrics"]
+        return rundir.read_metrics(self.dir)
 
     def generate(self, n: int, seed: int = 0, condition: int | None = None) -> Any:
         """``n`` samples on the CPU: conditions drawn from the prior (what ``dyngan sample --seed``
@@ -357,6 +346,7 @@ class Run:
 
 
 def _check_n(n: Any) -> None:
+    """A number of samples to draw must be a positive int."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise UsageError(f"--n must be at least 1, got {n!r}")
 
@@ -399,8 +389,8 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
 
     from .training import generate, load_dataset, score
 
-    if n is not None and n < 1:
-        raise UsageError(f"--n must be at least 1, got {n}")
+    if n is not None:
+        _check_n(n)
     host = host or get_host()
     cfg, comps, G, prior, dev, step, weights = _load_run(Path(run_dir), host, device, generator)
     n = cfg["eval_samples"] if n is None else n

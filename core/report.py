@@ -97,8 +97,9 @@ def coverage(samples: "Tensor", centres: "Tensor | Sequence[Sequence[float]]", s
 # --------------------------------------------------------------------------- the run
 
 
-def _condition_seed(seed: int, condition: int) -> int:
-    """The noise seed of one condition's row of images: each row its own noise."""
+def condition_seed(seed: int, condition: int) -> int:
+    """The noise seed of one condition's row of images (each row its own noise); also the seed
+    of benchmarks/condition_balance.py's samples per condition."""
     return seed + 104_729 * (condition + 1)
 
 
@@ -370,7 +371,7 @@ def _samples_images(run: "Run", seed: int, plt: Any) -> Path:
             return x
 
     prior = run.prior.cpu()
-    active = [int(i) for i in torch.nonzero(prior > 0).flatten().tolist()]
+    active = run.conditions
     active.sort(key=lambda k: (-float(prior[k]), k))
     shown = sorted(active[:GRID_ROWS])
     per = max(1, GRID_ROWS // len(shown))  # rows per condition (unconditional: all ten rows)
@@ -379,7 +380,7 @@ def _samples_images(run: "Run", seed: int, plt: Any) -> Path:
     partitioned = labels is not None and len(active) > 1
     g = torch.Generator().manual_seed(seed + 1)
     for k in shown:
-        imgs = _to_rgb(as_chw(run.generate(per * GRID_COLS, _condition_seed(seed, k), condition=k)))
+        imgs = _to_rgb(as_chw(run.generate(per * GRID_COLS, condition_seed(seed, k), condition=k)))
         for r in range(per):
             gen_rows.append(imgs[r * GRID_COLS:(r + 1) * GRID_COLS])
             row_names.append(f"condition {k}\np = {float(prior[k]):.3f}" if r == 0 else "")
@@ -621,13 +622,12 @@ def write_report(run_dir: str | Path, n: int = 2500, seed: int = 0, host: "Plugi
     per row), with ``seed``. Raises UsageError / CheckpointError for a bad run directory,
     UsageError when matplotlib is missing.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise UsageError(f"--n must be at least 1, got {n!r}")
+    from .api import _check_n, load_run
+
+    _check_n(n)
     run_dir = Path(run_dir)
     rundir.read_config(run_dir)  # a bad run directory says so before anything else
     plt = _pyplot()
-    from .api import load_run
-
     run = load_run(run_dir, device=device, host=host)
     out = run_dir / PICTURES
     try:
