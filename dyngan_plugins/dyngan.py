@@ -247,8 +247,11 @@ class DynGANPartitioner(Partitioner):
         # ---- split: one new condition per partition holding collapsed samples
         collapsed = detection.collapsed.to(ctx.device).bool()
         hit = torch.bincount(labels[collapsed], minlength=cap)
-        # a partition whose samples are all collapsed cannot be split (moving them would only rename it)
-        splittable = (hit > 0) & (hit < counts)
+        # a partition whose scored samples are all collapsed cannot be split (moving them would
+        # only rename it; with a detector subset, the k-NN vote would then carry the rest along)
+        subset = getattr(detection, "subset", None)
+        scored = counts if subset is None else torch.bincount(labels[subset.to(ctx.device)], minlength=cap)
+        splittable = (hit > 0) & (hit < scored)
         order = torch.sort(hit, descending=True, stable=True).indices  # most collapsed first, lower id on ties
         order = order[splittable[order]]
         chosen = order[: cap - k_now]
@@ -263,13 +266,12 @@ class DynGANPartitioner(Partitioner):
         new = torch.where(moved, target, labels)
 
         # ---- refine (and, with a detector subset, label the samples outside it)
-        subset = getattr(detection, "subset", None)
         if self.opts.refine or subset is not None:
             feats = detection.features
             if feats is None or feats.shape[0] != labels.shape[0]:
                 _, feats = km.discriminator_pass(ctx, labels, None, int(self.opts.batch_size))
             feats = feats.to(ctx.device).float()
-            rows = subset if subset is not None else torch.arange(labels.shape[0], device=ctx.device)
+            rows = subset.to(ctx.device) if subset is not None else torch.arange(labels.shape[0], device=ctx.device)
             x = feats[rows]
             ids = torch.unique(new[rows])  # sorted condition ids in use
             k = int(ids.shape[0])

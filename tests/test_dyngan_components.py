@@ -10,7 +10,7 @@ import torch
 
 from core.components import Comm, Detection, TrainContext
 from dyngan_plugins.conditioners import OneHotConditioner
-from dyngan_plugins.dyngan import DynGANDetector, DynGANPartitioner, DynGANPreset
+from dyngan_plugins.dyngan import DynGANDetection, DynGANDetector, DynGANPartitioner, DynGANPreset
 from dyngan_plugins.mlp import MLP
 
 
@@ -290,6 +290,26 @@ def test_fully_collapsed_partition_is_not_split_and_empty_slots_are_reused():
     # slot 1 is unused: the new condition takes it
     upd, _ = split([0, 0, 2, 2], mask(4, [1]))
     assert upd.labels.tolist() == [0, 1, 2, 2]
+
+
+def test_fully_collapsed_partition_within_the_detector_subset_is_not_split():
+    # the detector scores only samples 0, 1, 4 and 5; partition 1's scored samples (4, 5) are all
+    # collapsed, so splitting it would only rename it (and the vote would carry 6 and 7 along)
+    feats = torch.tensor([0.0, 0.1, 0.2, 0.3, 10.0, 10.1, 10.2, 10.3])[:, None]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    ctx, rep = make_ctx(FakeD(torch.zeros(8), feats), labels)
+    c = mask(8, [0, 4, 5])
+    det = DynGANDetection(collapsed=c, fraction=c.float().mean(), score=None, features=None,
+                          subset=torch.tensor([0, 1, 4, 5]))
+    upd = DynGANPartitioner(refine=False, knn=1).partition(ctx, det)
+    assert upd.labels.tolist() == [2, 0, 0, 0, 1, 1, 1, 1]
+    assert float(rep["partition/opened"]) == 1 and float(rep["partition/moved"]) == 1
+    # every scored sample of every partition collapsed: nothing to split
+    c = mask(8, [0, 1, 4, 5])
+    det = DynGANDetection(collapsed=c, fraction=c.float().mean(), score=None, features=None,
+                          subset=torch.tensor([0, 1, 4, 5]))
+    ctx, _ = make_ctx(FakeD(torch.zeros(8), feats), labels)
+    assert DynGANPartitioner(refine=False, knn=1).partition(ctx, det) is None
 
 
 def test_tau_gate_and_missing_detection():
