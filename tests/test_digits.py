@@ -72,6 +72,16 @@ def test_stacked_digits_default_n_is_the_stacked_mnist_protocol():
         dg.StackedDigits(n=0)
 
 
+def test_stacked_digits_are_scored_on_26000_samples_by_default():
+    # the Stacked-MNIST protocol's sample count: the resolved config of a run and so
+    # `dyngan evaluate` without --n; 2,500 would cap a uniform generator near 920 modes
+    from core.api import resolve_settings
+
+    assert resolve_settings({"dataset": "stacked-digits"})["eval_samples"] == 26_000
+    assert resolve_settings({"dataset": "grid25"})["eval_samples"] == 2_500
+    assert resolve_settings({"dataset": "stacked-digits", "eval_samples": 100})["eval_samples"] == 100
+
+
 def test_stacked_digits_determinism():
     ds = dg.StackedDigits(n=2000)
     a, b = ds.load(_gen(7)), ds.load(_gen(7))
