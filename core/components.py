@@ -229,6 +229,10 @@ class Loss(Component):
     Class or instance attributes the loop reads:
       d_steps: discriminator steps per generator step (WGAN-GP: 5).
       wants_real_grad: the real batch needs ``requires_grad`` (R1).
+      differentiates_d: the D loss takes gradients through D and then backpropagates
+        through them (R1, a gradient penalty); ``--compile`` then leaves D uncompiled,
+        since torch.compile cannot differentiate a compiled module twice. Defaults to
+        ``wants_real_grad``.
       needs_real_in_g_step: G's loss needs D's logits on a real batch (RaGAN).
       optimizer_defaults(): recommended ``{"lr_g", "lr_d", "betas"}``, used
         when the user sets none.
@@ -245,6 +249,10 @@ class Loss(Component):
     @property
     def wants_real_grad(self) -> bool:
         return False
+
+    @property
+    def differentiates_d(self) -> bool:
+        return bool(self.wants_real_grad)
 
     def optimizer_defaults(self) -> dict[str, Any]:
         return {}

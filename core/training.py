@@ -390,9 +390,16 @@ class Trainer:
         # the callables the hot loop uses (compiled when asked)
         self.G_call: Callable[..., torch.Tensor] = self.G
         self.D_call: Callable[..., Any] = self.D
+        self.notes: list[str] = []  # said once the run starts
         if cfg.get("compile"):
             self.G_call = torch.compile(self.G)
-            self.D_call = torch.compile(self.D)
+            if bool(comps.loss.differentiates_d):
+                # torch.compile's autograd has no double backward: R1 or a gradient penalty
+                # through a compiled D fails at the first step
+                self.notes.append(f"--compile: D stays uncompiled, because loss '{comps.loss.name}' "
+                                  "differentiates through it (R1 or a gradient penalty)")
+            else:
+                self.D_call = torch.compile(self.D)
         if cfg.get("amp") == "bf16" and dev.type != "cuda":
             raise UsageError("--amp bf16 needs a CUDA device")
 
@@ -680,6 +687,8 @@ class Trainer:
                 self.progress.message(f"resuming from step {self.step}")
             self._sync_ranks()
             self._setup_components()
+            for note in self.notes:
+                self.progress.message(note)
             if log is not None:  # wall-clock time of the first step, for start-up measurements
                 log.write({"step": self.step, "event": "start", "time": time.time()})
             rollbacks = 0
@@ -798,9 +807,13 @@ class Trainer:
             # ---- periodic work, at completed-step counts
             if det is not None and s % det.every == 0:
                 self._detect(log)
+            # metrics before a partition of the same step, as the reference code scores its run:
+            # after it, the model would be scored on conditions it has not been trained on yet
+            if (eval_every and s % eval_every == 0) or s == steps:
+                self._eval(log)
             # not on the final step: no training would follow a new split, so the saved model
-            # would draw conditions it never learnt (the reference code scores its run before
-            # its last-step partition); a resumed, longer run checks again at the next interval
+            # would draw conditions it never learnt; a resumed, longer run checks again at the
+            # next interval
             if part is not None and s % part.every == 0 and s < steps:
                 self._partition(log)
             if s % log_every == 0 or s == steps:
@@ -808,8 +821,6 @@ class Trainer:
                 rate = (s - s_last) / max(1e-9, now - t_last)
                 t_last, s_last = now, s
                 self._log_step(log, loss_d, loss_g, rate)
-            if (eval_every and s % eval_every == 0) or s == steps:
-                self._eval(log)
             if flag.signum is not None:
                 self.save()
                 self.progress.message(f"stopped at step {s}; checkpoint saved")

@@ -168,6 +168,10 @@ class WGANGPLoss(Loss):
     def d_steps(self) -> int:
         return int(self.opts.d_steps)
 
+    @property
+    def differentiates_d(self) -> bool:
+        return True  # the gradient penalty
+
     def optimizer_defaults(self) -> dict[str, Any]:
         return {"lr_g": 1e-4, "lr_d": 1e-4, "betas": (0.5, 0.9)}
 

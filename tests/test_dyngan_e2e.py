@@ -22,6 +22,7 @@ def test_dyngan_preset_detects_collapse_and_grows_partitions(tmp_path):
             "dataset": "grid25",
             "preset": "dyngan",
             "steps": 3000,
+            "eval_every": 500,
             "seed": 0,
             "device": "cpu",
             "out": str(tmp_path / "run"),
@@ -48,3 +49,8 @@ def test_dyngan_preset_detects_collapse_and_grows_partitions(tmp_path):
         sizes = m["partition/sizes"]
         assert sum(sizes) == 1250 and sum(1 for s in sizes if s > 0) == m["partition/count"]
         assert m["partition/moved"] > 0
+    # a step that evaluates and partitions scores the model first: after the split it would
+    # draw conditions that no training has followed yet
+    position = {(m.get("event"), m["step"]): i for i, m in enumerate(metrics)}
+    for m in partitions:
+        assert position[("eval", m["step"])] < position[("partition", m["step"])]

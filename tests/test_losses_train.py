@@ -49,3 +49,39 @@ def test_loss_trains_on_ring8_without_nan(tmp_path, name, loss_opts):
         assert any("mmnsat/R" in rec for rec in logged)
     if loss_opts.get("r1_gamma"):
         assert any("loss/r1" in rec for rec in logged)
+
+
+@pytest.mark.parametrize("name, loss_opts, d_compiled", [
+    ("ns", {}, True),
+    ("ns", {"r1_gamma": 1.0}, False),
+    ("wgan-gp", {}, False),
+    ("hinge", {}, True),
+])
+def test_compile_leaves_d_uncompiled_when_the_loss_differentiates_through_it(
+        tmp_path, monkeypatch, name, loss_opts, d_compiled):
+    # torch.compile's autograd has no double backward: R1 and the gradient penalty would fail at
+    # the first step through a compiled D. A stand-in compile records what it was given.
+    import torch
+
+    from core import api
+    from core.plugins import get_host
+    from core.training import Trainer
+
+    compiled = []
+
+    def fake_compile(module, *args, **kwargs):
+        compiled.append(module)
+        return lambda *a, **k: module(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    host = get_host()
+    settings = {"dataset": "ring8", "loss": name, "steps": 2, "device": "cpu", "compile": True,
+                "out": str(tmp_path / "r"), "options": {"loss": loss_opts}}
+    cfg, run_dir = api.prepare(settings, host=host)
+    tr = Trainer(cfg, host.registry, run_dir, quiet=True)
+    assert compiled[0] is tr.G and tr.G_call is not tr.G
+    assert (tr.D in compiled) is d_compiled
+    assert (tr.D_call is tr.D) is not d_compiled
+    assert bool(tr.notes) is not d_compiled
+    tr.run()  # both steps go through the callables chosen above
+    assert tr.step == 2
