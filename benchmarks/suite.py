@@ -391,6 +391,19 @@ LONGSD["protocol"] += (" dyngan-knn128: the same DynGAN with -o partitioner.knn_
                        "outside the detector's subset in a random 128-d projection of D's features).")
 TABLES["stacked-digits-20k"] = LONGSD
 PUBLISHED["stacked-digits-20k"] = []
+# the 20,000-step table again after two corrections (2026-12-06): the partitioner had compared a
+# partition's collapsed count, taken in the detector's subset, with its size over all images, so a
+# partition whose scored images had all collapsed was "split" into a rename onto a fresh slot (the
+# k-NN vote then carried its other images along); and the image code resets the score of
+# relabelled samples, which the table had not asked for (-o detector.reset_relabelled=true)
+_variant("stacked-digits-20k-fix", "stacked-digits-20k",
+         title="Stacked digits, 20,000 steps, after the subset-split fix",
+         protocol=LONGSD["protocol"] + " Trained after the fix of the partitioner's split test with a "
+                  "detector subset; both DynGAN rows also reset the score of relabelled images "
+                  "(-o detector.reset_relabelled=true, as the image code does).",
+         methods={m: (spec | {"-o": spec["-o"] + ["detector.reset_relabelled=true"]} if "-o" in spec else spec)
+                  for m, spec in LONGSD["methods"].items()},
+         published=[])
 
 
 def train_command(table: str, method: str, seed: int, steps: int | None, out: Path, device: str = "cpu") -> list[str]:

@@ -21,8 +21,9 @@ from .plugins import PluginHost, get_host
 
 #: keys of a saved config that are records, not settings
 _RECORD_KEYS = ("dyngan_version", "plugins", "created")
-#: settings that may change when a run is resumed
-_RESUMABLE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device")
+#: settings that may change when a run is resumed (its length, logging, and the machine it runs on)
+_RESUMABLE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device",
+              "threads", "compile")
 
 
 def _settings_only(cfg: Mapping[str, Any]) -> dict[str, Any]:

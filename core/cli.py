@@ -179,9 +179,9 @@ _generator_option = click.option(
 @_opt("--metrics", help="Comma-separated metric names (default: the dataset's).")
 @_opt("--steps", type=int, help="Generator steps (default 30000).")
 @_opt("--batch-size", "batch_size", type=int, help="Batch size (default 128).")
-@_opt("--lr-g", "lr_g", type=float, help="Generator learning rate (default: the loss's, else 1e-3).")
-@_opt("--lr-d", "lr_d", type=float, help="Discriminator learning rate.")
-@_opt("--betas", help="Adam betas as B1,B2 (default: the loss's, else 0.5,0.999).")
+@_opt("--lr-g", "lr_g", type=float, help="Generator learning rate (default: the loss's, else the preset's, else 1e-3).")
+@_opt("--lr-d", "lr_d", type=float, help="Discriminator learning rate (default: the loss's, else the preset's, else 1e-3).")
+@_opt("--betas", help="Adam betas as B1,B2 (default: the loss's, else the preset's, else 0.5,0.999).")
 @_opt("--seed", type=int, help="Seed for data, initialisation and batches (default 0).")
 @_opt("--device", help="auto | cpu | cuda | cuda:N (default auto).")
 @_opt("--out", type=click.Path(), help="Run directory (default: a new numbered one under runs/).")
@@ -191,9 +191,9 @@ _generator_option = click.option(
 @_opt("--log-every", "log_every", type=int, help="Gather and log scalars every N steps (default 100).")
 @_opt("--eval-every", "eval_every", type=int, help="Compute metrics every N steps, 0 = at the end only "
       "(default 5000).")
-@_opt("--checkpoint-every", "checkpoint_every", type=int, help="Checkpoint every N steps (default 5000).")
-@_opt("--amp", type=click.Choice(["none", "bf16"]), help="bf16 autocast (CUDA).")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the networks.")
+@_opt("--checkpoint-every", "checkpoint_every", type=int, help="Checkpoint every N steps, 0 = at the end only (default 5000).")
+@_opt("--amp", type=click.Choice(["none", "bf16"]), help="bf16 autocast (CUDA; default none).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the networks (default off; D stays uncompiled with R1 or WGAN-GP).")
 @_opt("--on-divergence", "on_divergence", type=click.Choice(["stop", "rollback"]),
       help="On NaN/inf: stop, or roll back to the last checkpoint and go on with a new random stream.")
 @_opt("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is often fastest "

@@ -232,6 +232,19 @@ def test_resume_from_a_checkpoint_written_on_another_device(run60, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_resume_may_change_the_machine_settings(run60, tmp_path):
+    # --threads and --compile say how the machine runs the steps, not which run it is: a run
+    # moved to another machine continues with its own number of threads
+    _, src = run60
+    out = tmp_path / "r"
+    shutil.copytree(src, out)
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "70", "--threads", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert ckpt_steps(out)[-1] == 70
+    result = api.train({"out": str(out), "steps": 80, "threads": 1, "compile": False}, resume=True, quiet=True)
+    assert result.step == 80 and result.config["threads"] == 1
+
+
 def test_resume_accepts_the_runs_own_settings_again(run60, tmp_path):
     """Repeating the settings the run was started with (``dyngan train -o dataset.n=2000 ...
     --resume``) is not a change and must be accepted."""
