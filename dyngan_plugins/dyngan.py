@@ -10,8 +10,12 @@ Partitioner ``dyngan``: when the collapsed fraction is at least ``tau`` and a
 condition slot is free, every partition holding collapsed samples gets a new
 condition and its collapsed samples move there (several at once; with too few
 free slots the partitions with the most collapsed samples go first, ties to the
-lower id). Then k-means in D's penultimate-feature space refines the
-assignment (k = number of conditions, centres from the current assignment,
+lower id). A partition whose samples (with a detector subset: whose scored
+samples) are all collapsed is not split, since moving them would only rename it
+(the reference procedure would move all of it to a new condition: the same
+samples under a slot no training has used). Then k-means in D's penultimate-
+feature space refines the assignment (k = number of conditions, centres from
+the current assignment,
 until no centre moves by ``tol``); with ``weighted`` a sample's distance to its
 own centre is multiplied by its score, so samples the generator already fits
 (low score) stay put. ``weighting`` picks the rule: ``squared`` (default, ours)
