@@ -287,7 +287,16 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
         cls = registry.get(kind, str(name))
         cfg[slot] = cls.name
         classes[slot] = cls
-        resolved_opts[slot] = cls.resolve_options(opts_in.get(slot, {}))
+        slot_opts = dict(opts_in.get(slot, {}))
+        if cls.name != preset_settings.get(slot, cls.name):
+            # the user replaced the preset's component: the preset's options for it that the
+            # replacement does not have are dropped (--preset dyngan-image --loss wgan-gp: no
+            # r1_gamma); the user's own options are still checked
+            mine = (user_opts.get(slot) or {})
+            for key in (preset_settings.get("options") or {}).get(slot, {}):
+                if key not in cls.options and key not in mine:
+                    slot_opts.pop(key, None)
+        resolved_opts[slot] = cls.resolve_options(slot_opts)
     cfg["options"] = resolved_opts
 
     # a detector without a partitioner is allowed: it reports the collapse fraction only

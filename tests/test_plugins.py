@@ -539,7 +539,8 @@ def test_plugins_options_text_shows_ready_to_use_o_flags_per_component():
     j = lines.index("  loss: mm, ns, ls, hinge, wgan-gp")
     assert "    wgan-gp" in lines[j:] and "      -o loss.gp_lambda=10.0  [a number >= 0.0]" in "\n".join(lines[j:])
     # a preset's settings, its component options written as -o flags
-    k = lines.index("  preset: dyngan")
+    k = lines.index("  preset: dyngan, dyngan-image")
+    assert lines[k + 1] == "    dyngan"
     block = lines[k + 2:k + 2 + 30]
     assert '      loss = "ns"' in block
     for kind, opts in DynGANPreset.settings["options"].items():
