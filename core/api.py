@@ -8,6 +8,7 @@ directory) and ``config`` (a TOML file read beneath the other settings).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 from functools import cached_property
@@ -90,6 +91,20 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
     return cfg
 
 
+#: a run directory whose training stopped before its first checkpoint: neither resumable nor new
+_NO_CHECKPOINT = ("{run!r} holds a run that stopped before its first checkpoint (see its metrics.jsonl), so "
+                  "there is nothing to resume; delete that directory or choose another --out to train again")
+
+
+def _never_checkpointed(run_dir: Path) -> bool:
+    """No checkpoint file was ever written in ``run_dir`` (its checkpoints/ is missing or empty)."""
+    ck = run_dir / rundir.CHECKPOINTS
+    try:
+        return not ck.is_dir() or not any(ck.iterdir())
+    except OSError:
+        return False
+
+
 def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHost | None = None,
             runs_root: Path = Path("runs")) -> tuple[dict[str, Any], Path]:
     """Resolve the config and create (or find, with ``resume``) the run directory."""
@@ -100,9 +115,11 @@ def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
             raise UsageError("--resume needs --out RUN_DIR: the run to continue")
         run_dir = Path(out)
         cfg = _resume_config(run_dir, settings, host)
-        if not (run_dir / rundir.CHECKPOINTS).is_dir():
-            raise CheckpointError(f"{str(run_dir)!r} has no checkpoints to resume from")
+        if _never_checkpointed(run_dir):
+            raise CheckpointError(_NO_CHECKPOINT.format(run=str(run_dir)))
         return cfg, run_dir
+    if out is not None and rundir.is_run(Path(out)) and _never_checkpointed(Path(out)):
+        raise UsageError(_NO_CHECKPOINT.format(run=str(out)))
     cfg = resolve_settings(settings, host)
     cfg["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     run_dir = rundir.create(Path(out) if out is not None else None, runs_root)
@@ -112,8 +129,6 @@ def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
 def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = True,
           host: PluginHost | None = None, stream: Any = None, comm: Any = None):
     """Train a run; returns ``core.training.TrainResult`` (run_dir, step, metrics, config)."""
-    from .training import Trainer
-
     host = host or get_host()
     # torchrun (core.distributed): rank 0 tells the others where the run directory is, or why it failed
     share = getattr(comm, "broadcast_object", None)
@@ -139,6 +154,16 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
             raise
         if share is not None:
             share((str(run_dir), None))
+    # one process trains in a run directory at a time (rank 0 writes for all ranks)
+    main = comm is None or comm.rank == 0
+    with rundir.RunLock(run_dir) if main else contextlib.nullcontext():
+        return _train_locked(cfg, run_dir, host, resume, quiet, stream, comm)
+
+
+def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: bool, quiet: bool,
+                  stream: Any, comm: Any):
+    from .training import Trainer
+
     try:
         trainer = Trainer(cfg, host.registry, run_dir, resume=resume, quiet=quiet, comm=comm, stream=stream)
     except BaseException as e:
@@ -221,7 +246,7 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
 
     from . import checkpoint as ckpt_io
     from .networks import build_networks
-    from .training import EMA_PREFIX, instantiate, resolve_device
+    from .training import EMA_PREFIX, instantiate, resolve_device, valid_prior
 
     if generator not in GENERATORS:
         raise UsageError(f"generator must be one of {', '.join(GENERATORS)}, got {generator!r}")
@@ -261,8 +286,7 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
         except (RuntimeError, KeyError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{ck.path.name} does not fit this run's networks: {msg}") from None
-        if prior.shape != (spec.capacity,) or not torch.isfinite(prior).all() or (prior < 0).any() \
-                or float(prior.sum()) <= 0:
+        if not valid_prior(prior, spec.capacity):
             raise CheckpointError(f"{ck.path.name}: bad condition prior")
         holder.update(G=G.to(dev), prior=(prior / prior.sum()).to(dev), shape=tuple(shape),
                       weights="ema" if prefix == EMA_PREFIX else "raw")

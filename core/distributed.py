@@ -96,7 +96,26 @@ def from_env(environ: Mapping[str, str] | None = None) -> "DistComm | None":
     env = os.environ if environ is None else environ
     if not launched_by_torchrun(env):
         return None
-    return DistComm(local_rank=int(env["LOCAL_RANK"]), timeout_s=timeout_from_env(env))
+    from .errors import UsageError
+
+    def whole(name: str, low: int, high: int | None = None) -> int:
+        raw = env[name]
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise UsageError(f"the torchrun variable {name} must be an integer {rng}, got {raw!r}")
+        return value
+
+    world = whole("WORLD_SIZE", 1)
+    whole("RANK", 0, world - 1)
+    local_rank = whole("LOCAL_RANK", 0)
+    whole("MASTER_PORT", 1, 65535)
+    if not env["MASTER_ADDR"].strip():
+        raise UsageError("the torchrun variable MASTER_ADDR is empty")
+    return DistComm(local_rank=local_rank, timeout_s=timeout_from_env(env))
 
 
 def rank_seed(state: "Tensor", rank: int) -> int:
@@ -135,8 +154,17 @@ class DistComm(Comm):
             torch.cuda.set_device(local_rank)
         self._owns_group = False
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, init_method="env://",
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+            try:
+                dist.init_process_group(backend=backend, init_method="env://",
+                                        timeout=datetime.timedelta(seconds=timeout_s))
+            except Exception as e:  # noqa: BLE001 - a rendezvous that cannot complete, said plainly
+                from .errors import RunFailure
+
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise RunFailure(
+                    f"the processes of this torchrun job could not meet ({type(e).__name__}: {first}); "
+                    f"check that all WORLD_SIZE processes were started and that MASTER_ADDR:MASTER_PORT "
+                    f"is reachable ({ENV_TIMEOUT} sets how long to wait)") from None
             self._owns_group = True
         self.backend = backend
         self.timeout_s = timeout_s

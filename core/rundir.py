@@ -166,3 +166,37 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             if isinstance(rec, dict):
                 out.append(rec)
     return out
+
+
+class RunLock:
+    """An exclusive lock on a run directory while a process trains in it (``flock`` on its
+    config.json, so no file is added): a second ``train`` into the same directory is refused
+    instead of writing metrics.jsonl and checkpoints under the first. Released on exit, also
+    when the process dies. A no-op where ``fcntl`` is missing (Windows)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        try:
+            self._fd = os.open(self.path / CONFIG, os.O_RDONLY)
+        except OSError:
+            return self  # no config.json to lock: nothing is training here
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise UsageError(f"another dyngan process is training in {str(self.path)!r}; wait for it to "
+                             "finish (or stop it) before resuming this run") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None

@@ -45,7 +45,10 @@ from .errors import (
     DivergenceError,
     DynganError,
     OutOfMemory,
+    RunFailure,
     UsageError,
+    is_out_of_memory,
+    out_of_memory,
 )
 from .networks import build_networks
 from .registry import Registry
@@ -219,6 +222,23 @@ def _memory_bytes(device: torch.device) -> int | None:
         return None
 
 
+def _scalar(comp: Any, method: str, value: Any) -> torch.Tensor:
+    """``value`` when it is the 0-d tensor a loss method must return (a host-side check of type
+    and rank: no synchronisation), else the component's failure, naming its plugin."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value
+    what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+    raise ComponentFailure(comp.kind, comp.name, comp.plugin, method,
+                           TypeError(f"returned {what}, not a 0-d tensor to minimise"))
+
+
+def valid_prior(prior: torch.Tensor, capacity: int) -> bool:
+    """A condition prior as a checkpoint must hold it: ``capacity`` finite weights >= 0 that
+    do not all vanish (sampling draws conditions from it)."""
+    return (prior.shape == (capacity,) and bool(torch.isfinite(prior).all()) and not bool((prior < 0).any())
+            and float(prior.sum()) > 0)
+
+
 def _check_fits(n: int, first: torch.Tensor, device: torch.device) -> None:
     need = n * first[0].numel() * first.element_size()
     have = _memory_bytes(device)
@@ -354,6 +374,13 @@ class Trainer:
         self.data = load_dataset(comps, seed).to(dev)
         self.N = self.data.shape[0]
         self.data_shape = tuple(self.data.shape[1:])
+        if comps.metrics:  # refused now rather than after the training the evaluation would end
+            n_eval = int(cfg["eval_samples"])
+            need, have = n_eval * math.prod(self.data_shape) * 4, _memory_bytes(dev)
+            if have is not None and need > have:
+                raise UsageError(
+                    f"eval_samples {n_eval:,}: the samples alone would need {need / 2**30:,.1f} GiB, more than "
+                    f"the {have / 2**30:,.1f} GiB of {dev.type}; set a smaller eval_samples")
         try:
             G, D, spec = build_networks(comps.model, comps.conditioner, self.data_shape)
         except DynganError:
@@ -474,8 +501,15 @@ class Trainer:
                                                                    self.opt_g.state_dict()))
             self.opt_d.load_state_dict(ckpt_io.unflatten_optimizer("optim/D", meta["optim"]["D"], t,
                                                                    self.opt_d.state_dict()))
+            for opt in (self.opt_g, self.opt_d):  # Adam's moments must have their parameter's shape
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        for key, v in opt.state.get(p, {}).items():
+                            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                                raise ValueError(f"optimiser state {key!r} has shape {tuple(v.shape)}, "
+                                                 f"its parameter {tuple(p.shape)}")
             labels, prior = t["train/labels"], t["train/prior"]
-            if labels.shape != self.labels.shape or prior.shape != self.prior.shape:
+            if labels.shape != self.labels.shape or not valid_prior(prior, self.capacity):
                 raise ValueError("partition labels or prior do not match this run")
             if int(labels.min()) < 0 or int(labels.max()) >= self.capacity:
                 raise ValueError("partition labels out of range")
@@ -685,6 +719,9 @@ class Trainer:
                 if log is not None:
                     log.truncate_after(self.step)
                 self.progress.message(f"resuming from step {self.step}")
+                if self.step >= cfg["steps"]:
+                    self.progress.message(f"the run is already at step {self.step} of --steps {cfg['steps']}: "
+                                          "nothing to train (a larger --steps extends it)")
             self._sync_ranks()
             self._setup_components()
             for note in self.notes:
@@ -773,8 +810,8 @@ class Trainer:
                         real.requires_grad_(True)
                     real_logits = D_call(real, real_cond)
                     fake_logits = D_call(fake, fake_cond)
-                loss_d = call_component(loss, "d_loss", DStepContext(
-                    real, fake, real_logits, fake_logits, real_cond, fake_cond, d_interp, report, gen))
+                loss_d = _scalar(loss, "d_loss", call_component(loss, "d_loss", DStepContext(
+                    real, fake, real_logits, fake_logits, real_cond, fake_cond, d_interp, report, gen)))
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 if sync_grads is not None:
@@ -791,7 +828,8 @@ class Trainer:
                 if g_needs_real:
                     with torch.no_grad():
                         real_logits_g = D_call(real.detach(), real_cond)
-            loss_g = call_component(loss, "g_loss", GStepContext(fake, fake_logits, fake_cond, real_logits_g, report))
+            loss_g = _scalar(loss, "g_loss", call_component(
+                loss, "g_loss", GStepContext(fake, fake_logits, fake_cond, real_logits_g, report)))
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             if sync_grads is not None:
@@ -805,18 +843,25 @@ class Trainer:
             s = self.step
 
             # ---- periodic work, at completed-step counts
+            final = s == steps
             if det is not None and s % det.every == 0:
                 self._detect(log)
             # metrics before a partition of the same step, as the reference code scores its run:
-            # after it, the model would be scored on conditions it has not been trained on yet
-            if (eval_every and s % eval_every == 0) or s == steps:
-                self._eval(log)
+            # after it, the model would be scored on conditions it has not been trained on yet.
+            # A failing metric must not cost the steps trained since the last checkpoint: its
+            # error waits until this step is saved (the final step saves before it evaluates).
+            eval_error: Exception | None = None
+            if eval_every and s % eval_every == 0 and not final:
+                try:
+                    self._eval(log)
+                except Exception as e:  # noqa: BLE001 - raised again below, after the save
+                    eval_error = e
             # not on the final step: no training would follow a new split, so the saved model
             # would draw conditions it never learnt; a resumed, longer run checks again at the
             # next interval
-            if part is not None and s % part.every == 0 and s < steps:
+            if part is not None and s % part.every == 0 and not final:
                 self._partition(log)
-            if s % log_every == 0 or s == steps:
+            if s % log_every == 0 or final:
                 now = time.perf_counter()
                 rate = (s - s_last) / max(1e-9, now - t_last)
                 t_last, s_last = now, s
@@ -825,10 +870,30 @@ class Trainer:
                 self.save()
                 self.progress.message(f"stopped at step {s}; checkpoint saved")
                 raise Interrupted(flag.signum, s, self.run_dir)
-            if (ck_every and s % ck_every == 0) or s == steps:
+            if (ck_every and s % ck_every == 0) or final or eval_error is not None:
                 self.save()
+            if eval_error is not None:
+                raise self._after_failed_eval(eval_error)
+            if final:
+                try:
+                    self._eval(log)
+                except Exception as e:  # noqa: BLE001 - the error, with where the run stands
+                    raise self._after_failed_eval(e) from e
         if self.step >= steps:
             self.save()  # a no-op when this step is already on disk
+
+    def _after_failed_eval(self, error: Exception) -> Exception:
+        """``error`` of an evaluation at a step that is already saved, saying so: the trained
+        steps are safe, and ``dyngan evaluate`` can score them again with other settings."""
+        note = (f"the evaluation at step {self.step} failed; the run is saved at step {self.step} "
+                f"(`dyngan evaluate {self.run_dir}` scores it again; `--resume` continues it)")
+        if is_out_of_memory(error):
+            return out_of_memory(error, f"scoring {self.cfg['eval_samples']:,} samples at step {self.step}",
+                                 f"set a smaller eval_samples in a --config file; {note}")
+        if isinstance(error, DynganError):
+            error.args = (f"{error.args[0] if error.args else error}; {note}",) + tuple(error.args[1:])
+            return error
+        return RunFailure(f"{type(error).__name__}: {error}; {note}")
 
     def _log_step(self, log: rundir.MetricsLog | None, loss_d: Any, loss_g: Any, rate: float) -> None:
         sync_buffers = getattr(self.comm, "sync_buffers", None)

@@ -236,3 +236,36 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path):
     step = int(stops[0])
     assert (run_dir / "checkpoints" / f"step-{step:08d}.json").exists()
     assert checkpoint(run_dir, step)["rng/train"].numel() > 0
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    ("WORLD_SIZE", "x", "WORLD_SIZE must be an integer >= 1"),
+    ("WORLD_SIZE", "0", "WORLD_SIZE must be an integer >= 1"),
+    ("RANK", "2", "RANK must be an integer in [0, 1]"),
+    ("LOCAL_RANK", "x", "LOCAL_RANK must be an integer >= 0"),
+    ("MASTER_PORT", "99999", "MASTER_PORT must be an integer in [1, 65535]"),
+])
+def test_bad_torchrun_variables_are_exit_2(tmp_path, name, value, needle):
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599",
+           name: value}
+    from click.testing import CliRunner
+
+    from core.cli import cli
+
+    res = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "r"), "--steps", "2", "-q"], env=env)
+    assert res.exit_code == 2, res.output
+    assert needle in res.stderr and "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_rendezvous_that_cannot_complete_is_a_clear_failure(tmp_path):
+    # one process of two: the other never comes, and the wait ends after DYNGAN_DIST_TIMEOUT
+    env = env_for(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(free_port()), DYNGAN_DIST_TIMEOUT="3")
+    proc = subprocess.run([sys.executable, "-m", "core", "train", "--out", str(tmp_path / "r"), *SMALL,
+                           "--steps", "2"], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "could not meet" in proc.stderr and "WORLD_SIZE" in proc.stderr
+    assert "Traceback" not in proc.stderr

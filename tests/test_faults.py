@@ -543,6 +543,26 @@ class RaisingLoss(NonSaturatingLoss):
         return super().d_loss(ctx)
 
 
+class FloatLoss(NonSaturatingLoss):
+    """g_loss returns a Python float: nothing to backpropagate."""
+
+    name = "float-loss"
+
+    def g_loss(self, ctx):
+        return float(super().g_loss(ctx).detach())
+
+
+class VectorLoss(NonSaturatingLoss):
+    """d_loss returns the per-sample losses instead of their mean."""
+
+    name = "vector-loss"
+
+    def d_loss(self, ctx):
+        import torch.nn.functional as F
+
+        return F.softplus(-ctx.real_logits) + F.softplus(ctx.fake_logits)
+
+
 class RaisingDetector(DynGANDetector):
     name = "raising-detector"
     armed = False
@@ -559,6 +579,8 @@ class FaultyPlugin:
     def register_losses(register):
         register(NaNAfter)
         register(RaisingLoss)
+        register(FloatLoss)
+        register(VectorLoss)
 
     @staticmethod
     @hookimpl
@@ -576,6 +598,17 @@ def faulty():
 
 DIVERGE = ["--loss", "nan-after", "-o", "loss.at=13", "--log-every", "5", "--checkpoint-every", "10",
            "--steps", "40"]
+
+
+@pytest.mark.parametrize("name, method, what", [("float-loss", "g_loss", "returned float"),
+                                                 ("vector-loss", "d_loss", "a tensor of shape (")])
+def test_a_loss_returning_no_scalar_tensor_is_named(tmp_path, faulty, name, method, what):
+    res = invoke(["train", "--out", str(tmp_path / "r"), *FLAGS, "--loss", name, "--steps", "5", "-q"])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    msg = res.stderr
+    assert f"loss '{name}' (plugin 'faulty') raised in {method}()" in msg
+    assert what in msg and "not a 0-d tensor" in msg
 
 
 def test_nan_loss_stops_naming_step_and_component(tmp_path, faulty):

@@ -186,7 +186,22 @@ def corrupt_fifo(ck, runs):
     _rewrite(ck, size=size)
 
 
+def corrupt_nan_prior(ck, runs):
+    t = _t(ck)
+    t["train/prior"] = torch.full_like(t["train/prior"], float("nan"))
+    _rewrite(ck, t)
+
+
+def corrupt_optimiser_state_shape(ck, runs):
+    t = _t(ck)
+    key = next(k for k in t if k.startswith("optim/G/") and k.endswith("exp_avg"))
+    t[key] = torch.zeros(t[key].numel() + 1)
+    _rewrite(ck, t)
+
+
 CORRUPTIONS = {
+    "nan-prior": (corrupt_nan_prior, "prior"),
+    "optimiser-state-shape": (corrupt_optimiser_state_shape, "does not fit"),
     "truncated": (corrupt_truncated, "recorded"),
     "byte-edited": (corrupt_byte_edited, "checksum"),
     "json-edited": (corrupt_json_edited, "unreadable metadata"),
@@ -203,7 +218,7 @@ CORRUPTIONS = {
 
 
 #: corruptions of what only a resumed run reads (optimiser, component state)
-TRAINING_STATE_ONLY = {"meta-types", "optimiser-settings"}
+TRAINING_STATE_ONLY = {"meta-types", "optimiser-settings", "optimiser-state-shape"}
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))

@@ -553,3 +553,83 @@ def test_no_partition_on_the_final_step(tmp_path):
     res = api.train(cfg, quiet=True)
     events = [r["step"] for r in res.metrics if r.get("event") in ("partition", "partition-check")]
     assert events == [20, 40], events
+
+
+# ------------------------------------------------------------------ a failing evaluation
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_steps(tmp_path):
+    # prdc's k exceeds the 200 samples it is given: the metric fails, after all the training
+    out = tmp_path / "r"
+    res = invoke(["train", *SMALL_FLAGS, "--steps", "12", "--checkpoint-every", "0", "--out", str(out),
+                  "-o", "dataset.n=200", "--metrics", "prdc", "-o", "metric.k=500", "-q"])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    assert "saved at step 12" in res.stderr and "dyngan evaluate" in res.stderr
+    assert ckpt_steps(out) == [12]
+    # the saved run is whole: it draws samples, and scores with enough of them
+    res = invoke(["sample", str(out), "--n", "10", "--out", str(tmp_path / "s.npy")])
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "s.npy").shape == (10, 2)
+
+
+def test_a_failing_intermediate_evaluation_saves_its_step_before_stopping(tmp_path):
+    out = tmp_path / "r"
+    res = invoke(["train", *SMALL_FLAGS, "--steps", "30", "--checkpoint-every", "0", "--eval-every", "10",
+                  "--out", str(out), "-o", "dataset.n=200", "--metrics", "prdc", "-o", "metric.k=500", "-q"])
+    assert res.exit_code == 1, res.output
+    assert "saved at step 10" in res.stderr
+    assert ckpt_steps(out) == [10]
+
+
+def test_eval_samples_that_cannot_fit_are_refused_before_training(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("eval_samples = 99999999999999\n")
+    out = tmp_path / "r"
+    res = invoke(["train", *SMALL_FLAGS, "--steps", "5", "--config", str(cfg), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "eval_samples" in res.stderr and "GiB" in res.stderr and "Traceback" not in res.output
+    assert not (out / "checkpoints").exists()  # nothing trained, and --out is free again
+    res = invoke(["train", *SMALL_FLAGS, "--steps", "5", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+
+
+def test_resume_to_fewer_steps_than_done_says_there_is_nothing_to_train(run60, tmp_path):
+    _, src = run60
+    out = tmp_path / "r"
+    shutil.copytree(src, out)
+    stream = io.StringIO()
+    result = api.train({"out": str(out), "steps": 40}, resume=True, quiet=False, stream=stream)
+    assert result.step == 60 and ckpt_steps(out) == [30, 60]
+    assert "already at step 60 of --steps 40: nothing to train" in stream.getvalue()
+
+
+def test_a_second_process_cannot_train_in_a_run_directory_in_use(run60, tmp_path):
+    # the first "process" holds the run's lock (as api.train does while it trains)
+    from core import rundir
+
+    _, src = run60
+    out = tmp_path / "r"
+    shutil.copytree(src, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with rundir.RunLock(out):
+        res = invoke(["train", "--resume", "--out", str(out), "--steps", "70", "-q"])
+        assert res.exit_code == 2, res.output
+        assert "another dyngan process is training in" in res.stderr and "Traceback" not in res.output
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "70", "-q"])  # released: it goes on
+    assert res.exit_code == 0, res.output
+    assert ckpt_steps(out)[-1] == 70
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_says_what_to_do(run60, tmp_path):
+    _, src = run60
+    out = tmp_path / "r"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "checkpoints")  # as a run that diverged before its first checkpoint
+    (out / "checkpoints").mkdir()
+    for args in (["train", "--resume", "--out", str(out), "--steps", "5"],
+                 ["train", *SMALL_FLAGS, "--steps", "5", "--out", str(out)]):
+        res = invoke(args)
+        assert res.exit_code == 2, res.output
+        assert "stopped before its first checkpoint" in res.stderr and "delete that directory" in res.stderr
