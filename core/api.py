@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 from . import __version__, rundir
-from .config import DEFAULTS, SLOTS, read_toml, resolve
-from .errors import CheckpointError, UsageError, is_out_of_memory, out_of_memory
+from .config import DEFAULTS, SLOTS, _metric_names, read_toml, resolve
+from .errors import (CheckpointError, OptionError, UnknownComponentError, UsageError, is_out_of_memory,
+                     out_of_memory)
 from .plugins import PluginHost, get_host
 
 #: keys of a saved config that are records, not settings
@@ -58,8 +59,30 @@ def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str,
     saved = rundir.read_config(run_dir)
     try:
         return saved, resolve(host.registry, [_settings_only(saved)])
-    except UsageError as e:
+    except UnknownComponentError as e:  # a plugin that is not installed (or no longer has the component)
         raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb} with the installed plugins: {e}") from None
+    except OptionError as e:  # a bad value, or an option a plugin's other version lacks
+        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb}: its {rundir.CONFIG} is invalid "
+                              f"(damaged, or written for another version of its plugins): {e}") from None
+    except UsageError as e:
+        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb}: its {rundir.CONFIG} is invalid "
+                              f"(damaged or edited): {e}") from None
+
+
+def _flat_options(options: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"detector": {"delta": 0.2}}`` -> ``{"detector.delta": 0.2}`` (metrics nest one level more)."""
+    out: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if isinstance(v, Mapping):
+            out.update(_flat_options(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _component_name(value: Any) -> Any:
+    return None if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")) \
+        else str(value).strip()
 
 
 def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost) -> dict[str, Any]:
@@ -72,14 +95,41 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
             raise UsageError(f"unknown setting {k!r}")
     changed = {k: v for k, v in given.items() if k in _RESUMABLE}
     fixed = {k: v for k, v in given.items() if k not in _RESUMABLE}
+    only = f"only {', '.join(_RESUMABLE)} may change"
+    # a component named again must be the run's: compared before any option is resolved, since the
+    # run's options for one component mean nothing to another ("dataset 'ring8': unknown option 'side'")
+    for k in (*SLOTS, "preset"):
+        if k in fixed and _component_name(fixed[k]) != cfg.get(k):
+            raise UsageError(f"--resume continues the run as it was configured: the {k} cannot change; "
+                             f"it was {cfg.get(k)!r}, not {_component_name(fixed[k])!r} ({only})")
+    if "metrics" in fixed and _metric_names(fixed["metrics"]) not in (None, cfg.get("metrics")):
+        raise UsageError(f"--resume continues the run as it was configured: the metrics cannot change; they were "
+                         f"{cfg.get('metrics')!r}, not {_metric_names(fixed['metrics'])!r} ({only})")
     if fixed:
         # settings given again must resolve to what the run already has
+        metric_opts = (fixed.get("options") or {}).get("metric")
+        if isinstance(metric_opts, Mapping):
+            # the saved options are scoped per metric (and a scoped value wins): scope an unscoped
+            # -o metric.KEY=V to the run's metrics that have KEY, so that it is compared, not ignored
+            scoped = {}
+            for key, v in metric_opts.items():
+                takers = [m for m in cfg["metrics"] if not isinstance(v, Mapping) and "." not in str(key)
+                          and key in host.registry.get("metric", m).options]
+                scoped.update({f"{m}.{key}": v for m in takers} if takers else {key: v})
+            fixed = {**fixed, "options": {**fixed["options"], "metric": scoped}}
         trial = resolve(host.registry, [_settings_only(saved), fixed])
         for k in sorted(fixed):
-            if trial.get(k) != cfg.get(k):
+            if k == "options":  # name the differing options only, not the whole table
+                was, now = _flat_options(cfg.get("options")), _flat_options(trial.get("options"))
+                diff = [f"{o} was {was.get(o)!r}, not {now.get(o)!r}" for o in sorted(set(was) | set(now))
+                        if was.get(o) != now.get(o)]
+                if diff:
+                    raise UsageError(f"--resume continues the run as it was configured; {'; '.join(diff)} "
+                                     f"(component options cannot change; {only})")
+            elif trial.get(k) != cfg.get(k):
                 raise UsageError(
                     f"--resume continues the run as it was configured; {k} was {cfg.get(k)!r}, "
-                    f"not {trial.get(k)!r} (only {', '.join(_RESUMABLE)} may change)")
+                    f"not {trial.get(k)!r} ({only})")
     if changed:
         cfg = resolve(host.registry, [_settings_only(saved), changed])
     plugins = saved.get("plugins", {})
@@ -110,6 +160,9 @@ def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
     """Resolve the config and create (or find, with ``resume``) the run directory."""
     host = host or get_host()
     out = settings.get("out")
+    if out is not None and not str(out).strip():
+        # Path("") is the current directory: an empty --out (an unset shell variable) would train there
+        raise UsageError("--out is empty: name the run directory (or leave --out out for a new one under runs/)")
     if resume:
         if out is None:
             raise UsageError("--resume needs --out RUN_DIR: the run to continue")

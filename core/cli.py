@@ -89,6 +89,8 @@ def plugins(as_json: bool, show_options: bool) -> None:
     host = get_host()
     cli._load_plugin_commands()  # type: ignore[attr-defined]
     data = host.report()
+    if host.registry.note:  # e.g. DYNGAN_LOAD_PLUGINS naming nothing installed
+        click.echo(f"Warning: {host.registry.note}", err=True)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

@@ -77,6 +77,8 @@ _CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}
 
 
 MAX_CONFIG_BYTES = 2**20
+#: the largest integer a float (JSON, a float-notation value) holds exactly: beyond it 1e30 is not a count
+MAX_EXACT_INT = 2**53
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -99,7 +101,29 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"cannot read config file {str(p)!r}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    _check_file_types(data, p)
     return data
+
+
+def _check_file_types(data: Mapping[str, Any], path: Path) -> None:
+    """TOML types its values: a quoted number or a float where a count is expected is a mistake.
+
+    (The library API and a run's config.json go through the looser ``_check_scalars``: JSON
+    writes no int/float distinction a user could rely on, e.g. 1000.0.)
+    """
+    where = f"config file {str(path)!r}"
+
+    def shown(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else repr(v)  # as TOML writes it
+    for key in _INT_KEYS:
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UsageError(f"{where}: setting {key!r} must be an integer (no quotes, no decimal point), "
+                             f"got {shown(v)}")
+    for key in (*_FLOAT_KEYS, "g_ema"):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise UsageError(f"{where}: setting {key!r} must be a number (no quotes), got {shown(v)}")
 
 
 def parse_option_flags(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -149,11 +173,8 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
             raise UsageError(f"setting {key!r} must be an integer, got {v!r}")
         if not isinstance(v, int):
             try:
-                f = float(v)
-                if not f.is_integer():
-                    raise ValueError
-                v = int(f)
-            except (TypeError, ValueError):
+                v = int(v) if isinstance(v, str) and v.strip().lstrip("+-").isdigit() else _exact_int(float(v))
+            except (TypeError, ValueError, OverflowError):
                 raise UsageError(f"setting {key!r} must be an integer, got {cfg[key]!r}") from None
         if v < lo:
             raise UsageError(f"setting {key!r} must be >= {lo}, got {v}")
@@ -165,6 +186,8 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
         if v is None:
             continue
         try:
+            if isinstance(v, bool):
+                raise TypeError
             f = float(v)
         except (TypeError, ValueError):
             raise UsageError(f"setting {key!r} must be a number, got {v!r}") from None
@@ -176,6 +199,8 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
     v = cfg.get("g_ema")
     if v is not None:
         try:
+            if isinstance(v, bool):
+                raise TypeError
             f = float(v)
         except (TypeError, ValueError):
             raise UsageError(f"setting 'g_ema' must be a number in [0, 1), got {v!r}") from None
@@ -187,6 +212,8 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
         if isinstance(b, str):
             b = [p for p in b.replace(" ", "").split(",") if p]
         try:
+            if isinstance(b, Mapping) or any(isinstance(x, bool) for x in b):
+                raise TypeError
             b = [float(x) for x in b]
         except (TypeError, ValueError):
             raise UsageError(f"setting 'betas' must be two numbers like 0.5,0.999, got {cfg['betas']!r}") from None
@@ -202,6 +229,32 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
     if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda") or
                                         (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UsageError(f"setting 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
+
+
+def _exact_int(f: float) -> int:
+    """``f`` as an int when it is one exactly (1e3, 1000.0); ValueError for 1.5, nan or 1e30."""
+    if not math.isfinite(f) or not f.is_integer() or abs(f) > MAX_EXACT_INT:
+        raise ValueError(f)
+    return int(f)
+
+
+def _metric_names(value: Any) -> list[str] | None:
+    """``metrics`` as a list of names (None: the dataset's); ``none`` means no metrics."""
+    if value is None:
+        return None
+    bad = (f"setting 'metrics' must be metric names, as a list of strings or comma-separated "
+           f"(or none for no metrics), got {value!r}")
+    if isinstance(value, str):
+        if value.strip().lower() in ("none", "null"):
+            return []
+        names = [m for m in value.replace(" ", "").split(",") if m]
+        if not names:
+            raise UsageError(f"setting 'metrics' names no metric (got {value!r}); give metric names "
+                             "separated by commas, or none for no metrics")
+        return [m for m in names if m.lower() != "none"]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m.strip() for m in value):
+        raise UsageError(bad)
+    return [m.strip() for m in value]
 
 
 def _none(v: Any) -> bool:
@@ -314,11 +367,9 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
             cfg[key] = rec.get(key, preset_settings.get(key, FALLBACK_OPTIMIZER[key]))
     _check_scalars(cfg)
 
-    metrics = cfg.get("metrics")
+    metrics = _metric_names(cfg.get("metrics"))
     if metrics is None:
         metrics = list(dataset_cls.default_metrics)
-    elif isinstance(metrics, str):
-        metrics = [m for m in metrics.replace(" ", "").split(",") if m and m.lower() != "none"]
     metric_classes = {m: registry.get("metric", m) for m in metrics}
     cfg["metrics"] = [cls.name for cls in metric_classes.values()]
     resolved_opts["metric"] = _metric_options(metric_classes, opts_in.get("metric") or {})

@@ -74,6 +74,31 @@ class Option:
         }
 
 
+#: an int option written in float notation (1e5, or a JSON 100000.0) must be an integer a float holds
+#: exactly; 1e30 is no count (it would become 1000000000000000019884624838656)
+MAX_EXACT_INT = 2**53
+#: no int option takes more than a 64-bit integer (torch sizes and seeds): larger is refused, not crashed on
+MAX_INT64 = 2**63 - 1
+
+
+class _Reason(ValueError):
+    """A ValueError whose text says why, appended to the option's message."""
+
+
+def _exact_int(f: float) -> int:
+    if not math.isfinite(f) or not f.is_integer():
+        raise ValueError(f)
+    if abs(f) > MAX_EXACT_INT:
+        raise _Reason("in float notation an integer must be at most 2**53, so that it is exact")
+    return int(f)
+
+
+def _int_in_range(v: int) -> int:
+    if abs(v) > MAX_INT64:
+        raise _Reason("it does not fit in a 64-bit integer")
+    return v
+
+
 def _coerce(value: Any, opt: Option) -> Any:
     """Convert ``value`` to the option's type or raise ValueError."""
     t = opt.value_type
@@ -94,10 +119,11 @@ def _coerce(value: Any, opt: Option) -> Any:
                 return False
             raise ValueError
         if t is int:
-            f = float(s)
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
+            try:
+                v = int(s)
+            except ValueError:  # float notation: 1e5, 1000.0
+                return _exact_int(float(s))
+            return _int_in_range(v)
         if t is float:
             return float(s)
         return t(s)
@@ -109,9 +135,9 @@ def _coerce(value: Any, opt: Option) -> Any:
         if isinstance(value, bool):
             raise ValueError
         if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+            return _int_in_range(value)
+        if isinstance(value, float):
+            return _exact_int(value)
         raise ValueError
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -130,9 +156,10 @@ def check_value(where: str, key: str, value: Any, opt: Option) -> Any:
     """Validate one option value; ``where`` names the component (e.g. ``detector 'dyngan'``)."""
     try:
         v = _coerce(value, opt)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError) as e:
+        why = f" ({e})" if isinstance(e, _Reason) else ""
         raise OptionError(
-            f"{where}: option {key!r} must be {opt.describe()}, got {value!r}"
+            f"{where}: option {key!r} must be {opt.describe()}, got {value!r}{why}"
         ) from None
     if v is None:
         return v

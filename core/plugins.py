@@ -96,6 +96,8 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.registry = Registry()
         self.plugins: dict[str, PluginInfo] = {}
+        #: names in DYNGAN_LOAD_PLUGINS that match no installed plugin or distribution
+        self.unmatched_allowed: list[str] = []
 
     # ------------------------------------------------------------------ loading
 
@@ -254,6 +256,16 @@ def load_plugins(env: Mapping[str, str] | None = None) -> PluginHost:
     seen: set[tuple[str, str]] = set()
     eps = entry_points()
     plugin_names = {ep.name for ep in eps}
+    if allow:
+        known = plugin_names | {ep.dist.name for ep in eps if ep.dist is not None}
+        host.unmatched_allowed = sorted(allow - known)
+        if host.unmatched_allowed:
+            # said with every unknown-component error: otherwise "unknown dataset 'grid25' (available:
+            # none registered)" does not tell that the allow-list itself names nothing installed
+            host.registry.note = (
+                f"DYNGAN_LOAD_PLUGINS names {', '.join(map(repr, host.unmatched_allowed))}, which "
+                f"{'matches' if len(host.unmatched_allowed) == 1 else 'match'} no installed plugin or distribution "
+                f"(installed plugins: {', '.join(sorted(plugin_names)) or 'none'})")
     for ep in eps:
         dist = ep.dist.name if ep.dist is not None else None
         if (ep.name, ep.value) in seen:  # the same distribution seen twice on sys.path

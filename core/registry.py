@@ -14,6 +14,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_kind: dict[str, dict[str, type[Component]]] = {k: {} for k in KINDS}
+        #: said after every unknown-name error (e.g. that DYNGAN_LOAD_PLUGINS matched nothing)
+        self.note: str | None = None
         # who registered each entry, per registry: ``cls.plugin`` is a class attribute
         # shared by every host in the process, so removal must not rely on it
         self._plugin_of: dict[tuple[str, str], str | None] = {}
@@ -56,7 +58,8 @@ class Registry:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             avail = ", ".join(names) if names else "none registered"
-            raise UnknownComponentError(f"unknown {kind} {name!r}{hint} (available: {avail})")
+            note = f"; {self.note}" if self.note else ""
+            raise UnknownComponentError(f"unknown {kind} {name!r}{hint} (available: {avail}){note}")
         return found
 
     def names(self, kind: str) -> list[str]:

@@ -66,7 +66,7 @@ class OneHotConditioner(Conditioner):
 
     name = "onehot"
     options = {
-        "capacity": Option(30, "number of condition slots, K_max (DynGAN 2D code: 30)", min=1),
+        "capacity": Option(30, "number of condition slots, K_max (DynGAN 2D code: 30)", min=1, max=10_000),
         "fake_conditions": Option(
             "prior", "fake conditions: drawn from the partition prior, or the real batch's labels", choices=_FAKE
         ),
@@ -88,8 +88,8 @@ class EmbeddingConditioner(Conditioner):
 
     name = "embedding"
     options = {
-        "capacity": Option(20, "number of condition slots, K_max (DynGAN CIFAR-10 code: 20)", min=1),
-        "dim": Option(256, "width of G's label embedding", min=1),
+        "capacity": Option(20, "number of condition slots, K_max (DynGAN CIFAR-10 code: 20)", min=1, max=10_000),
+        "dim": Option(256, "width of G's label embedding", min=1, max=8192),
         "fake_conditions": Option(
             "real", "fake conditions: drawn from the partition prior, or the real batch's labels", choices=_FAKE
         ),

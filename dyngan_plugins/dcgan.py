@@ -164,13 +164,14 @@ class DCGAN(Model):
 
     name = "dcgan"
     options = {
-        "z_dim": Option(64, "dimension of the latent noise z", min=1),
+        "z_dim": Option(64, "dimension of the latent noise z", min=1, max=4096),
         "channels": Option(64, "G's base width: S=8 gives a 4x4x(2*channels) first map", min=1, max=4096),
         "d_width": Option(
             1.0, "D's width relative to G's (0.25: PacGAN's weak-D setting)", min=0.01, max=16.0
         ),
         "d_features": Option(
-            0, "width of an extra linear layer before D's output (0: none; features = last conv map)", min=0
+            0, "width of an extra linear layer before D's output (0: none; features = last conv map)", min=0,
+            max=8192
         ),
         "slope": Option(0.2, "negative slope of D's LeakyReLU", min=0.0),
     }

@@ -13,6 +13,13 @@ from typing import Any
 
 from core import hookimpl
 from core.components import Dataset, Option
+from core.errors import OptionError
+
+#: the most training points a 2D mixture makes (n, or points_per_mode times the modes): a hundred
+#: times the default; more can only be a typo, and would allocate gigabytes before failing
+MAX_POINTS = 10_000_000
+#: the most modes (ring8's modes, grid25's side squared)
+MAX_MODES = 10_000
 
 
 class _Mixture(Dataset):
@@ -21,6 +28,20 @@ class _Mixture(Dataset):
 
     def centres(self) -> list[list[float]]:
         raise NotImplementedError
+
+    @classmethod
+    def mode_count(cls, opts) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def resolve_options(cls, values):
+        out = super().resolve_options(values)
+        ppm = out.get("points_per_mode")
+        if ppm is not None and ppm * cls.mode_count(out) > MAX_POINTS:
+            raise OptionError(
+                f"{cls.describe()}: points_per_mode={ppm} with {cls.mode_count(out)} modes makes "
+                f"{ppm * cls.mode_count(out)} points, more than {MAX_POINTS}")
+        return out
 
     def load(self, generator):
         import torch
@@ -40,9 +61,9 @@ class _Mixture(Dataset):
 
 
 _COMMON = {
-    "n": Option(100_000, "number of training points (PacGAN protocol)", min=1),
+    "n": Option(100_000, "number of training points (PacGAN protocol)", min=1, max=MAX_POINTS),
     "points_per_mode": Option(
-        None, "points per mode instead of n (DynGAN code: 50)", type=int, min=1, nullable=True
+        None, "points per mode instead of n (DynGAN code: 50)", type=int, min=1, max=MAX_POINTS, nullable=True
     ),
 }
 
@@ -55,8 +76,12 @@ class Ring8(_Mixture):
         **_COMMON,
         "radius": Option(1.0, "radius of the ring (DynGAN code: 2)", min=0.0),
         "sigma": Option(0.01, "standard deviation of each mode (DynGAN code: 0.05)", min=0.0),
-        "modes": Option(8, "number of modes on the ring", min=1),
+        "modes": Option(8, "number of modes on the ring", min=1, max=MAX_MODES),
     }
+
+    @classmethod
+    def mode_count(cls, opts) -> int:
+        return int(opts["modes"])
 
     def centres(self) -> list[list[float]]:
         r, k = self.opts.radius, self.opts.modes
@@ -72,8 +97,12 @@ class Grid25(_Mixture):
         **_COMMON,
         "spacing": Option(2.0, "distance between neighbouring centres", min=0.0),
         "sigma": Option(0.05, "standard deviation of each mode (DynGAN code: 0.1)", min=0.0),
-        "side": Option(5, "modes per side", min=1),
+        "side": Option(5, "modes per side", min=1, max=100),
     }
+
+    @classmethod
+    def mode_count(cls, opts) -> int:
+        return int(opts["side"]) ** 2
 
     def centres(self) -> list[list[float]]:
         side, s = self.opts.side, self.opts.spacing

@@ -65,9 +65,9 @@ class MLP(Model):
 
     name = "mlp"
     options = {
-        "z_dim": Option(50, "dimension of the latent noise z", min=1),
-        "hidden": Option(128, "width of each hidden layer", min=1),
-        "layers": Option(2, "number of hidden layers in each network", min=1),
+        "z_dim": Option(50, "dimension of the latent noise z", min=1, max=4096),
+        "hidden": Option(128, "width of each hidden layer", min=1, max=8192),
+        "layers": Option(2, "number of hidden layers in each network", min=1, max=64),
         "slope": Option(0.1, "negative slope of D's LeakyReLU", min=0.0),
         "init": Option("torch", "initial weights: torch (PyTorch's default, uniform, fan-in scaled) or "
                        "normal (N(0, 0.02) weights and zero biases, as the DynGAN reference code)",

@@ -463,3 +463,87 @@ def test_metric_options_reach_the_metric():
     # a config saved before metric options existed: the metrics' defaults
     del cfg["options"]["metric"]
     assert [m.opts.hq_sigmas for m in instantiate(cfg, get_host().registry).metrics] == [3.0]
+
+
+# ------------------------------------------------------------------ metrics and TOML types
+
+
+@pytest.mark.parametrize("line", ["metrics = [5]", "metrics = 5", "metrics = [[1]]", 'metrics = [""]',
+                                  "metrics = {a = 1}"])
+def test_metrics_of_the_wrong_type_in_a_config_file_exit_2(tmp_path, line):
+    res = _dry_run(["--config", _write_toml(tmp_path / "m.toml", line + "\n")])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    assert "setting 'metrics' must be metric names" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", [",", "", " , ,"])
+def test_an_empty_metrics_name_list_is_refused(value):
+    res = _dry_run(["--metrics", value])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert "names no metric" in res.stderr and "none for no metrics" in res.stderr
+
+
+def test_metrics_none_still_means_no_metrics(tmp_path):
+    res = _dry_run(["--metrics", "none"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["metrics"] == []
+    assert resolve_settings({"metrics": []})["metrics"] == []  # a saved run without metrics
+    cfg = resolve_settings({"config": _write_toml(tmp_path / "m.toml", 'metrics = ["mixture"]\n')})
+    assert cfg["metrics"] == ["mixture"]
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("lr_g = true", "'lr_g' must be a number (no quotes), got true"),
+    ("lr_d = false", "'lr_d' must be a number"),
+    ('lr_g = "1e-3"', "'lr_g' must be a number (no quotes)"),
+    ('eval_every = "5"', "'eval_every' must be an integer (no quotes, no decimal point), got '5'"),
+    ('g_ema = "0.5"', "'g_ema' must be a number (no quotes)"),
+    ("g_ema = true", "'g_ema' must be a number"),
+    ("batch_size = 1e3", "'batch_size' must be an integer (no quotes, no decimal point), got 1000.0"),
+    ("steps = 100.0", "'steps' must be an integer"),
+    ("seed = true", "'seed' must be an integer"),
+    ("betas = [true, 0.9]", "'betas' must be two numbers"),
+])
+def test_config_file_values_must_have_the_settings_type(tmp_path, line, needle):
+    res = _dry_run(["--config", _write_toml(tmp_path / "c.toml", line + "\n")])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert needle in res.stderr, res.stderr
+
+
+def test_config_file_numbers_of_the_right_type_are_accepted(tmp_path):
+    path = _write_toml(tmp_path / "c.toml", "batch_size = 64\nlr_g = 1\nlr_d = 2e-4\ng_ema = 0.5\n"
+                                             'betas = [0, 0.9]\neval_every = 0\n')
+    cfg = resolve_settings({"config": path})
+    assert (cfg["batch_size"], cfg["lr_g"], cfg["lr_d"], cfg["g_ema"], cfg["betas"]) == (64, 1.0, 2e-4, 0.5,
+                                                                                          [0.0, 0.9])
+
+
+def test_bools_are_refused_for_numeric_settings_everywhere():
+    for key in ("lr_g", "lr_d", "g_ema"):
+        with pytest.raises(UsageError, match=f"'{key}' must be a number"):
+            resolve_settings({key: True})
+    with pytest.raises(UsageError, match="'betas' must be two numbers"):
+        resolve_settings({"betas": [False, 0.9]})
+
+
+def test_json_style_integral_floats_still_load_but_not_past_2_53():
+    """A run's config.json may hold 1000.0 for a count (JSON has one number type): still loadable."""
+    cfg = resolve_settings({"batch_size": 64.0, "steps": 1e3})
+    assert (cfg["batch_size"], cfg["steps"]) == (64, 1000)
+    assert isinstance(cfg["steps"], int)
+    for v in (1e30, 2.0**53 + 2, "1e30"):
+        with pytest.raises(UsageError, match="'steps' must be an integer"):
+            resolve_settings({"steps": v})
+
+
+def test_cli_numeric_flags_still_work():
+    res = _dry_run(["--lr-g", "1", "--g-ema", "0.5", "--batch-size", "64", "--eval-every", "5",
+                    "--betas", "0.5,0.9"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)
+    assert (cfg["lr_g"], cfg["g_ema"], cfg["batch_size"], cfg["eval_every"], cfg["betas"]) == (
+        1.0, 0.5, 64, 5, [0.5, 0.9])

@@ -266,3 +266,61 @@ def test_a_component_can_be_deep_copied():
     det = DemoDetector(delta=0.4)
     twin = copy.deepcopy(det)
     assert twin is not det and twin.opts == det.opts and twin.opts.delta == 0.4
+
+
+# ------------------------------------------------------------------ float notation and sizes
+
+
+@pytest.mark.parametrize("raw, expected", [("1e5", 100_000), ("100000.0", 100_000), (1e5, 100_000),
+                                           ("1_000", 1000), (" 7 ", 7), (2.0**53, 2**53)])
+def test_int_options_accept_exact_integers_in_float_notation(raw, expected):
+    opt = Option(5, "n", min=1)
+    v = check_value(WHERE, "n", raw, opt)
+    assert v == expected and type(v) is int
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ("1e30", "at most 2**53"), (1e30, "at most 2**53"), ("9007199254740994.0", "at most 2**53"),
+    ("1.5", "must be an integer"), (2.5, "must be an integer"), ("inf", "must be an integer"),
+    ("nan", "must be an integer"), ("99999999999999999999999", "64-bit"), (2**64, "64-bit"),
+])
+def test_int_options_refuse_inexact_or_oversized_values(raw, needle):
+    with pytest.raises(OptionError) as ei:
+        check_value(WHERE, "n", raw, Option(5, "n", min=1))
+    assert needle in str(ei.value) and "option 'n'" in str(ei.value)
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("dataset.n=1e30", "option 'n' must be an integer in [1, 10000000]"),
+    ("dataset.n=2000000000", "option 'n' must be an integer in [1, 10000000]"),
+    ("dataset.points_per_mode=100000000", "option 'points_per_mode' must be an integer in [1, 10000000]"),
+    ("dataset.points_per_mode=500000", "makes 12500000 points, more than 10000000"),
+    ("dataset.side=1000", "option 'side' must be an integer in [1, 100]"),
+    ("model.z_dim=100000000", "option 'z_dim' must be an integer in [1, 4096]"),
+    ("model.hidden=1e9", "option 'hidden' must be an integer in [1, 8192]"),
+    ("model.layers=100000", "option 'layers' must be an integer in [1, 64]"),
+    ("conditioner.capacity=1e7", "option 'capacity' must be an integer in [1, 10000]"),
+    ("detector.batch_size=1e20", "at most 2**53"),
+])
+def test_oversized_component_options_exit_2_before_anything_is_built(flag, needle):
+    from click.testing import CliRunner
+
+    from core.cli import cli
+
+    res = CliRunner().invoke(cli, ["train", "--dry-run", "--preset", "dyngan", "-o", flag])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert needle in res.stderr, res.stderr
+
+
+def test_documented_and_default_sizes_stay_valid():
+    from click.testing import CliRunner
+
+    from core.cli import cli
+
+    for flags in (["--dataset", "grid25", "-o", "dataset.points_per_mode=50", "-o", "dataset.sigma=0.1"],
+                  ["--dataset", "ring8", "-o", "dataset.points_per_mode=50", "-o", "dataset.radius=2"],
+                  ["--dataset", "grid25", "-o", "dataset.n=1e7", "-o", "model.z_dim=4096"],
+                  ["--preset", "dyngan-image"], ["--dataset", "stacked-digits", "-o", "dataset.n=5e7"]):
+        res = CliRunner().invoke(cli, ["train", "--dry-run", *flags])
+        assert res.exit_code == 0, (flags, res.output)

@@ -633,3 +633,86 @@ def test_a_run_that_stopped_before_its_first_checkpoint_says_what_to_do(run60, t
         res = invoke(args)
         assert res.exit_code == 2, res.output
         assert "stopped before its first checkpoint" in res.stderr and "delete that directory" in res.stderr
+
+
+# ------------------------------------------------------------------ bad input around a saved run
+
+
+def _edited_copy(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("metrics", [[5], 5, [[1]]], ids=["list-of-int", "int", "nested-list"])
+def test_bad_metrics_in_a_saved_config_exit_2_on_every_command(run60, tmp_path, metrics):
+    _, src = run60
+    out = _edited_copy(src, tmp_path / "r", metrics=metrics)
+    for args in (["sample", str(out), "--n", "5", "--out", str(tmp_path / "s.npy")],
+                 ["evaluate", str(out), "--n", "50"], ["report", str(out), "--n", "50"],
+                 ["train", "--resume", "--out", str(out), "--steps", "70", "-q"]):
+        res = invoke(args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "Traceback" not in res.output
+        assert "config.json is invalid" in res.stderr and "'metrics'" in res.stderr, res.stderr
+
+
+def test_a_damaged_config_json_is_named_as_such_not_as_a_plugin_problem(run60, tmp_path):
+    _, src = run60
+    out = _edited_copy(src, tmp_path / "r", seed=-1)
+    res = invoke(["evaluate", str(out), "--n", "50"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "config.json is invalid" in res.stderr and "'seed' must be >= 0" in res.stderr
+    assert "installed plugins" not in res.stderr
+    # a component no installed plugin has is still reported as a plugin problem
+    gone = _edited_copy(src, tmp_path / "g", loss="uninstalled-loss")
+    res = invoke(["evaluate", str(gone), "--n", "50"])
+    assert res.exit_code == 2 and "cannot be loaded with the installed plugins" in res.stderr
+
+
+def test_a_saved_config_with_json_floats_for_counts_still_resumes(run60, tmp_path):
+    _, src = run60
+    out = _edited_copy(src, tmp_path / "r", batch_size=128.0, steps=60.0)
+    result = api.train({"out": str(out), "steps": 61}, resume=True, quiet=True)
+    assert result.step == 61
+
+
+def test_an_empty_out_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine")
+    for extra in ([], ["--resume"]):
+        res = invoke(["train", *SMALL_FLAGS, "--steps", "2", "--out", "", "-q", *extra])
+        assert res.exit_code == 2, res.output
+        assert "Traceback" not in res.output and "--out is empty" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    with pytest.raises(UsageError, match="--out is empty"):
+        api.train(small("", steps=2), quiet=True)
+
+
+def test_resume_says_the_dataset_cannot_change_not_that_an_option_is_unknown(run60, tmp_path):
+    _, src = run60
+    res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "--dataset", "ring8"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "the dataset cannot change" in res.stderr and "'grid25', not 'ring8'" in res.stderr
+    assert "unknown option" not in res.stderr
+    res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "--metrics", "prdc"])
+    assert res.exit_code == 2 and "the metrics cannot change" in res.stderr
+    res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "--dataset", "grid25", "--metrics", "mixture"])
+    assert res.exit_code == 0, res.output
+
+
+def test_resume_names_only_the_changed_options(run60, tmp_path):
+    _, src = run60
+    res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "-o", "dataset.n=3000",
+                  "-o", "model.hidden=64"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    msg = res.stderr.strip()
+    assert "dataset.n was 2000, not 3000" in msg and "model.hidden was 128, not 64" in msg
+    assert len(msg) < 400 and "'sigma'" not in msg, msg
+    # an unscoped metric option is compared with the run's, not silently dropped
+    res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "-o", "metric.hq_sigmas=2"])
+    assert res.exit_code == 2 and "metric.mixture.hq_sigmas was 3.0, not 2.0" in res.stderr
+    res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "-o", "dataset.n=2000"])
+    assert res.exit_code == 0, res.output

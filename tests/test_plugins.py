@@ -677,3 +677,20 @@ def test_installed_plugins_appear_in_the_dyngan_command(tmp_path):
         "  hooks: register_losses",
         "  loss: hello-loss",
     ]
+
+
+def test_an_allow_list_naming_no_installed_plugin_says_so():
+    """DYNGAN_LOAD_PLUGINS=nonexistent loads nothing: the error must say the name matched nothing,
+    not only "unknown dataset 'grid25' (available: none registered)"."""
+    host = load_plugins(env={"DYNGAN_LOAD_PLUGINS": "nonexistent,mixtures"})
+    assert host.unmatched_allowed == ["nonexistent"]
+    assert load_plugins(env={"DYNGAN_LOAD_PLUGINS": "mixtures"}).registry.note is None
+    with plugin_host(env={"DYNGAN_LOAD_PLUGINS": "nonexistent"}):
+        res = CliRunner().invoke(cli, ["train", "--dry-run"])
+        listing = CliRunner().invoke(cli, ["plugins"])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert "unknown dataset 'grid25'" in res.stderr
+    assert "DYNGAN_LOAD_PLUGINS names 'nonexistent', which matches no installed plugin" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert listing.exit_code == 0 and "'nonexistent'" in listing.stderr
