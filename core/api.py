@@ -13,12 +13,12 @@ import datetime as _dt
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 from . import __version__, rundir
 from .config import DEFAULTS, SLOTS, _metric_names, read_toml, resolve
-from .errors import (CheckpointError, OptionError, UnknownComponentError, UsageError, is_out_of_memory,
-                     out_of_memory)
+from .errors import (CheckpointError, ComponentFailure, DynganError, OptionError, UnknownComponentError,
+                     UsageError, is_out_of_memory, out_of_memory)
 from .plugins import PluginHost, get_host
 
 #: keys of a saved config that are records, not settings
@@ -290,11 +290,20 @@ class LoadedRun(NamedTuple):
     weights: str  # which weights G holds: "ema" (the average) or "raw"
 
 
-def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: str = "auto") -> LoadedRun:
+def warn_stderr(text: str) -> None:
+    """The default ``warn`` of ``load_run`` / ``sample`` / ``evaluate``: one line on stderr."""
+    import sys
+
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: str = "auto",
+              warn: Callable[[str], None] | None = warn_stderr) -> LoadedRun:
     """A run's config, components and generator, from its latest good checkpoint.
 
     ``generator``: ``ema`` the weight average kept with ``--g-ema``, ``raw`` the trained
-    weights, ``auto`` the average when the run keeps one, else the trained weights."""
+    weights, ``auto`` the average when the run keeps one, else the trained weights.
+    ``warn`` is told when newer checkpoints were skipped as corrupt (None: silently)."""
     import torch
 
     from . import checkpoint as ckpt_io
@@ -304,9 +313,9 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
     if generator not in GENERATORS:
         raise UsageError(f"generator must be one of {', '.join(GENERATORS)}, got {generator!r}")
 
+    dev = resolve_device(device)  # as train checks --device: a malformed or missing one is exit 2
     _, cfg = _saved_config(run_dir, host, "loaded")
     comps = instantiate(cfg, host.registry)
-    dev = resolve_device(device)
     holder: dict[str, Any] = {}
 
     def apply(ck: ckpt_io.Checkpoint) -> None:
@@ -344,7 +353,7 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
         holder.update(G=G.to(dev), prior=(prior / prior.sum()).to(dev), shape=tuple(shape),
                       weights="ema" if prefix == EMA_PREFIX else "raw")
 
-    ck = ckpt_io.load_latest(run_dir / rundir.CHECKPOINTS, apply)
+    ck = ckpt_io.load_latest(run_dir / rundir.CHECKPOINTS, apply, warn)
     return LoadedRun(cfg, comps, holder["G"], holder["prior"], dev, ck.step, holder["weights"])
 
 
@@ -420,7 +429,22 @@ class Run:
                 raise UsageError(f"condition {condition!r} is not in use in this run; it uses "
                                  + _ranges(used) + " (conditions with a prior above 0)")
         g = torch.Generator(device=self.device).manual_seed(seed)
-        return generate(self.G, n, self.z_dim, self.prior, self.device, g, condition=condition).cpu()
+        try:
+            return generate(self.G, n, self.z_dim, self.prior, self.device, g, condition=condition).cpu()
+        except Exception as e:
+            oom = _as_out_of_memory(e, f"drawing {n:,} samples on {self.device}")
+            if oom is None:
+                raise
+            raise oom from None
+
+
+def _as_out_of_memory(error: Exception, doing: str, hint: str = "draw fewer (--n)") -> Exception | None:
+    """``OutOfMemory`` (exit 2) for an allocation failure, also one inside a component
+    (ComponentFailure); None for any other exception."""
+    inner = error.error if isinstance(error, ComponentFailure) else error
+    if isinstance(inner, DynganError) or not is_out_of_memory(inner):
+        return None
+    return out_of_memory(inner, doing, hint)
 
 
 def _check_n(n: Any) -> None:
@@ -441,28 +465,38 @@ def _ranges(values: list[int]) -> str:
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu", generator: str = "auto",
-             host: PluginHost | None = None) -> Run:
+             host: PluginHost | None = None, warn: Callable[[str], None] | None = warn_stderr) -> Run:
     """A finished run from its latest good checkpoint (``generator``: see ``_load_run``).
-    Raises UsageError / CheckpointError for a bad run directory."""
+    Raises UsageError / CheckpointError for a bad run directory. ``warn`` is told (by default on
+    stderr) when newer checkpoints were skipped as corrupt."""
     host = host or get_host()
     run_dir = Path(run_dir)
-    return Run(run_dir, _load_run(run_dir, host, device, generator))
+    return Run(run_dir, _load_run(run_dir, host, device, generator, warn))
 
 
 def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
-           host: PluginHost | None = None, generator: str = "auto", condition: int | None = None):
+           host: PluginHost | None = None, generator: str = "auto", condition: int | None = None,
+           warn: Callable[[str], None] | None = warn_stderr):
     """``n`` samples from the run's latest checkpoint as a float32 NumPy array ``(n, *data_shape)``:
     conditions drawn from the run's prior, or all of one ``condition`` in use.
-    ``generator``: see ``_load_run`` (auto = the weight average when the run keeps one)."""
+    ``generator``: see ``_load_run`` (auto = the weight average when the run keeps one); ``warn``:
+    see ``load_run``."""
     _check_n(n)
-    run = load_run(run_dir, device=device, generator=generator, host=host)
-    return run.generate(n, seed, condition).numpy().astype("float32")
+    run = load_run(run_dir, device=device, generator=generator, host=host, warn=warn)
+    try:
+        return run.generate(n, seed, condition).numpy().astype("float32")
+    except Exception as e:
+        oom = _as_out_of_memory(e, f"converting {n:,} samples")
+        if oom is None:
+            raise
+        raise oom from None
 
 
 def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device: str = "cpu",
-             host: PluginHost | None = None, generator: str = "auto") -> dict[str, Any]:
+             host: PluginHost | None = None, generator: str = "auto",
+             warn: Callable[[str], None] | None = warn_stderr) -> dict[str, Any]:
     """The dataset's metrics on ``n`` samples from the run's latest checkpoint
-    (``generator``: see ``_load_run``)."""
+    (``generator``: see ``_load_run``; ``warn``: see ``load_run``)."""
     import torch
 
     from .training import generate, load_dataset, score
@@ -470,12 +504,21 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     if n is not None:
         _check_n(n)
     host = host or get_host()
-    cfg, comps, G, prior, dev, step, weights = _load_run(Path(run_dir), host, device, generator)
+    cfg, comps, G, prior, dev, step, weights = _load_run(Path(run_dir), host, device, generator, warn)
     n = cfg["eval_samples"] if n is None else n
-    real = load_dataset(comps, cfg["seed"]).to(dev)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    fake = generate(G, n, comps.model.z_dim, prior, dev, g)
-    values, protocols = score(comps, fake, real)
+    doing, hint = "loading the training data", "the dataset does not fit in memory"
+    try:
+        real = load_dataset(comps, cfg["seed"]).to(dev)
+        doing, hint = f"drawing {n:,} samples on {dev}", "draw fewer (--n)"
+        g = torch.Generator(device=dev).manual_seed(seed)
+        fake = generate(G, n, comps.model.z_dim, prior, dev, g)
+        doing = f"scoring {n:,} samples on {dev}"
+        values, protocols = score(comps, fake, real)
+    except Exception as e:
+        oom = _as_out_of_memory(e, doing, hint)
+        if oom is None:
+            raise
+        raise oom from None
     return {"run": str(run_dir), "step": step, "samples": n, "dataset": cfg["dataset"],
             "generator": weights,
             "metrics": values, "protocols": protocols}

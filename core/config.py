@@ -225,10 +225,17 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
             raise UsageError(f"setting {key!r} must be one of {', '.join(choices)}, got {cfg.get(key)!r}")
     if not isinstance(cfg.get("compile"), bool):
         raise UsageError(f"setting 'compile' must be true or false, got {cfg.get('compile')!r}")
-    dev = cfg.get("device")
-    if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda") or
-                                        (dev.startswith("cuda:") and dev[5:].isdigit())):
+    check_device(cfg.get("device"))
+
+
+def check_device(dev: Any) -> str:
+    """``dev`` if it is a device dyngan accepts (auto, cpu, cuda, cuda:N), else UsageError; whether
+    the machine has it is ``core.training.resolve_device``'s question."""
+    if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda") or (
+            dev.startswith("cuda:") and dev[5:].isascii() and dev[5:].isdigit()
+            and (dev[5:] == "0" or not dev[5:].startswith("0")) and len(dev) <= 12)):
         raise UsageError(f"setting 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    return dev
 
 
 def _exact_int(f: float) -> int:

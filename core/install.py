@@ -110,6 +110,14 @@ def _is_local(target: str) -> bool:
                                        or target.endswith((".whl", ".tar.gz", ".zip")))
 
 
+def _looks_like_path(target: str) -> bool:
+    """Whether pip would take ``target`` for a local path (not a requirement or a URL)."""
+    if "://" in target or "@" in target:
+        return False
+    return (os.sep in target or "/" in target or target.startswith((".", "~"))
+            or target.endswith((".whl", ".tar.gz", ".zip")))
+
+
 def _name_from_pyproject(path: Path) -> str | None:
     file = path / "pyproject.toml"
     if not file.is_file():
@@ -186,6 +194,9 @@ def install_args(targets: Sequence[str], *, editable: bool = False, no_deps: boo
         args += ["--report", report]
     for t in targets:
         local = _is_local(t)
+        if not local and _looks_like_path(t):
+            raise UsageError(f"{t!r}: no such file or directory (a plugin project directory, wheel or "
+                             "archive to install must exist)")
         if editable:
             if not (local and os.path.isdir(t)):
                 raise UsageError(f"--editable needs a project directory, got {t!r}")

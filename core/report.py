@@ -126,11 +126,13 @@ def _save(fig: Any, path: Path) -> Path:
         fig.savefig(tmp, dpi=DPI, format="png", metadata={"Software": None}, bbox_inches="tight",
                     pad_inches=0.15, facecolor="white")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(e, OSError):  # a read-only run directory, a full disk, a folder in the way
+            raise UsageError(f"cannot write pictures into {str(path.parent)!r}: {e.strerror or e}") from None
         raise
     finally:
         plt.close(fig)
@@ -629,6 +631,7 @@ def write_report(run_dir: str | Path, n: int = 2500, seed: int = 0, host: "Plugi
     rundir.read_config(run_dir)  # a bad run directory says so before anything else
     plt = _pyplot()
     run = load_run(run_dir, device=device, host=host)
+    _ = run.metrics  # a bad metrics.jsonl says so before any picture is written
     out = run_dir / PICTURES
     try:
         out.mkdir(exist_ok=True)

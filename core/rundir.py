@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,9 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
 def read_config(path: Path) -> dict[str, Any]:
     f = path / CONFIG
     if not path.is_dir():
-        raise UsageError(f"{str(path)!r} is not a run directory (it does not exist)")
+        why = "it is a file" if path.is_file() else "it is not a directory" if path.exists() \
+            else "it does not exist"
+        raise UsageError(f"{str(path)!r} is not a run directory ({why})")
     if not f.is_file():
         raise UsageError(f"{str(path)!r} is not a run directory (no {CONFIG})")
     try:
@@ -112,6 +115,7 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path / METRICS
         self._failed = False
+        _check_regular(self.path)  # a FIFO would block the open, a folder fail it
         try:
             self._f = open(self.path, "a", encoding="utf-8")
         except OSError as e:
@@ -137,15 +141,10 @@ class MetricsLog:
         """On resume: drop records logged after the checkpoint's step (they will be logged again)."""
         self._f.close()
         keep = []
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
-                    continue
-                keep.append(line)
+        for line, rec in _records(self.path):  # lines cut by a crash or undecodable are dropped
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+                continue
+            keep.append(line)
         try:
             atomic_write_bytes(self.path, ("\n".join(keep) + ("\n" if keep else "")).encode())
             self._f = open(self.path, "a", encoding="utf-8")
@@ -154,18 +153,44 @@ class MetricsLog:
             raise RunFailure(f"cannot write {self.path}: {e.strerror or e}") from None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    f = path / METRICS
+def _check_regular(f: Path) -> bool:
+    """Whether ``f`` exists; raises CheckpointError when it is there but not a regular file
+    (a folder, a FIFO that would block the reader, a device)."""
+    try:
+        mode = os.stat(f).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise CheckpointError(f"{f}: unreadable ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{f}: not a regular file; move it away to use this run")
+    return True
+
+
+def _records(f: Path) -> list[tuple[str, Any]]:
+    """``(line, parsed JSON)`` for each line of ``f`` that decodes and parses; a line cut by a
+    crash, undecodable bytes or other garbage is skipped. A missing file has none."""
+    if not _check_regular(f):
+        return []
+    try:
+        data = f.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{f}: unreadable ({e.strerror or e})") from None
     out = []
-    if f.exists():
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
+    for raw in data.split(b"\n"):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+            rec = json.loads(line)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        out.append((line, rec))
     return out
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``path``'s metrics.jsonl; corrupt lines are skipped. Raises CheckpointError
+    when metrics.jsonl is not a regular file or cannot be read."""
+    return [rec for _, rec in _records(path / METRICS) if isinstance(rec, dict)]
 
 
 class RunLock:

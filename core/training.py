@@ -83,6 +83,11 @@ EMA_PREFIX = EMA_NAME + "/"
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for a ``device`` setting; UsageError for a malformed name or a device
+    this machine lacks."""
+    from .config import check_device
+
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -261,11 +266,12 @@ def score(comps: Components, fake: torch.Tensor, real: torch.Tensor) -> tuple[di
 class Progress:
     """Step, losses, steps/s and collapse state: one updating line on a terminal, periodic lines otherwise."""
 
-    def __init__(self, total: int, quiet: bool, stream: Any = None) -> None:
+    def __init__(self, total: int, quiet: bool, stream: Any = None, warnings: bool = True) -> None:
         import sys
 
         self.total = total
         self.quiet = quiet
+        self.warnings = warnings  # warn() shows its text even when quiet (not on torchrun's ranks > 0)
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = max(1, total // 20)
@@ -290,6 +296,14 @@ class Progress:
     def message(self, text: str) -> None:
         if self.quiet:
             return
+        self._write(text)
+
+    def warn(self, text: str) -> None:
+        """A warning (e.g. checkpoints skipped as corrupt): shown even with --quiet."""
+        if self.warnings:
+            self._write(f"warning: {text}")
+
+    def _write(self, text: str) -> None:
         if self.tty and self._width:
             self.stream.write("\n")
             self._width = 0
@@ -354,7 +368,7 @@ class Trainer:
         self.resume = resume
         self.comm = comm or Comm()
         self.is_main = self.comm.rank == 0
-        self.progress = Progress(cfg["steps"], quiet or not self.is_main, stream)
+        self.progress = Progress(cfg["steps"], quiet or not self.is_main, stream, warnings=self.is_main)
         self.device = resolve_device(cfg["device"])
         map_device = getattr(self.comm, "map_device", None)  # torchrun: cuda -> cuda:LOCAL_RANK
         if map_device is not None:
@@ -547,7 +561,7 @@ class Trainer:
         if rng_moved:
             self.gen.manual_seed(self.cfg["seed"] + 2_000_003 + ck.step)
             self.comp_rng.manual_seed(self.cfg["seed"] + 2_000_004 + ck.step)
-            self.progress.message(
+            self.progress.warn(
                 f"the checkpoint's random streams were saved on another kind of device than "
                 f"{self.device.type}; they restart from the seed, so the continuation differs from "
                 f"one on the original device")
@@ -584,7 +598,7 @@ class Trainer:
             sync_start(list(self.named_networks().values()), [self.labels, self.prior], self.gen)
 
     def load_latest(self) -> int:
-        ck = ckpt_io.load_latest(self.run_dir / rundir.CHECKPOINTS, self._apply, self.progress.message)
+        ck = ckpt_io.load_latest(self.run_dir / rundir.CHECKPOINTS, self._apply, self.progress.warn)
         self._saved_step = ck.step
         return ck.step
 

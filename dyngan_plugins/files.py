@@ -22,12 +22,19 @@ image-folder
   square, resized to ``size`` x ``size`` (bicubic), converted to ``channels`` (1 grey or 3 RGB)
   and scaled from [0, 255] (16-bit PNGs: [0, 65535]) to [-1, 1]. Needs Pillow, the optional
   extra ``dyngan[images]``. The default model is ``dcgan`` (which needs a power-of-two size).
+
+Both: a relative ``path`` (or one starting with ``~``) is made absolute when the run is configured,
+so the run's config.json names the same data from any directory; a saved run that holds a relative
+path reads it relative to the current directory. Only regular files are read: a FIFO, socket or
+device given as the tensor file is refused before it is opened, and image-folder skips such entries.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from core import hookimpl
 from core.components import Dataset, Option
@@ -46,12 +53,50 @@ def _given_path(value: str | None, what: str, dataset: str) -> Path:
     return Path(str(value)).expanduser()
 
 
+def _absolute(value: Any) -> Any:
+    """A ``path`` option as an absolute path (``~`` expanded, a relative one joined to the current
+    directory), so that a run's config.json names the same data from any directory; None, blank
+    and already absolute values unchanged."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    p = os.path.expanduser(value)
+    if os.path.isabs(p):
+        return p
+    try:
+        return os.path.join(os.getcwd(), p)
+    except OSError:  # the current directory was removed: leave the path as typed
+        return value
+
+
+class _PathOption:
+    """Mixin for datasets whose ``path`` option names a file or folder: it resolves to an
+    absolute path (a saved run with a relative one is still read relative to the current
+    directory, as before, since its options are resolved again when it is loaded)."""
+
+    @classmethod
+    def resolve_options(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        opts = super().resolve_options(values)  # type: ignore[misc]
+        opts["path"] = _absolute(opts.get("path"))
+        return opts
+
+
 def _short_error(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
 # --------------------------------------------------------------------------- tensor-file
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse, before opening it, anything but a regular file (after symlinks): a FIFO would block
+    the read forever, a device never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or _short_error(e)})") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, socket or device); save the data to a file")
 
 
 def _npy_dtype_problem(dtype) -> str | None:
@@ -238,7 +283,7 @@ def validate_array(t: "Tensor", path: Path, scale: str | None = None) -> "Tensor
     return x.contiguous()
 
 
-class TensorFile(Dataset):
+class TensorFile(_PathOption, Dataset):
     """A user's array file, .npy or .safetensors, shaped (N, ...)."""
 
     name = "tensor-file"
@@ -262,6 +307,7 @@ class TensorFile(Dataset):
             raise DataError(f"{path}: no such file")
         if path.is_dir():
             raise DataError(f"{path}: is a folder, not a file (for images use --dataset image-folder)")
+        _check_regular_file(path)
         suffix = path.suffix.lower()
         if suffix == ".npy":
             if self.opts.key is not None:
@@ -326,7 +372,7 @@ def _image_array(path: Path, size: int, channels: int, Image, ImageOps):
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
-class ImageFolder(Dataset):
+class ImageFolder(_PathOption, Dataset):
     """A folder of PNG/JPEG images, (N, channels, size, size) in [-1, 1]."""
 
     name = "image-folder"

@@ -92,9 +92,10 @@ def test_safetensors_single_and_keyed(tmp_path):
     _one_line_naming(e, p2)
 
 
-def test_default_model_and_info(tmp_path):
+def test_default_model_and_info(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert TensorFile.default_model == "mlp"
-    assert TensorFile(path="x.npy").info()["file"] == "x.npy"
+    assert TensorFile(path="x.npy").info()["file"] == str(tmp_path / "x.npy")  # made absolute
 
 
 # --------------------------------------------------------------------------- tensor-file: bad files
@@ -359,3 +360,140 @@ def test_missing_pillow_names_the_extra(image_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(UsageError, match=r'pip install "dyngan\[images\]"'):
         ImageFolder(path=str(image_dir)).load(torch.Generator())
+
+
+# --------------------------------------------------------------------------- not regular files
+
+
+def _in_thread(fn, timeout=30):
+    """``fn()``'s exception (or None) from a daemon thread; fails instead of hanging forever."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            fn()
+            box["error"] = None
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "blocked reading a special file"
+    return box["error"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_tensor_file_that_is_a_fifo_is_refused_without_opening(tmp_path, suffix):
+    import os
+
+    fifo = tmp_path / f"f{suffix}"
+    os.mkfifo(fifo)
+    err = _in_thread(lambda: _load(path=str(fifo)))
+    assert isinstance(err, DataError) and "not a regular file" in str(err), err
+    assert str(fifo) in str(err) and "\n" not in str(err)
+    # a symlink to it too (os.stat follows links)
+    link = tmp_path / f"link{suffix}"
+    link.symlink_to(fifo)
+    err = _in_thread(lambda: _load(path=str(link)))
+    assert isinstance(err, DataError) and "not a regular file" in str(err), err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs here")
+def test_cli_train_on_a_fifo_is_exit_2_and_leaves_no_run(tmp_path):
+    import os
+
+    from cli_helpers import invoke
+
+    fifo = tmp_path / "f.npy"
+    os.mkfifo(fifo)
+    out = tmp_path / "run"
+    box = {}
+    err = _in_thread(lambda: box.update(res=invoke(
+        ["train", "--dataset", "tensor-file", "-o", f"dataset.path={fifo}", "--device", "cpu",
+         "--steps", "2", "--out", str(out), "-q"])))
+    assert err is None, err
+    res = box["res"]
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert "not a regular file" in res.stderr and str(fifo) in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs here")
+def test_image_folder_skips_entries_that_are_not_regular_files(image_dir):
+    import os
+
+    os.mkfifo(image_dir / "c.png")  # opening it would block forever
+    (image_dir / "d.png").mkdir()  # a folder named like an image
+    box = {}
+    err = _in_thread(lambda: box.update(x=ImageFolder(path=str(image_dir), size=8).load(None)))
+    assert err is None, err
+    assert box["x"].shape == (2, 3, 8, 8)
+
+
+# --------------------------------------------------------------------------- relative paths
+
+
+@pytest.mark.parametrize("cls", [TensorFile, ImageFolder])
+def test_path_options_resolve_to_absolute_paths(tmp_path, monkeypatch, cls):
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cls.resolve_options({"path": "data/x"})["path"] == str(tmp_path / "data" / "x")
+    assert cls.resolve_options({"path": "~/x"})["path"] == str(tmp_path / "home" / "x")
+    assert cls.resolve_options({"path": "/abs/x"})["path"] == "/abs/x"
+    assert cls.resolve_options({})["path"] is None  # the default, unchanged (the kit checks that)
+    assert cls.resolve_options({"path": "none"})["path"] is None
+    assert cls(path="y").opts.path == os.path.join(str(tmp_path), "y")
+
+
+def test_relative_dataset_path_is_saved_absolute_and_old_runs_still_work(tmp_path, monkeypatch):
+    """-o dataset.path=REL is stored absolute in config.json (so evaluate works from anywhere);
+    a run saved with a relative path is still read relative to the current directory."""
+    import json
+
+    from cli_helpers import invoke
+
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data_dir.mkdir()
+    elsewhere.mkdir()
+    np.save(data_dir / "d.npy", np.random.default_rng(0).normal(size=(128, 2)).astype("f4"))
+    run = tmp_path / "run"
+    monkeypatch.chdir(data_dir)
+    train = ["train", "--dataset", "tensor-file", "-o", "dataset.path=d.npy", "--device", "cpu",
+             "--eval-every", "0", "-q", "--out", str(run)]
+    dry = invoke(train[:-3] + ["--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.stdout)["options"]["dataset"]["path"] == str(data_dir / "d.npy")
+    assert invoke(train + ["--steps", "2"]).exit_code == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["options"]["dataset"]["path"] == str(data_dir / "d.npy")
+    # resume with the same relative path given again: the same setting
+    res = invoke(train + ["--steps", "4", "--resume"])
+    assert res.exit_code == 0, res.output
+
+    monkeypatch.chdir(elsewhere)
+    res = invoke(["evaluate", str(run), "--n", "50"])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+
+    # a run saved before: a relative path in config.json, read against the current directory
+    cfg["options"]["dataset"]["path"] = "d.npy"
+    (run / "config.json").write_text(json.dumps(cfg, indent=2))
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    res = invoke(["evaluate", str(run), "--n", "50"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "no such file" in res.stderr and str(elsewhere / "d.npy") in res.stderr
+    monkeypatch.chdir(data_dir)
+    res = invoke(["evaluate", str(run), "--n", "50"])
+    assert res.exit_code == 0, res.output
+    res = invoke(["train", "--resume", "--out", str(run), "--steps", "6", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["options"]["dataset"]["path"] == "d.npy"
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name == "config.json"} \
+        == {p: b for p, b in before.items() if p.name == "config.json"}

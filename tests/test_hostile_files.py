@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save as st_save
 
 import core
+import core.errors
+import core.rundir
 from core import api
 from core import checkpoint as ckpt_io
 from cli_helpers import invoke
@@ -261,6 +263,138 @@ def test_bad_newest_checkpoint_falls_back_and_alone_is_exit_2(tmp_path, runs, ca
     assert "skipped newer checkpoint" in res.stderr and "using step 10" in res.stderr and reason in res.stderr
     assert ckpt_steps(out)[-1] == 30
     assert same_final_networks(runs / "straight30", out)
+
+
+def _truncated_newest(tmp_path, runs):
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    corrupt_truncated(out / "checkpoints", runs)
+    return out
+
+
+def test_sample_evaluate_and_quiet_resume_warn_about_a_skipped_checkpoint(tmp_path, runs):
+    out = _truncated_newest(tmp_path, runs)
+    for args in (["sample", str(out), "--n", "4", "--out", str(tmp_path / "s.npy")],
+                 ["evaluate", str(out), "--n", "50"],
+                 ["train", "--resume", "--out", str(out), "--steps", "30", "-q"]):
+        res = invoke(args)
+        assert res.exit_code == 0, res.output
+        assert "Traceback" not in res.output
+        warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")]
+        assert len(warning) == 1, res.stderr
+        for words in ("skipped newer checkpoint", "step-00000020.safetensors", "recorded", "using step 10"):
+            assert words in warning[0], warning[0]
+        assert "Warning" not in res.stdout and "warning" not in res.stdout
+    # --quiet still silences the progress: the warning is all it printed
+    assert "resuming from step" not in res.stderr and "step 30/30" not in res.stderr
+    # the library takes its own warn callback (None: silent)
+    out2 = _truncated_newest(tmp_path / "again", runs)
+    told = []
+    assert api.sample(out2, 3, warn=told.append).shape == (3, 2)
+    assert len(told) == 1 and "using step 10" in told[0]
+    assert api.evaluate(out2, n=50, warn=None)["step"] == 10
+
+
+# ----------------------------------------------------------------------- metrics.jsonl
+
+
+def test_undecodable_metrics_lines_are_skipped_and_resume_keeps_the_good_ones(tmp_path, runs):
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    metrics = out / "metrics.jsonl"
+    good = metrics.read_bytes().splitlines()
+    assert good and all(json.loads(line)["step"] <= 20 for line in good)
+    # invalid UTF-8, a line cut by a crash, and invalid UTF-8 inside an otherwise good line
+    with open(metrics, "ab") as f:
+        f.write(b"\xff\xfe\n" + b'{"step": 3, "loss/d": 0.5, "x": "\xc3"}\n' + b'{"step": 19, "loss/')
+    want = [json.loads(line) for line in good]
+    assert core.rundir.read_metrics(out) == want
+    assert api.load_run(out).metrics == want
+    pytest.importorskip("matplotlib")
+    res = invoke(["report", str(out), "--n", "100"])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "30", "-q"])
+    assert res.exit_code == 0, res.output
+    after = metrics.read_bytes().splitlines()
+    assert after[:len(good)] == good  # every good line kept, the corrupt ones dropped
+    assert all(json.loads(line.decode("ascii"))["step"] >= 20 for line in after[len(good):])  # the new ones
+    assert max(json.loads(line)["step"] for line in after) == 30
+
+
+def _metrics_folder(p):
+    p.unlink()
+    p.mkdir()
+    (p / "x").write_text("not a metrics log")
+
+
+def _metrics_fifo(p):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    p.unlink()
+    os.mkfifo(p)  # reading or appending would block forever
+
+
+@pytest.mark.parametrize("make", [_metrics_folder, _metrics_fifo], ids=["folder", "fifo"])
+def test_metrics_jsonl_that_is_not_a_regular_file_is_exit_2(tmp_path, runs, make):
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    make(out / "metrics.jsonl")
+    before = all_bytes(out)
+    commands = [["train", "--resume", "--out", str(out), "--steps", "30", "-q"]]
+    try:
+        import matplotlib  # noqa: F401
+        commands.append(["report", str(out), "--n", "100"])
+    except ImportError:
+        pass
+    for args in commands:
+        assert_clean_error(invoke(args), 2, "metrics.jsonl", "not a regular file")
+        assert all_bytes(out) == before  # no pictures, no checkpoint, nothing truncated
+    with pytest.raises(core.errors.CheckpointError, match="not a regular file"):
+        core.rundir.read_metrics(out)
+
+
+# ----------------------------------------------------------------------- paths that are not run directories
+
+
+def test_a_file_given_as_run_directory_says_it_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("hello")
+    for args in (["sample", str(afile), "--n", "10", "--out", str(tmp_path / "x.npy")],
+                 ["evaluate", str(afile)], ["report", str(afile)]):
+        err = assert_clean_error(invoke(args), 2, "is not a run directory (it is a file)", str(afile))
+        assert "does not exist" not in err
+    assert afile.read_text() == "hello" and not (tmp_path / "x.npy").exists()
+    assert_clean_error(invoke(["evaluate", str(tmp_path / "nope")]), 2, "(it does not exist)")
+
+
+# ----------------------------------------------------------------------- --device of sample / evaluate / report
+
+
+BAD_DEVICES = ["garbage", "cuda:x", "cuda:-1", "cuda:01", "CPU", " cpu", "mps", "meta", "cuda:\u0663"]
+
+
+@pytest.mark.parametrize("device", BAD_DEVICES + (["cuda", "cuda:0"] if not torch.cuda.is_available() else []))
+def test_a_bad_or_missing_device_is_exit_2_for_sample_and_evaluate(tmp_path, runs, device):
+    run = runs / "run20"
+    before = all_bytes(run)
+    needle = "CUDA is not available" if device in ("cuda", "cuda:0") else "must be auto, cpu, cuda or cuda:N"
+    for args in (["sample", str(run), "--n", "10", "--out", str(tmp_path / "o.npy"), "--device", device],
+                 ["evaluate", str(run), "--n", "50", "--device", device]):
+        assert_clean_error(invoke(args), 2, needle, repr(device))
+    assert not (tmp_path / "o.npy").exists()
+    # train checks --device the same way, before it creates anything
+    res = invoke(["train", "--steps", "2", "--device", device, "--out", str(tmp_path / "t"), "-q"])
+    assert_clean_error(res, 2, needle)
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(core.errors.UsageError, match="device"):
+        api.load_run(run, device=device)
+    pytest.importorskip("matplotlib")
+    from core.report import write_report
+
+    with pytest.raises(core.errors.UsageError, match="device"):
+        write_report(run, n=50, device=device)
+    assert all_bytes(run) == before
 
 
 # ----------------------------------------------------------------------- config.json

@@ -47,12 +47,31 @@ def test_uninstall_of_a_distribution_that_is_not_installed_is_a_usage_error(monk
 
 
 def test_a_failing_pip_exits_1_with_pips_last_lines(tmp_path):
-    missing = tmp_path / "no-such-project"
-    res = run_cli("install", str(missing))
+    not_a_project = tmp_path / "no-project-here"  # a folder pip cannot install (no pyproject.toml)
+    not_a_project.mkdir()
+    res = run_cli("install", str(not_a_project))
     assert res.exit_code == 1
     assert "pip install failed" in res.output
-    assert str(missing) in res.output  # pip's own error line, quoted
+    assert str(not_a_project) in res.output  # pip's own error line, quoted
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("target", ["/nonexistent/path", "./no-such-dir", "no-such-dir/", "plugin-0.1-py3-none-any.whl",
+                                    "plugin.tar.gz"])
+def test_install_of_a_missing_path_is_a_usage_error_before_pip(tmp_path, monkeypatch, target):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inst, "run_pip", lambda *a, **k: pytest.fail("pip must not run"))
+    for args in (["install", target], ["install", "-e", target], ["install", "dyngan-ragan", target]):
+        res = run_cli(*args)
+        assert res.exit_code == 2, res.output
+        assert "Traceback" not in res.output
+        assert f"{target!r}: no such file or directory" in res.output
+
+
+def test_requirements_and_urls_are_not_taken_for_missing_paths():
+    assert inst.install_args(["dyngan-ragan>=0.1", "git+https://example.org/x/y.git",
+                              "thing @ https://example.org/thing-1.0.tar.gz"]) == \
+        ["install", "dyngan-ragan>=0.1", "git+https://example.org/x/y.git", "thing @ https://example.org/thing-1.0.tar.gz"]
 
 
 def test_pip_error_tail_keeps_the_last_non_blank_lines():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import core.training as training
+from core import api
 from core.errors import OutOfMemory, UsageError, is_out_of_memory, out_of_memory
 from tests.cli_helpers import invoke
 
@@ -110,3 +111,48 @@ class G_call_module(torch.nn.Module):
 
     def forward(self, z, c):
         return self.lin(z)
+
+
+def _alloc_fails(*args, **kwargs):
+    raise ALLOC
+
+
+@pytest.mark.parametrize("where", ["generate", "metric"])
+def test_out_of_memory_in_sample_and_evaluate_is_exit_2(tmp_path, monkeypatch, where):
+    """An allocation that fails anyway (the check against physical memory passed, but a ulimit or
+    other processes leave less): one line, exit 2, the run untouched, no samples file."""
+    from core.plugins import get_host
+
+    out = tmp_path / "run"
+    assert _train(out).exit_code == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    if where == "generate":
+        monkeypatch.setattr(training, "generate", _alloc_fails)
+        commands = {"evaluate": "drawing 300 samples on cpu",
+                    "sample": "drawing 300 samples on cpu"}
+    else:  # inside a metric: a ComponentFailure around the allocator's error
+        metric = get_host().registry.get("metric", "mixture")
+        monkeypatch.setattr(metric, "compute", lambda self, *a: _alloc_fails())
+        commands = {"evaluate": "scoring 300 samples on cpu"}
+    for cmd, doing in commands.items():
+        args = [cmd, str(out), "--n", "300"] + (["--out", str(tmp_path / "s.npy")] if cmd == "sample" else [])
+        res = invoke(args)
+        assert res.exit_code == 2, res.output
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in res.output, res.output
+        assert lines[0].startswith(f"Error: out of memory {doing} ([enforce fail"), lines[0]
+        assert lines[0].endswith("draw fewer (--n)")
+    assert not (tmp_path / "s.npy").exists()
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_other_errors_in_evaluate_are_not_called_out_of_memory(tmp_path, monkeypatch):
+    from core.errors import ComponentFailure
+    from core.plugins import get_host
+
+    out = tmp_path / "run"
+    assert _train(out).exit_code == 0
+    metric = get_host().registry.get("metric", "mixture")
+    monkeypatch.setattr(metric, "compute", lambda self, *a: 1 / 0)
+    with pytest.raises(ComponentFailure, match="ZeroDivisionError"):
+        api.evaluate(out, n=300)

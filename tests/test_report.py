@@ -327,3 +327,71 @@ def test_missing_matplotlib_names_the_extra(run2d, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(UsageError, match=r'pip install "dyngan\[plots\]"'):
         report.write_report(run2d)
+
+
+def _all_bytes(run: Path) -> dict:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _report_cli(run: Path):
+    from cli_helpers import invoke
+
+    return invoke(["report", str(run), "--n", "200"])
+
+
+def _assert_cannot_write(res, run: Path) -> None:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error: cannot write pictures into") and len(err.splitlines()) == 1, err
+    assert str(run / report.PICTURES) in err
+
+
+def test_pictures_that_cannot_be_written_are_a_clean_error(tmp_path, run2d):
+    """A write failure while saving a picture (here: a folder where samples.png goes, which also
+    fails as root) is one line, exit 2, and leaves the run as it was."""
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(run2d, run)
+    shutil.rmtree(run / report.PICTURES, ignore_errors=True)
+    (run / report.PICTURES / "samples.png").mkdir(parents=True)
+    before = _all_bytes(run)
+    _assert_cannot_write(_report_cli(run), run)
+    assert _all_bytes(run) == before
+    assert sorted(p.name for p in (run / report.PICTURES).iterdir()) == ["samples.png"]  # no temporary left
+
+
+def test_read_only_run_directory_is_a_clean_error(tmp_path, run2d, monkeypatch):
+    """A read-only run directory whose pictures/ exists: the write fails (EROFS faked for root,
+    who may write anywhere; a real chmod where the tests do not run as root)."""
+    import errno
+    import os
+    import shutil
+    import stat
+
+    run = tmp_path / "r"
+    shutil.copytree(run2d, run)
+    (run / report.PICTURES).mkdir(exist_ok=True)
+    before = _all_bytes(run)
+    if os.geteuid() == 0:
+        real_replace = os.replace
+
+        def read_only(src, dst, *a, **k):
+            if Path(dst).parent == run / report.PICTURES:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+            return real_replace(src, dst, *a, **k)
+
+        monkeypatch.setattr(report.os, "replace", read_only)
+        _assert_cannot_write(_report_cli(run), run)
+        assert "Read-only file system" in _report_cli(run).stderr
+    else:
+        modes = {p: p.stat().st_mode for p in [run, *run.rglob("*")] if p.is_dir()}
+        for p in modes:
+            p.chmod(modes[p] & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        try:
+            _assert_cannot_write(_report_cli(run), run)
+        finally:
+            for p, m in modes.items():
+                p.chmod(m)
+    assert _all_bytes(run) == before
