@@ -148,11 +148,16 @@ def corrupt_renamed_tensor(ck, runs):
     _rewrite(ck, t)
 
 
-def corrupt_tensor_shape(ck, runs):
+def _lengthen(ck, prefix, suffix, extra):
+    """Rewrite the first tensor named PREFIX...SUFFIX as a flat one ``extra`` entries longer."""
     t = _t(ck)
-    key = next(k for k in t if k.startswith("G/") and k.endswith("bias"))
-    t[key] = torch.zeros(t[key].numel() + 3)
+    key = next(k for k in t if k.startswith(prefix) and k.endswith(suffix))
+    t[key] = torch.zeros(t[key].numel() + extra)
     _rewrite(ck, t)
+
+
+def corrupt_tensor_shape(ck, runs):
+    _lengthen(ck, "G/", "bias", 3)
 
 
 def corrupt_hostile_header(ck, runs):
@@ -195,10 +200,7 @@ def corrupt_nan_prior(ck, runs):
 
 
 def corrupt_optimiser_state_shape(ck, runs):
-    t = _t(ck)
-    key = next(k for k in t if k.startswith("optim/G/") and k.endswith("exp_avg"))
-    t[key] = torch.zeros(t[key].numel() + 1)
-    _rewrite(ck, t)
+    _lengthen(ck, "optim/G/", "exp_avg", 1)
 
 
 CORRUPTIONS = {
