@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import __version__, rundir
-from .config import DEFAULTS, SLOTS, _metric_names, read_toml, resolve
+from .config import DEFAULTS, SLOTS, _metric_names, _none, read_toml, resolve
 from .errors import (CheckpointError, ComponentFailure, DynganError, OptionError, UnknownComponentError,
                      UsageError, is_out_of_memory, out_of_memory)
 from .plugins import PluginHost, get_host
@@ -81,8 +81,7 @@ def _flat_options(options: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _component_name(value: Any) -> Any:
-    return None if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")) \
-        else str(value).strip()
+    return None if _none(value) else str(value).strip()
 
 
 def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost) -> dict[str, Any]:
@@ -429,22 +428,21 @@ class Run:
                 raise UsageError(f"condition {condition!r} is not in use in this run; it uses "
                                  + _ranges(used) + " (conditions with a prior above 0)")
         g = torch.Generator(device=self.device).manual_seed(seed)
-        try:
+        with _out_of_memory_as_usage(f"drawing {n:,} samples on {self.device}"):
             return generate(self.G, n, self.z_dim, self.prior, self.device, g, condition=condition).cpu()
-        except Exception as e:
-            oom = _as_out_of_memory(e, f"drawing {n:,} samples on {self.device}")
-            if oom is None:
-                raise
-            raise oom from None
 
 
-def _as_out_of_memory(error: Exception, doing: str, hint: str = "draw fewer (--n)") -> Exception | None:
-    """``OutOfMemory`` (exit 2) for an allocation failure, also one inside a component
-    (ComponentFailure); None for any other exception."""
-    inner = error.error if isinstance(error, ComponentFailure) else error
-    if isinstance(inner, DynganError) or not is_out_of_memory(inner):
-        return None
-    return out_of_memory(inner, doing, hint)
+@contextlib.contextmanager
+def _out_of_memory_as_usage(doing: str, hint: str = "draw fewer (--n)"):
+    """An allocation failure inside the block, also one inside a component (ComponentFailure),
+    becomes ``OutOfMemory`` (exit 2) saying what was being done; other exceptions pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        inner = e.error if isinstance(e, ComponentFailure) else e
+        if isinstance(inner, DynganError) or not is_out_of_memory(inner):
+            raise
+        raise out_of_memory(inner, doing, hint) from None
 
 
 def _check_n(n: Any) -> None:
@@ -483,13 +481,8 @@ def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
     see ``load_run``."""
     _check_n(n)
     run = load_run(run_dir, device=device, generator=generator, host=host, warn=warn)
-    try:
+    with _out_of_memory_as_usage(f"converting {n:,} samples"):
         return run.generate(n, seed, condition).numpy().astype("float32")
-    except Exception as e:
-        oom = _as_out_of_memory(e, f"converting {n:,} samples")
-        if oom is None:
-            raise
-        raise oom from None
 
 
 def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device: str = "cpu",
@@ -506,19 +499,12 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     host = host or get_host()
     cfg, comps, G, prior, dev, step, weights = _load_run(Path(run_dir), host, device, generator, warn)
     n = cfg["eval_samples"] if n is None else n
-    doing, hint = "loading the training data", "the dataset does not fit in memory"
-    try:
+    with _out_of_memory_as_usage("loading the training data", "the dataset does not fit in memory"):
         real = load_dataset(comps, cfg["seed"]).to(dev)
-        doing, hint = f"drawing {n:,} samples on {dev}", "draw fewer (--n)"
-        g = torch.Generator(device=dev).manual_seed(seed)
-        fake = generate(G, n, comps.model.z_dim, prior, dev, g)
-        doing = f"scoring {n:,} samples on {dev}"
+    with _out_of_memory_as_usage(f"drawing {n:,} samples on {dev}"):
+        fake = generate(G, n, comps.model.z_dim, prior, dev, torch.Generator(device=dev).manual_seed(seed))
+    with _out_of_memory_as_usage(f"scoring {n:,} samples on {dev}"):
         values, protocols = score(comps, fake, real)
-    except Exception as e:
-        oom = _as_out_of_memory(e, doing, hint)
-        if oom is None:
-            raise
-        raise oom from None
     return {"run": str(run_dir), "step": step, "samples": n, "dataset": cfg["dataset"],
             "generator": weights,
             "metrics": values, "protocols": protocols}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UsageError
+from .options import _exact_int
 from .registry import Registry
 
 #: the component slots of a run and the kind each one takes
@@ -77,8 +78,6 @@ _CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}
 
 
 MAX_CONFIG_BYTES = 2**20
-#: the largest integer a float (JSON, a float-notation value) holds exactly: beyond it 1e30 is not a count
-MAX_EXACT_INT = 2**53
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -236,13 +235,6 @@ def check_device(dev: Any) -> str:
             and (dev[5:] == "0" or not dev[5:].startswith("0")) and len(dev) <= 12)):
         raise UsageError(f"setting 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
     return dev
-
-
-def _exact_int(f: float) -> int:
-    """``f`` as an int when it is one exactly (1e3, 1000.0); ValueError for 1.5, nan or 1e30."""
-    if not math.isfinite(f) or not f.is_integer() or abs(f) > MAX_EXACT_INT:
-        raise ValueError(f)
-    return int(f)
 
 
 def _metric_names(value: Any) -> list[str] | None:

@@ -86,6 +86,8 @@ class _Reason(ValueError):
 
 
 def _exact_int(f: float) -> int:
+    """``f`` as an int when it is one exactly (1e3, 1000.0); ValueError for 1.5, nan or 1e30
+    (shared by option values and the core settings of core.config)."""
     if not math.isfinite(f) or not f.is_integer():
         raise ValueError(f)
     if abs(f) > MAX_EXACT_INT:

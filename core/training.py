@@ -244,10 +244,17 @@ def valid_prior(prior: torch.Tensor, capacity: int) -> bool:
             and float(prior.sum()) > 0)
 
 
+def _short_of_memory(need: int, device: torch.device) -> int | None:
+    """The memory of ``device`` in bytes when ``need`` bytes exceed it, else None (also where it
+    cannot be told)."""
+    have = _memory_bytes(device)
+    return have if have is not None and need > have else None
+
+
 def _check_fits(n: int, first: torch.Tensor, device: torch.device) -> None:
     need = n * first[0].numel() * first.element_size()
-    have = _memory_bytes(device)
-    if have is not None and need > have:
+    have = _short_of_memory(need, device)
+    if have is not None:
         raise OutOfMemory(f"{n:,} samples of shape {tuple(first.shape[1:])} need {need / 2**30:,.1f} GiB, "
                           f"more than the {have / 2**30:,.1f} GiB of {device.type}; draw fewer (--n)")
 
@@ -390,8 +397,9 @@ class Trainer:
         self.data_shape = tuple(self.data.shape[1:])
         if comps.metrics:  # refused now rather than after the training the evaluation would end
             n_eval = int(cfg["eval_samples"])
-            need, have = n_eval * math.prod(self.data_shape) * 4, _memory_bytes(dev)
-            if have is not None and need > have:
+            need = n_eval * math.prod(self.data_shape) * 4  # float32 samples
+            have = _short_of_memory(need, dev)
+            if have is not None:
                 raise UsageError(
                     f"eval_samples {n_eval:,}: the samples alone would need {need / 2**30:,.1f} GiB, more than "
                     f"the {have / 2**30:,.1f} GiB of {dev.type}; set a smaller eval_samples")

@@ -254,7 +254,9 @@ class DynGANPartitioner(Partitioner):
         # a partition whose scored samples are all collapsed cannot be split (moving them would
         # only rename it; with a detector subset, the k-NN vote would then carry the rest along)
         subset = getattr(detection, "subset", None)
-        scored = counts if subset is None else torch.bincount(labels[subset.to(ctx.device)], minlength=cap)
+        if subset is not None:
+            subset = subset.to(ctx.device)
+        scored = counts if subset is None else torch.bincount(labels[subset], minlength=cap)
         splittable = (hit > 0) & (hit < scored)
         order = torch.sort(hit, descending=True, stable=True).indices  # most collapsed first, lower id on ties
         order = order[splittable[order]]
@@ -275,7 +277,7 @@ class DynGANPartitioner(Partitioner):
             if feats is None or feats.shape[0] != labels.shape[0]:
                 _, feats = km.discriminator_pass(ctx, labels, None, int(self.opts.batch_size))
             feats = feats.to(ctx.device).float()
-            rows = subset.to(ctx.device) if subset is not None else torch.arange(labels.shape[0], device=ctx.device)
+            rows = subset if subset is not None else torch.arange(labels.shape[0], device=ctx.device)
             x = feats[rows]
             ids = torch.unique(new[rows])  # sorted condition ids in use
             k = int(ids.shape[0])

@@ -37,10 +37,11 @@ class _Mixture(Dataset):
     def resolve_options(cls, values):
         out = super().resolve_options(values)
         ppm = out.get("points_per_mode")
-        if ppm is not None and ppm * cls.mode_count(out) > MAX_POINTS:
-            raise OptionError(
-                f"{cls.describe()}: points_per_mode={ppm} with {cls.mode_count(out)} modes makes "
-                f"{ppm * cls.mode_count(out)} points, more than {MAX_POINTS}")
+        if ppm is not None:
+            modes = cls.mode_count(out)
+            if ppm * modes > MAX_POINTS:
+                raise OptionError(f"{cls.describe()}: points_per_mode={ppm} with {modes} modes makes "
+                                  f"{ppm * modes} points, more than {MAX_POINTS}")
         return out
 
     def load(self, generator):
