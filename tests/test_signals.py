@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,11 @@ from safetensors.torch import load_file
 
 from core import checkpoint as ckpt_io
 
+from signal_helpers import signal_when_held, start_held
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-STEPS = 400  # long enough to be still running when the signal comes (the first log is at step 10)
+STEPS = 400  # the signal comes at step 10, the first logged step
 TIMEOUT = 120  # seconds; a hung child fails the test instead of hanging it
 
 
@@ -32,43 +33,17 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "core", "train", "--out", str(out), *extra]
 
 
-def _start(out: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        _train_cmd(out, "--dataset", "grid25", "--device", "cpu", "--steps", str(STEPS), "--seed", "0",
-                   "-o", "dataset.n=2000", "--log-every", "10", "--eval-every", "0",
-                   "--checkpoint-every", "0", "-q"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(out.parent))
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-
-
-def _wait_for_first_log(proc: subprocess.Popen, out: Path) -> None:
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"training ended (rc {proc.returncode}) before it could be interrupted:\n{stderr}")
-        if metrics.exists() and '"loss/d"' in metrics.read_text():  # the first logged step, not the start event
-            return
-        time.sleep(0.02)
-    _kill(proc)
-    pytest.fail("no metrics line within the time limit")
+def _args(out: Path) -> list[str]:
+    return ["train", "--out", str(out), "--dataset", "grid25", "--device", "cpu", "--steps", str(STEPS),
+            "--seed", "0", "-o", "dataset.n=2000", "--log-every", "10", "--eval-every", "0",
+            "--checkpoint-every", "0", "-q"]
 
 
 def _interrupt(tmp_path: Path, signum: int) -> tuple[Path, int, str, str]:
+    """Train, deliver ``signum`` at the first logged step (step 10; tests/signal_helpers.py)."""
     out = tmp_path / "run"
-    proc = _start(out)
-    try:
-        _wait_for_first_log(proc, out)
-        proc.send_signal(signum)
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    finally:
-        _kill(proc)
+    proc = start_held(tmp_path / "hold", _args(out), _env(), tmp_path, TIMEOUT)
+    stdout, stderr = signal_when_held(proc, tmp_path / "hold", signum, TIMEOUT)
     return out, proc.returncode, stdout, stderr
 
 
@@ -83,7 +58,7 @@ def _check_interrupted_run(out: Path, rc: int, stderr: str, expected_rc: int) ->
     steps = _checkpoints(out)
     assert len(steps) == 1, steps  # --checkpoint-every 0: this one was written by the signal
     stopped = steps[0]
-    assert 10 <= stopped < STEPS
+    assert stopped == 10  # the step the signal came at: it is finished, then saved
     ck = ckpt_io.read(out / "checkpoints" / f"step-{stopped:08d}.json")  # verifies the checksum
     assert ck.step == stopped
     logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
