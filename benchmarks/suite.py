@@ -354,6 +354,21 @@ for _name, (_base, _ema) in {"dyngan-grid25-mmnsat-1206": ("dyngan-grid25-20seed
                       "instead of the reference's ns (detector, partitioner and conditioning unchanged), "
                       f"on {MACHINE_1206}; the preset on the same CPU and seeds: that table's dyngan rows.",
              methods={"dyngan-mm-nsat": DYNGAN_MMNSAT})
+# an R1 penalty on D (gamma 0.1, -o loss.r1_gamma): a regularised discriminator is the common
+# remedy for unstable GAN training; does NS-GAN still drop modes with it, and does DynGAN still
+# find collapsed samples? Both grids, the same CPU and seeds as the -1206 / -20seeds rows
+R1 = ["loss.r1_gamma=0.1"]
+for _name, (_base, _ema) in {"dyngan-grid25-r1-1206": ("dyngan-grid25-20seeds", "dyngan-grid25-ema"),
+                             "dyngan-code-grid25-r1-1206": ("dyngan-code-grid25-laststep-1206",
+                                                            "dyngan-code-grid25-ema")}.items():
+    _variant(_name, _base, title=f"{TABLES[_ema]['title']}, both with an R1 penalty, 2026-12-06 machine",
+             protocol=f"as '{TABLES[_base]['title']}'; ns-r1 and dyngan-r1 are NS-GAN and the dyngan preset with "
+                      "-o loss.r1_gamma=0.1 (an R1 penalty, gamma/2 times the squared gradient of D's logit at "
+                      f"the real samples), on {MACHINE_1206}; the same methods without it, on the same CPU and "
+                      "seeds: that table's rows.",
+             methods={"ns-r1": TABLES[_ema]["methods"]["ns"] | {"-o": TABLES[_ema]["methods"]["ns"].get("-o", []) + R1},
+                      "dyngan-r1": TABLES[_ema]["methods"]["dyngan"]
+                      | {"-o": TABLES[_ema]["methods"]["dyngan"].get("-o", []) + R1}})
 # DynGAN with the authors' k-means weighting rule instead of ours (partitioner option `weighting`)
 REFW = "dyngan-refw"
 REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=reference: the authors' rule "
