@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -344,31 +345,39 @@ for _name, _base, _title in (
 # the KL left at delta 0.2 is imbalance inside conditions (benchmarks/condition_balance.py), which
 # the detector cannot see and the NS loss does not undo; MM-nsat (Eide et al.) is a loss meant to
 # undo the NS loss's sample weighting: DynGAN with it, on both grids, on the same CPU
-DYNGAN_MMNSAT = TABLES["dyngan-grid25-ema"]["methods"]["dyngan"] | {"loss": "mm-nsat"}
-# table -> (the preset's rows on the same CPU and seeds, the table whose title it extends)
-for _name, (_base, _ema) in {"dyngan-grid25-mmnsat-1206": ("dyngan-grid25-20seeds", "dyngan-grid25-ema"),
-                             "dyngan-code-grid25-mmnsat-1206": ("dyngan-code-grid25-laststep-1206",
-                                                                "dyngan-code-grid25-ema")}.items():
-    _variant(_name, _base, title=f"{TABLES[_ema]['title']}, DynGAN with the MM-nsat loss, 2026-12-06 machine",
-             protocol=f"as '{TABLES[_base]['title']}'; dyngan-mm-nsat is the dyngan preset with --loss mm-nsat "
-                      "instead of the reference's ns (detector, partitioner and conditioning unchanged), "
-                      f"on {MACHINE_1206}; the preset on the same CPU and seeds: that table's dyngan rows.",
-             methods={"dyngan-mm-nsat": DYNGAN_MMNSAT})
+
+
+def _variants_1206(kind: str, what: str, protocol: str, methods: Callable[[str], dict]) -> None:
+    """``dyngan-grid25-KIND-1206`` and ``dyngan-code-grid25-KIND-1206``: the -1206 / -20seeds runs'
+    CPU and seeds, with ``methods(ema_table)``; ``what`` ends the title, ``protocol`` describes them."""
+    # table -> (the preset's rows on the same CPU and seeds, the table whose title it extends)
+    for name, (base, ema) in {f"dyngan-grid25-{kind}-1206": ("dyngan-grid25-20seeds", "dyngan-grid25-ema"),
+                              f"dyngan-code-grid25-{kind}-1206": ("dyngan-code-grid25-laststep-1206",
+                                                                  "dyngan-code-grid25-ema")}.items():
+        _variant(name, base, title=f"{TABLES[ema]['title']}, {what}, 2026-12-06 machine",
+                 protocol=f"as '{TABLES[base]['title']}'; {protocol.format(machine=MACHINE_1206)}",
+                 methods=methods(ema))
+
+
+def _with_options(method: dict, extra: list[str]) -> dict:
+    return method | {"-o": method.get("-o", []) + extra}
+
+
+_variants_1206("mmnsat", "DynGAN with the MM-nsat loss",
+               "dyngan-mm-nsat is the dyngan preset with --loss mm-nsat instead of the reference's ns (detector, "
+               "partitioner and conditioning unchanged), on {machine}; the preset on the same CPU and seeds: that "
+               "table's dyngan rows.",
+               lambda ema: {"dyngan-mm-nsat": TABLES[ema]["methods"]["dyngan"] | {"loss": "mm-nsat"}})
 # an R1 penalty on D (gamma 0.1, -o loss.r1_gamma): a regularised discriminator is the common
 # remedy for unstable GAN training; does NS-GAN still drop modes with it, and does DynGAN still
-# find collapsed samples? Both grids, the same CPU and seeds as the -1206 / -20seeds rows
+# find collapsed samples?
 R1 = ["loss.r1_gamma=0.1"]
-for _name, (_base, _ema) in {"dyngan-grid25-r1-1206": ("dyngan-grid25-20seeds", "dyngan-grid25-ema"),
-                             "dyngan-code-grid25-r1-1206": ("dyngan-code-grid25-laststep-1206",
-                                                            "dyngan-code-grid25-ema")}.items():
-    _variant(_name, _base, title=f"{TABLES[_ema]['title']}, both with an R1 penalty, 2026-12-06 machine",
-             protocol=f"as '{TABLES[_base]['title']}'; ns-r1 and dyngan-r1 are NS-GAN and the dyngan preset with "
-                      "-o loss.r1_gamma=0.1 (an R1 penalty, gamma/2 times the squared gradient of D's logit at "
-                      f"the real samples), on {MACHINE_1206}; the same methods without it, on the same CPU and "
-                      "seeds: that table's rows.",
-             methods={"ns-r1": TABLES[_ema]["methods"]["ns"] | {"-o": TABLES[_ema]["methods"]["ns"].get("-o", []) + R1},
-                      "dyngan-r1": TABLES[_ema]["methods"]["dyngan"]
-                      | {"-o": TABLES[_ema]["methods"]["dyngan"].get("-o", []) + R1}})
+_variants_1206("r1", "both with an R1 penalty",
+               "ns-r1 and dyngan-r1 are NS-GAN and the dyngan preset with -o loss.r1_gamma=0.1 (an R1 penalty, "
+               "gamma/2 times the squared gradient of D's logit at the real samples), on {machine}; the same "
+               "methods without it, on the same CPU and seeds: that table's rows.",
+               lambda ema: {"ns-r1": _with_options(TABLES[ema]["methods"]["ns"], R1),
+                            "dyngan-r1": _with_options(TABLES[ema]["methods"]["dyngan"], R1)})
 # DynGAN with the authors' k-means weighting rule instead of ours (partitioner option `weighting`)
 REFW = "dyngan-refw"
 REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=reference: the authors' rule "

@@ -194,6 +194,8 @@ _generator_option = click.option(
 @_opt("--eval-every", "eval_every", type=int, help="Compute metrics every N steps, 0 = at the end only "
       "(default 5000).")
 @_opt("--checkpoint-every", "checkpoint_every", type=int, help="Checkpoint every N steps, 0 = at the end only (default 5000).")
+@_opt("--keep-checkpoints", "keep_checkpoints", type=int, help="How many of the newest checkpoints a run "
+      "keeps (default 3).")
 @_opt("--amp", type=click.Choice(["none", "bf16"]), help="bf16 autocast (CUDA; default none).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the networks (default off; D stays uncompiled with R1 or WGAN-GP).")
 @_opt("--on-divergence", "on_divergence", type=click.Choice(["stop", "rollback"]),
@@ -290,8 +292,9 @@ def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool,
     for name, proto in res["protocols"].items():
         if proto:
             click.echo(f"  [{name}] {proto}")
+    width = max((len(k) for k in res["metrics"]), default=0) + 2  # one column, however long the names
     for k, v in res["metrics"].items():
-        click.echo(f"  {k:32s} {v:.4f}" if isinstance(v, float) else f"  {k:32s} {v}")
+        click.echo(f"  {k:{width}s}{v:.4f}" if isinstance(v, float) else f"  {k:{width}s}{v}")
 
 
 @cli.command()

@@ -79,6 +79,24 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
     atomic_write_bytes(path / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
+#: the settings a resume may change that belong to the run, not to one invocation (core.api's
+#: _RESUMABLE less device, threads and compile): a resume writes a change of them to config.json,
+#: so that a later plain ``--resume`` (after Ctrl-C, say) keeps it
+SCHEDULE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+
+
+def record_schedule(path: Path, config: dict[str, Any]) -> None:
+    """Write ``config``'s schedule (``SCHEDULE``) into the run's config.json where it differs, atomically."""
+    saved = read_config(path)
+    changed = {k: config[k] for k in SCHEDULE if k in config and saved.get(k) != config[k]}
+    if not changed:
+        return
+    try:
+        write_config(path, {**saved, **changed})
+    except OSError as e:
+        raise UsageError(f"cannot write to run directory {str(path)!r}: {e.strerror or e}") from None
+
+
 def read_config(path: Path) -> dict[str, Any]:
     f = path / CONFIG
     if not path.is_dir():

@@ -54,6 +54,12 @@ from .networks import build_networks
 from .registry import Registry
 
 
+def rate_text(rate: float) -> str:
+    """Steps per second for the progress line: whole numbers when fast, two significant digits when
+    slow (a large model on a CPU can run below one step a second, which ``:.0f`` shows as 0)."""
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"
+
+
 class Interrupted(DynganError):
     """Training stopped by a signal after saving a checkpoint."""
 
@@ -741,6 +747,8 @@ class Trainer:
                 if log is not None:
                     log.truncate_after(self.step)
                 self.progress.message(f"resuming from step {self.step}")
+                if self.is_main:  # the checkpoint loaded: keep a new --steps for the next plain --resume
+                    rundir.record_schedule(self.run_dir, cfg)
                 if self.step >= cfg["steps"]:
                     self.progress.message(f"the run is already at step {self.step} of --steps {cfg['steps']}: "
                                           "nothing to train (a larger --steps extends it)")
@@ -927,10 +935,10 @@ class Trainer:
         bad = [k for k, v in vals.items() if not math.isfinite(v)]
         if bad:
             self._diverged(bad[0], vals[bad[0]], log)
-        rec = {"step": self.step, "steps_per_s": round(rate, 2), **vals}
+        rec = {"step": self.step, "steps_per_s": float(f"{rate:.3g}"), **vals}
         if log is not None:
             log.write(rec)
-        text = f"D {vals['loss/d']:.4f}  G {vals['loss/g']:.4f}  {rate:.0f} steps/s"
+        text = f"D {vals['loss/d']:.4f}  G {vals['loss/g']:.4f}  {rate_text(rate)} steps/s"
         if self.comps.detector is not None and self.last_fraction is not None:
             text += f"  collapse {self.last_fraction:.3f}"
         if self.comps.partitioner is not None:

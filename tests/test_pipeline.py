@@ -70,6 +70,14 @@ def run60(tmp_path_factory):
     return result, out
 
 
+@pytest.fixture
+def run60_copy(run60, tmp_path):
+    """A copy of run60 that a test may train on and change."""
+    out = tmp_path / "r"
+    shutil.copytree(run60[1], out)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _no_pictures(monkeypatch):
     # end-of-training pictures cost seconds (matplotlib); only run60 draws them
@@ -716,3 +724,38 @@ def test_resume_names_only_the_changed_options(run60, tmp_path):
     assert res.exit_code == 2 and "metric.mixture.hq_sigmas was 3.0, not 2.0" in res.stderr
     res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "-o", "dataset.n=2000"])
     assert res.exit_code == 0, res.output
+
+
+def test_a_plain_resume_keeps_the_schedule_a_resume_changed(run60_copy):
+    """``--resume --steps 80`` interrupted at step 70: the ``dyngan train --out X --resume`` that
+    the interrupt message suggests must go on to 80 (config.json records the new length and
+    checkpoint interval), not stop with "already at step 70 of --steps 60"."""
+    out = run60_copy
+    api.train({"out": str(out), "steps": 80, "checkpoint_every": 10, "threads": 1}, resume=True, quiet=True)
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["steps"], saved["checkpoint_every"]) == (80, 10)
+    assert saved["threads"] is None  # the machine's settings are per invocation, not recorded
+    (out / "checkpoints" / "step-00000080.safetensors").unlink()  # as if stopped after step 70
+    (out / "checkpoints" / "step-00000080.json").unlink()
+    res = invoke(["train", "--resume", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert ckpt_steps(out)[-1] == 80
+
+
+def test_keep_checkpoints_is_a_flag_and_may_change_on_resume(run60_copy):
+    out = run60_copy
+    assert ckpt_steps(out) == [30, 60]
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "70", "--checkpoint-every", "5",
+                  "--keep-checkpoints", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert ckpt_steps(out) == [70]
+    assert json.loads((out / "config.json").read_text())["keep_checkpoints"] == 1
+    res = invoke(["train", "--resume", "--out", str(out), "--keep-checkpoints", "0", "-q"])
+    assert res.exit_code == 2 and "keep_checkpoints" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("rate,text", [(0.004, "0.004"), (0.256, "0.26"), (3.14, "3.1"), (441.7, "442")])
+def test_progress_rate_keeps_digits_for_slow_runs(rate, text):
+    from core.training import rate_text
+
+    assert rate_text(rate) == text
