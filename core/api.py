@@ -60,7 +60,10 @@ def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str,
     try:
         return saved, resolve(host.registry, [_settings_only(saved)])
     except UnknownComponentError as e:  # a plugin that is not installed (or no longer has the component)
-        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb} with the installed plugins: {e}") from None
+        # name the plugin the run used and why it is missing, not a near name ("did you mean 'hinge'?")
+        why = host.missing_plugins(e.kind, e.name, saved.get("plugins")) if e.name is not None else None
+        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb} with the installed plugins: "
+                              f"{why or e}") from None
     except OptionError as e:  # a bad value, or an option a plugin's other version lacks
         raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb}: its {rundir.CONFIG} is invalid "
                               f"(damaged, or written for another version of its plugins): {e}") from None

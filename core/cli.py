@@ -89,10 +89,13 @@ def plugins(as_json: bool, show_options: bool) -> None:
     host = get_host()
     cli._load_plugin_commands()  # type: ignore[attr-defined]
     data = host.report()
-    if host.registry.note:  # e.g. DYNGAN_LOAD_PLUGINS naming nothing installed
-        click.echo(f"Warning: {host.registry.note}", err=True)
+    for warning in host.warnings:  # e.g. DYNGAN_BLOCK_PLUGINS naming nothing installed
+        click.echo(f"Warning: {warning}", err=True)
+    nothing = _nothing_loaded(host)
     if as_json:
         click.echo(json.dumps(data, indent=2))
+        if nothing:
+            click.echo(nothing, err=True)  # stdout stays JSON
         return
     for p in data:
         dist = f" [{p['distribution']} {p['version']}]" if p["distribution"] else ""
@@ -112,6 +115,21 @@ def plugins(as_json: bool, show_options: bool) -> None:
                     click.echo(f"    {name}" + ("" if lines else ": no options"))
                     for line in lines:
                         click.echo(f"      {line}")
+    if nothing:
+        click.echo(nothing)
+
+
+def _nothing_loaded(host: Any) -> str | None:
+    """``no plugins loaded`` and why, when no plugin loaded; else None."""
+    if host.loaded:
+        return None
+    if host.load_nothing:
+        return "no plugins loaded (DYNGAN_LOAD_PLUGINS is set and empty)"
+    if host.plugins:
+        return "no plugins loaded: every plugin failed"
+    if host.skipped:
+        return "no plugins loaded: DYNGAN_LOAD_PLUGINS / DYNGAN_BLOCK_PLUGINS skip every installed plugin"
+    return "no plugins loaded"
 
 
 def _describe_lines(kind: str, schema: dict[str, Any]) -> list[str]:
@@ -342,6 +360,16 @@ def install_command(targets: tuple[str, ...], editable: bool, no_deps: bool, no_
     if res.listing_error is not None:
         click.echo(f"Error: installed, but the plugins could not be listed: {res.listing_error}", err=True)
         raise click.exceptions.Exit(1)
+    for c in res.clashes:
+        click.echo(f"Warning: plugins {c.kept!r} ({c.kept_distribution}) and {c.failed!r} ({c.failed_distribution}) "
+                   f"both register {c.kind} {c.name!r}, so plugin {c.failed!r} fails to load: none of its "
+                   "components can be used", err=True)
+    if res.clashes:
+        c = res.clashes[0]
+        click.echo(f"Error: installed, but it clashes with another plugin (see above); undo the install "
+                   f"(`dyngan uninstall {c.installed}`) or skip one of the two plugins with DYNGAN_BLOCK_PLUGINS "
+                   f"(e.g. DYNGAN_BLOCK_PLUGINS={c.failed})", err=True)
+        raise click.exceptions.Exit(2)
     if failed:
         click.echo("Error: installed, but a plugin failed to load (see above); `dyngan plugins` shows it too",
                    err=True)

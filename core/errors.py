@@ -23,6 +23,11 @@ class UsageError(DynganError):
 class UnknownComponentError(UsageError):
     """A component name that no plugin registered."""
 
+    def __init__(self, message: str, kind: str | None = None, name: str | None = None) -> None:
+        super().__init__(message)
+        #: the kind and name looked up (None when the kind itself is unknown)
+        self.kind, self.name = kind, name
+
 
 class OptionError(UsageError):
     """An option of a component that is unknown, of the wrong type or out of range."""

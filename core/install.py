@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import RunFailure, UsageError
+from .registry import parse_duplicate
 
 #: the distribution that must never be uninstalled through itself
 SELF = "dyngan"
@@ -52,10 +53,25 @@ class InstalledDistribution:
 
 
 @dataclass
+class Clash:
+    """Two plugins registering one name, one of them just installed: the later one fails to load."""
+
+    kind: str
+    name: str
+    kept: str  # the plugin whose component stands
+    kept_distribution: str | None
+    failed: str  # the plugin that fails to load because of it
+    failed_distribution: str | None
+    installed: str  # the installed distribution that brought the clash
+
+
+@dataclass
 class InstallResult:
     distributions: list[InstalledDistribution]
     #: a plugin listing that could not be made (the fresh interpreter failed), else None
     listing_error: str | None = None
+    #: the installed plugins' names that clash with another plugin's (theirs or an older one's)
+    clashes: list[Clash] = field(default_factory=list)
 
 
 @dataclass
@@ -280,7 +296,23 @@ def install_plugins(
     for key, (name, version) in others.items():  # dependencies: shown only when they are plugins
         if key in by_dist:
             result.append(InstalledDistribution(name, version, False, by_dist[key]))
-    return InstallResult(result, listing_error)
+    return InstallResult(result, listing_error, _clashes(listing, result))
+
+
+def _clashes(listing: list[dict[str, Any]], installed: list[InstalledDistribution]) -> list[Clash]:
+    """The plugins that fail to load because they register a name an installed plugin has, or the reverse:
+    the one loaded first keeps the name, so the new plugin may break an older one."""
+    new = {p.get("name"): d.name for d in installed for p in d.plugins}
+    dist_of = {p.get("name"): p.get("distribution") for p in listing}
+    out = []
+    for p in listing:
+        found = parse_duplicate(p.get("error") or "")
+        if found is None or found[3] != p.get("name") or not ({found[2], found[3]} & set(new)):
+            continue
+        kind, name, kept, failed = found
+        out.append(Clash(kind, name, kept, dist_of.get(kept), failed, dist_of.get(failed),
+                         new.get(failed) or new[kept]))
+    return out
 
 
 def _installed_version(name: str) -> str | None:

@@ -10,10 +10,13 @@ Environment switches:
   DYNGAN_LOAD_PLUGINS   comma-separated allow-list of plugin (entry-point) or
                         distribution names; set but empty loads none.
   DYNGAN_BLOCK_PLUGINS  comma-separated deny-list, same names.
+A name in either that matches nothing installed is a warning (``host.warnings``),
+said by ``dyngan plugins`` and with every unknown-component error.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import traceback
@@ -25,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pluggy
 
 from . import hookspecs
-from .errors import DynganError, PluginError
+from .errors import DuplicateComponentError, DynganError, PluginError
 from .registry import Registry
 
 GROUP = "dyngan"
@@ -47,6 +50,8 @@ class PluginInfo:
     commands: list[str] = field(default_factory=list)
     error: str | None = None
     traceback: str | None = None
+    #: kind -> every name it tried to register, kept when it fails (an unknown name it offers names it)
+    offered: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,8 +101,16 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.registry = Registry()
         self.plugins: dict[str, PluginInfo] = {}
-        #: names in DYNGAN_LOAD_PLUGINS that match no installed plugin or distribution
+        #: names in DYNGAN_LOAD_PLUGINS / DYNGAN_BLOCK_PLUGINS that match no installed plugin or distribution
         self.unmatched_allowed: list[str] = []
+        self.unmatched_blocked: list[str] = []
+        #: what is wrong with those switches, one line each (`dyngan plugins` shows them)
+        self.warnings: list[str] = []
+        #: DYNGAN_LOAD_PLUGINS is set and empty: no installed plugin is loaded, on purpose
+        self.load_nothing = False
+        #: installed plugins the switches skipped -> why
+        self.skipped: dict[str, str] = {}
+        self.registry.explain = self._explain_unknown
 
     # ------------------------------------------------------------------ loading
 
@@ -144,10 +157,13 @@ class PluginHost:
             info.error = f"invalid plugin: {type(e).__name__}: {e}"
             return info
         try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as e:
+            unknown = self._unknown_hooks(name)
+            if unknown:
+                raise PluginError(self._unknown_hooks_message(unknown))
+            self.pm.check_pending()  # what the scan above missed (it should miss nothing)
+        except (PluginError, pluggy.PluginValidationError) as e:
             self.pm.unregister(name=name)
-            info.error = f"unknown hook: {e}"
+            info.error = str(e)
             return info
         info.hooks = sorted(hc.name for hc in (self.pm.get_hookcallers(obj) or []))
         try:
@@ -163,20 +179,48 @@ class PluginHost:
             info.options = {}
         return info
 
+    def _unknown_hooks(self, plugin_name: str) -> list[str]:
+        """The hooks a plugin implements that no spec declares (misspelt), as ``check_pending`` finds them."""
+        return sorted(
+            hook for hook, caller in vars(self.pm.hook).items()
+            if not hook.startswith("_") and not caller.has_spec()
+            and any(i.plugin_name == plugin_name and not i.optionalhook for i in caller.get_hookimpls()))
+
+    def _unknown_hooks_message(self, unknown: list[str]) -> str:
+        """``unknown hook 'register_loss'; did you mean 'register_losses'?``, or the hooks there are."""
+        specs = sorted(h for h, c in vars(self.pm.hook).items() if not h.startswith("_") and c.has_spec())
+        close = {h: difflib.get_close_matches(h, specs, n=1) for h in unknown}
+        if len(unknown) == 1 and close[unknown[0]]:
+            return f"unknown hook {unknown[0]!r}; did you mean {close[unknown[0]][0]!r}?"
+        shown = ", ".join(repr(h) + (f" (did you mean {close[h][0]!r}?)" if close[h] else "") for h in unknown)
+        return f"unknown hook{'s' if len(unknown) > 1 else ''} {shown}; the hooks are {', '.join(specs)}"
+
     def _impls(self, hook_name: str, plugin_name: str) -> list[pluggy.HookImpl]:
         caller = getattr(self.pm.hook, hook_name)
         return [impl for impl in caller.get_hookimpls() if impl.plugin_name == plugin_name]
 
     def _run_registration(self, plugin_name: str, info: PluginInfo) -> None:
+        duplicates: list[DuplicateComponentError] = []
         for hook_name, kind in hookspecs.REGISTRATION_HOOKS.items():
             for impl in self._impls(hook_name, plugin_name):
 
                 def register(cls: type, _kind: str = kind) -> None:
-                    self.registry.add(_kind, cls, plugin_name)
+                    name = getattr(cls, "name", None)
+                    if isinstance(name, str):
+                        info.offered.setdefault(_kind, []).append(name)
+                    try:
+                        self.registry.add(_kind, cls, plugin_name)
+                    except DuplicateComponentError as e:
+                        # the plugin fails, but only after it offered every name: asking for any
+                        # of them then names it ("plugin 'x' failed to load"), not just this one
+                        duplicates.append(e)
+                        return
                     info.components.setdefault(_kind, []).append(cls.name)
                     info.options.setdefault(_kind, {})[cls.name] = _describe(cls)
 
                 impl.function(**{a: register for a in impl.argnames})
+        if duplicates:
+            raise duplicates[0]
 
     def add_commands(self, cli: Any, protected: Iterable[str] = ()) -> None:
         """Run every plugin's ``register_commands(cli)``, recording what each adds.
@@ -218,11 +262,52 @@ class PluginHost:
     def report(self) -> list[dict[str, Any]]:
         return [p.to_json() for p in self.plugins.values()]
 
+    def _explain_unknown(self, kind: str, name: str) -> tuple[str, bool] | None:
+        """The registry's note for an unknown name while some plugin failed to load: the failed
+        plugin that offers that name (then ``offered`` is True), else every failed plugin, briefly."""
+        failed = self.failed
+        if not failed:
+            return None
+        offering = [p for p in failed if name in p.offered.get(kind, ()) or f"{kind} {name!r}" in (p.error or "")]
+        if offering:
+            why = "; ".join(f"plugin {p.name!r} failed to load ({p.error})" for p in offering)
+            return f"note: {why}; see `dyngan plugins`", True
+        names = ", ".join(repr(p.name) for p in failed)
+        return f"note: plugin{'s' if len(failed) > 1 else ''} {names} failed to load; see `dyngan plugins`", False
 
-def _allowed(name: str, dist: str | None, allow: set[str] | None, block: set[str] | None,
-             plugin_names: set[str]) -> bool:
-    """A listed name means the plugin of that name; otherwise it means every plugin of that distribution.
+    def missing_plugins(self, kind: str, name: str, record: Any) -> str | None:
+        """Why a saved run's ``kind`` ``name`` is unknown, from its config.json ``plugins`` record
+        (``{plugin: {"distribution", "version"}}``): the run's plugins that are not loaded, each with
+        its distribution and why (not installed, skipped by a switch, failed). None when all are loaded."""
+        if not isinstance(record, Mapping):
+            return None
+        missing = []
+        for plugin, used in record.items():
+            info = self.plugins.get(plugin)
+            if info is not None and info.error is None:
+                continue
+            used = used if isinstance(used, Mapping) else {}
+            dist, version = used.get("distribution"), used.get("version")
+            what = f"plugin {plugin!r}" + (f" (distribution {dist}{f' {version}' if version else ''})" if dist else "")
+            if info is not None:
+                why = f"which is installed but failed to load ({info.error}; see `dyngan plugins`)"
+            elif plugin in self.skipped:
+                why = f"which is installed but not loaded: {self.skipped[plugin]}"
+            else:
+                why = "which is not installed" + (f": install it (`dyngan install {dist}`)" if dist else "")
+            missing.append(f"{what}, {why}")
+        if not missing:
+            return None  # a loaded plugin no longer has the name (another version of it)
+        if len(missing) == 1:
+            return f"its {kind} {name!r} came from {missing[0]}"
+        return f"its {kind} {name!r} came from one of its plugins that are not loaded: {'; '.join(missing)}"
 
+
+def _skipped(name: str, dist: str | None, allow: set[str] | None, block: set[str] | None,
+             plugin_names: set[str]) -> str | None:
+    """Why the switches skip a plugin (None: they do not).
+
+    A listed name means the plugin of that name; otherwise it means every plugin of that distribution.
     (``dyngan`` is both a built-in plugin and the distribution: it names the plugin.)
     """
 
@@ -232,10 +317,16 @@ def _allowed(name: str, dist: str | None, allow: set[str] | None, block: set[str
         return dist is not None and dist in names and dist not in plugin_names
 
     if allow is not None and not listed(allow):
-        return False
+        return f"DYNGAN_LOAD_PLUGINS does not name it (add {name!r} to it)"
     if block and listed(block):
-        return False
-    return True
+        return f"DYNGAN_BLOCK_PLUGINS blocks it (take {(name if name in block else dist)!r} out of it)"
+    return None
+
+
+def _matches_nothing(switch: str, names: list[str], plugin_names: set[str]) -> str:
+    """The warning for names in a switch that match no installed plugin or distribution."""
+    return (f"{switch} names {', '.join(map(repr, names))}, which {'matches' if len(names) == 1 else 'match'} "
+            f"no installed plugin or distribution (installed plugins: {', '.join(sorted(plugin_names)) or 'none'})")
 
 
 def entry_points() -> list[metadata.EntryPoint]:
@@ -256,22 +347,26 @@ def load_plugins(env: Mapping[str, str] | None = None) -> PluginHost:
     seen: set[tuple[str, str]] = set()
     eps = entry_points()
     plugin_names = {ep.name for ep in eps}
-    if allow:
-        known = plugin_names | {ep.dist.name for ep in eps if ep.dist is not None}
-        host.unmatched_allowed = sorted(allow - known)
-        if host.unmatched_allowed:
-            # said with every unknown-component error: otherwise "unknown dataset 'grid25' (available:
-            # none registered)" does not tell that the allow-list itself names nothing installed
-            host.registry.note = (
-                f"DYNGAN_LOAD_PLUGINS names {', '.join(map(repr, host.unmatched_allowed))}, which "
-                f"{'matches' if len(host.unmatched_allowed) == 1 else 'match'} no installed plugin or distribution "
-                f"(installed plugins: {', '.join(sorted(plugin_names)) or 'none'})")
+    known = plugin_names | {ep.dist.name for ep in eps if ep.dist is not None}
+    host.unmatched_allowed = sorted((allow or set()) - known)
+    host.unmatched_blocked = sorted((block or set()) - known)
+    host.warnings = [_matches_nothing(switch, names, plugin_names) for switch, names in
+                     (("DYNGAN_LOAD_PLUGINS", host.unmatched_allowed), ("DYNGAN_BLOCK_PLUGINS", host.unmatched_blocked))
+                     if names]
+    host.load_nothing = allow == set()
+    # said with every unknown-component error: otherwise "unknown dataset 'grid25' (available:
+    # none registered)" does not tell that a switch names nothing installed, or loads nothing
+    notes = host.warnings + (["DYNGAN_LOAD_PLUGINS is set and empty, so no plugin is loaded"]
+                             if host.load_nothing else [])
+    host.registry.note = "; ".join(notes) or None
     for ep in eps:
         dist = ep.dist.name if ep.dist is not None else None
         if (ep.name, ep.value) in seen:  # the same distribution seen twice on sys.path
             continue
         seen.add((ep.name, ep.value))
-        if not _allowed(ep.name, dist, allow, block, plugin_names):
+        skipped = _skipped(ep.name, dist, allow, block, plugin_names)
+        if skipped is not None:
+            host.skipped[ep.name] = skipped
             continue
         version = ep.dist.version if ep.dist is not None else None
         host.add_plugin(ep.name, ep.load, module=ep.value, distribution=dist, version=version)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterator
+import re
+from typing import Callable, Iterator
 
 from .components import KINDS, Component
 from .errors import DuplicateComponentError, PluginError, UnknownComponentError
@@ -16,6 +17,9 @@ class Registry:
         self._by_kind: dict[str, dict[str, type[Component]]] = {k: {} for k in KINDS}
         #: said after every unknown-name error (e.g. that DYNGAN_LOAD_PLUGINS matched nothing)
         self.note: str | None = None
+        #: asked after an unknown name ``(kind, name)`` for what may explain it (the host: a plugin that
+        #: failed to load); returns ``(note, offered)``, ``offered`` when a failed plugin has that very name
+        self.explain: Callable[[str, str], tuple[str, bool] | None] | None = None
         # who registered each entry, per registry: ``cls.plugin`` is a class attribute
         # shared by every host in the process, so removal must not rely on it
         self._plugin_of: dict[tuple[str, str], str | None] = {}
@@ -45,7 +49,7 @@ class Registry:
                 f"{kind} {name!r} is registered twice: by plugin {self._plugin_of[(kind, name)]!r} "
                 f"({existing.__module__}.{existing.__qualname__}) and by plugin {plugin!r} "
                 f"({cls.__module__}.{cls.__qualname__})"
-            )
+            )  # parse_duplicate reads this message back
         cls.plugin = plugin
         self._by_kind[kind][name] = cls
         self._plugin_of[(kind, name)] = plugin
@@ -55,11 +59,13 @@ class Registry:
         found = table.get(name)
         if found is None:
             names = sorted(table)
-            close = difflib.get_close_matches(name, names, n=1)
+            explained = self.explain(kind, name) if self.explain is not None else None
+            # a failed plugin offers this very name: the name is right, no near one is suggested
+            close = [] if explained and explained[1] else difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             avail = ", ".join(names) if names else "none registered"
-            note = f"; {self.note}" if self.note else ""
-            raise UnknownComponentError(f"unknown {kind} {name!r}{hint} (available: {avail}){note}")
+            note = "".join(f"; {n}" for n in (explained and explained[0], self.note) if n)
+            raise UnknownComponentError(f"unknown {kind} {name!r}{hint} (available: {avail}){note}", kind, name)
         return found
 
     def names(self, kind: str) -> list[str]:
@@ -74,3 +80,15 @@ class Registry:
             for name in [n for n in table if self._plugin_of[(kind, n)] == plugin]:
                 del table[name]
                 del self._plugin_of[(kind, name)]
+
+
+_DUPLICATE = re.compile(r"(\w+) '([^']+)' is registered twice: by plugin '([^']+)' \(.*?\) and by plugin '([^']+)' \(")
+
+
+def parse_duplicate(error: str) -> tuple[str, str, str, str] | None:
+    """``(kind, name, first plugin, second plugin)`` of a duplicate-registration message in ``error``, else None.
+
+    ``dyngan install`` reads clashes from a fresh process's plugin listing, where only the text travels.
+    """
+    m = _DUPLICATE.search(error)
+    return (m.group(1), m.group(2), m.group(3), m.group(4)) if m else None

@@ -1,0 +1,294 @@
+"""What a user is told when plugins get in each other's way: component-name clashes (at lookup and at
+`dyngan install`), a saved run whose plugin is missing, switches naming nothing, misspelt hooks."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+
+import pytest
+
+from core import api, hookimpl
+from core import install as inst
+from core import rundir
+from core.components import KINDS, CollapseDetector, Dataset, Loss
+from core.errors import UnknownComponentError
+from core.hookspecs import REGISTRATION_HOOKS
+from core.plugins import PluginHost, load_plugins
+from core.testing import plugin_host
+from cli_helpers import invoke
+from test_plugins import make_plugin, registering, write_dist
+
+
+def error_of(res) -> str:
+    """The one-line error of a CLI run that must fail as bad input (exit 2, no traceback)."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    return res.stderr
+
+
+# --------------------------------------------------------------------------- 1. component-name clashes
+
+
+def clashing_plugins():
+    """``topq_a`` has detector topq; ``topq_b`` has detector topq too (it fails) and, in a later hook,
+    dataset bq-data."""
+    a = make_plugin("topq_a", register_collapse_detectors=registering(CollapseDetector, "topq"))
+    b = make_plugin("topq_b", register_collapse_detectors=registering(CollapseDetector, "topq"),
+                    register_datasets=registering(Dataset, "bq-data"))
+    return a, b
+
+
+def test_an_unknown_name_that_a_failed_plugin_offers_names_that_plugin():
+    a, b = clashing_plugins()
+    with plugin_host(a, b):
+        res = invoke(["train", "--dry-run", "--dataset", "bq-data"])
+        listing = invoke(["plugins"])
+    msg = error_of(res)
+    assert "unknown dataset 'bq-data'" in msg
+    assert "note: plugin 'topq_b' failed to load (failed while registering: detector 'topq' is registered " \
+           "twice: by plugin 'topq_a'" in msg
+    assert "see `dyngan plugins`" in msg
+    assert "did you mean" not in msg  # the name is right; its plugin is broken
+    assert len(msg.strip().splitlines()) == 1
+    assert "topq_b  FAILED: failed while registering: detector 'topq' is registered twice" in listing.stdout
+
+
+def test_a_plugin_failing_on_a_duplicate_still_offers_its_later_names_and_registers_none():
+    a, b = clashing_plugins()
+    host = PluginHost()
+    host.add_plugin("topq_a", lambda: a)
+    info = host.add_plugin("topq_b", lambda: b)
+    assert info.error.startswith("failed while registering: detector 'topq' is registered twice")
+    assert info.offered == {"detector": ["topq"], "dataset": ["bq-data"]}
+    assert info.components == {} and host.registry.names("dataset") == []
+    assert host.registry.get("detector", "topq").plugin == "topq_a"
+    assert "offered" not in info.to_json()
+
+
+def test_an_unknown_name_with_an_unrelated_failed_plugin_lists_it_briefly():
+    def register_losses(register):
+        raise RuntimeError("kaboom")
+
+    broken = make_plugin("exploder", register_losses=register_losses)
+    with plugin_host(broken, builtins=False) as host:
+        host.add_plugin("fine", lambda: make_plugin("fine", register_losses=registering(Loss, "hinge")))
+        with pytest.raises(UnknownComponentError) as exc:
+            host.registry.get("loss", "hinj")
+    msg = str(exc.value)
+    assert "did you mean 'hinge'?" in msg
+    assert msg.endswith("; note: plugin 'exploder' failed to load; see `dyngan plugins`")
+    assert (exc.value.kind, exc.value.name) == ("loss", "hinj")
+
+
+def plugin_source(kind: str, name: str) -> str:
+    """The source of a plugin module that registers one ``kind`` named ``name``."""
+    hook = next(h for h, k in REGISTRATION_HOOKS.items() if k == kind)
+    return (f"from core import hookimpl\nfrom core.components import {KINDS[kind].__name__} as Base\n\n"
+            f"class Component(Base):\n    name = {name!r}\n\n"
+            f"@hookimpl\ndef {hook}(register):\n    register(Component)\n")
+
+
+@pytest.fixture
+def fake_dist(tmp_path, monkeypatch):
+    """``put(dist, plugin, source)`` writes a fake installed distribution ``dist`` 0.1.0 with one plugin
+    (its module named anew) in a new folder, puts it on sys.path and returns that folder; the modules
+    are forgotten afterwards."""
+    suffix = uuid.uuid4().hex[:8]
+    mods: list[str] = []
+
+    def put(dist: str, plugin: str, source: str, path=monkeypatch):
+        mods.append(f"{plugin}_{len(mods)}_{suffix}")
+        site = tmp_path / f"site-{len(mods)}"
+        write_dist(site, dist, "0.1.0", {plugin: mods[-1]}, {mods[-1]: source})
+        path.syspath_prepend(str(site))
+        return site
+
+    yield put
+    for mod in mods:
+        sys.modules.pop(mod, None)
+
+
+@pytest.fixture
+def topq_dists(fake_dist, monkeypatch):
+    """Two fake installed distributions whose plugins both register detector topq: dyngan-topq-a
+    (plugin topq_a, loaded first) and dyngan-topq-b (plugin topq_b); pip and the fresh listing are
+    faked (the listing is made in this process), so nothing is installed."""
+    for plugin in ("topq_a", "topq_b"):
+        fake_dist(f"dyngan-{plugin.replace('_', '-')}", plugin, plugin_source("detector", "topq"))
+    monkeypatch.setattr(inst, "run_pip", lambda args, echo=None: [])
+    monkeypatch.setattr(inst, "_pip_supports_report", lambda: False)
+    monkeypatch.setattr(inst, "list_plugins_fresh", lambda timeout=300: load_plugins(env={}).report())
+
+
+def test_install_of_a_plugin_whose_name_clashes_says_so_and_exits_2(topq_dists):
+    res = invoke(["install", "dyngan-topq-b"])
+    err = error_of(res)
+    assert "plugin topq_b  FAILED: failed while registering: detector 'topq' is registered twice" in res.stdout
+    assert ("Warning: plugins 'topq_a' (dyngan-topq-a) and 'topq_b' (dyngan-topq-b) both register detector "
+            "'topq', so plugin 'topq_b' fails to load") in err
+    assert "`dyngan uninstall dyngan-topq-b`" in err and "DYNGAN_BLOCK_PLUGINS=topq_b" in err
+
+
+def test_install_of_a_plugin_that_breaks_an_installed_one_says_so_and_exits_2(topq_dists):
+    """The new plugin loads first and keeps the name: the older one is the one that breaks."""
+    res = invoke(["install", "dyngan-topq-a"])
+    err = error_of(res)
+    assert "plugin topq_a (" in res.stdout and "detector: topq" in res.stdout  # the new one works
+    assert "both register detector 'topq', so plugin 'topq_b' fails to load" in err
+    assert "`dyngan uninstall dyngan-topq-a`" in err
+
+
+def test_install_result_carries_the_clash(topq_dists):
+    res = inst.install_plugins(["dyngan-topq-b"])
+    assert [(c.kind, c.name, c.kept, c.failed, c.installed) for c in res.clashes] == [
+        ("detector", "topq", "topq_a", "topq_b", "dyngan-topq-b")]
+    assert (res.clashes[0].kept_distribution, res.clashes[0].failed_distribution) == ("dyngan-topq-a",
+                                                                                       "dyngan-topq-b")
+
+
+# --------------------------------------------------------------------------- 2. a saved run whose plugin is missing
+
+
+SOFT_HINGE = plugin_source("loss", "soft-hinge")
+
+
+@pytest.fixture
+def soft_hinge_run(tmp_path, monkeypatch, fake_dist):
+    """A run directory whose config.json used loss soft-hinge of plugin softhinge (dyngan-softhinge
+    0.1.0); afterwards that distribution is gone from sys.path. Returns (run dir, a function putting a
+    dyngan-softhinge with the given module source on sys.path again)."""
+    with monkeypatch.context() as m:
+        fake_dist("dyngan-softhinge", "softhinge", SOFT_HINGE, path=m)
+        cfg = api.resolve_settings({"dataset": "ring8", "loss": "soft-hinge"}, load_plugins(env={}))
+    assert cfg["plugins"]["softhinge"] == {"distribution": "dyngan-softhinge", "version": "0.1.0"}
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_config(run, cfg)
+    return run, lambda source: fake_dist("dyngan-softhinge", "softhinge", source)
+
+
+def run_commands(run, tmp_path):
+    return [["evaluate", str(run), "--n", "5"],
+            ["sample", str(run), "--n", "5", "--out", str(tmp_path / "s.npy")],
+            ["train", "--out", str(run), "--resume", "-q"]]
+
+
+def test_a_run_whose_plugin_is_not_installed_names_it_and_its_distribution(soft_hinge_run, tmp_path):
+    run, _ = soft_hinge_run
+    with plugin_host(env={}):
+        for args in run_commands(run, tmp_path):
+            msg = error_of(invoke(args))
+            assert "with the installed plugins: its loss 'soft-hinge' came from plugin 'softhinge' (distribution " \
+                   "dyngan-softhinge 0.1.0), which is not installed: install it (`dyngan install " \
+                   "dyngan-softhinge`)" in msg, (args, msg)
+            assert "did you mean" not in msg
+
+
+def test_a_run_whose_plugin_is_blocked_says_which_switch(soft_hinge_run, tmp_path):
+    run, put_back = soft_hinge_run
+    put_back(SOFT_HINGE)
+    with plugin_host(env={"DYNGAN_BLOCK_PLUGINS": "dyngan-softhinge"}):
+        msg = error_of(invoke(["evaluate", str(run), "--n", "5"]))
+    assert "plugin 'softhinge' (distribution dyngan-softhinge 0.1.0), which is installed but not loaded: " \
+           "DYNGAN_BLOCK_PLUGINS blocks it (take 'dyngan-softhinge' out of it)" in msg
+    with plugin_host(env={"DYNGAN_LOAD_PLUGINS": "losses,mixtures,mlp,mixture_metrics"}):
+        msg = error_of(invoke(["evaluate", str(run), "--n", "5"]))
+    assert "which is installed but not loaded: DYNGAN_LOAD_PLUGINS does not name it (add 'softhinge' to it)" in msg
+
+
+def test_a_run_whose_plugin_fails_to_load_says_why(soft_hinge_run, tmp_path):
+    run, put_back = soft_hinge_run
+    put_back("raise RuntimeError('needs a newer torch')\n")
+    with plugin_host(env={}):
+        msg = error_of(invoke(["evaluate", str(run), "--n", "5"]))
+    assert "its loss 'soft-hinge' came from plugin 'softhinge' (distribution dyngan-softhinge 0.1.0), which is " \
+           "installed but failed to load (failed to import: RuntimeError: needs a newer torch; see `dyngan plugins`)" \
+           in msg
+
+
+def test_a_run_with_several_missing_plugins_lists_them(soft_hinge_run, tmp_path):
+    run, _ = soft_hinge_run
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["plugins"]["other"] = {"distribution": None, "version": None}
+    rundir.write_config(run, cfg)
+    with plugin_host(env={}):
+        msg = error_of(invoke(["evaluate", str(run), "--n", "5"]))
+    assert "its loss 'soft-hinge' came from one of its plugins that are not loaded: plugin 'other', which is " \
+           "not installed; plugin 'softhinge' (distribution dyngan-softhinge 0.1.0), which is not installed" in msg
+
+
+# --------------------------------------------------------------------------- 3. the switches
+
+
+def test_a_block_list_name_matching_nothing_is_warned_about():
+    host = load_plugins(env={"DYNGAN_BLOCK_PLUGINS": "knn,mlp"})
+    assert host.unmatched_blocked == ["knn"] and "mlp" not in host.plugins
+    assert load_plugins(env={"DYNGAN_BLOCK_PLUGINS": "mlp"}).registry.note is None
+    with plugin_host(env={"DYNGAN_BLOCK_PLUGINS": "knn"}):
+        listing = invoke(["plugins"])
+        as_json = invoke(["plugins", "--json"])
+        res = invoke(["train", "--dry-run", "--loss", "nope"])
+    want = "DYNGAN_BLOCK_PLUGINS names 'knn', which matches no installed plugin or distribution"
+    assert listing.exit_code == 0 and f"Warning: {want}" in listing.stderr
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout) and want in as_json.stderr
+    msg = error_of(res)
+    assert "unknown loss 'nope'" in msg and want in msg and len(msg.strip().splitlines()) == 1
+
+
+def test_an_empty_allow_list_is_visible():
+    with plugin_host(env={"DYNGAN_LOAD_PLUGINS": ""}):
+        listing = invoke(["plugins"])
+        as_json = invoke(["plugins", "--json"])
+        res = invoke(["train", "--dry-run"])
+    assert listing.exit_code == 0 and listing.stdout == "no plugins loaded (DYNGAN_LOAD_PLUGINS is set and empty)\n"
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout) == []
+    assert "no plugins loaded (DYNGAN_LOAD_PLUGINS is set and empty)" in as_json.stderr
+    assert "DYNGAN_LOAD_PLUGINS is set and empty, so no plugin is loaded" in error_of(res)
+
+
+def test_no_plugins_loaded_is_said_whatever_the_reason():
+    with plugin_host(builtins=False):
+        assert invoke(["plugins"]).stdout == "no plugins loaded\n"
+
+    def register_losses(register):
+        raise RuntimeError("kaboom")
+
+    with plugin_host(make_plugin("only_broken", register_losses=register_losses), builtins=False):
+        lines = invoke(["plugins"]).stdout.splitlines()
+    assert lines[-1] == "no plugins loaded: every plugin failed"
+    with plugin_host(env={"DYNGAN_LOAD_PLUGINS": "nonexistent"}):
+        assert invoke(["plugins"]).stdout.startswith("no plugins loaded")
+
+
+# --------------------------------------------------------------------------- 4. misspelt hooks
+
+
+def test_a_misspelt_hook_suggests_the_right_one():
+    host = PluginHost()
+    info = host.add_plugin("typo", lambda: make_plugin("typo", register_loss=registering(Loss, "never")))
+    assert info.error == "unknown hook 'register_loss'; did you mean 'register_losses'?"
+    assert host.pm.get_plugin("typo") is None
+    with plugin_host(make_plugin("typo_cli", register_loss=registering(Loss, "never"))):
+        lines = invoke(["plugins"]).stdout.splitlines()
+    assert "typo_cli  FAILED: unknown hook 'register_loss'; did you mean 'register_losses'?" in lines
+
+
+def test_hooks_with_no_near_name_list_the_hooks():
+    host = PluginHost()
+    info = host.add_plugin("odd", lambda: make_plugin("odd", setup_everything=lambda: None,
+                                                      register_modle=lambda register: None))
+    assert info.error.startswith("unknown hooks 'register_modle' (did you mean 'register_models'?), "
+                                 "'setup_everything'; the hooks are register_collapse_detectors, ")
+    assert "<module" not in info.error and "in plugin" not in info.error
+
+
+def test_an_optional_hook_without_a_spec_is_not_an_error():
+    def later_hook():
+        pass
+
+    mod = make_plugin("optional", register_losses=registering(Loss, "opt-loss"))
+    mod.later_hook = hookimpl(optionalhook=True)(later_hook)
+    info = PluginHost().add_plugin("optional", lambda: mod)
+    assert info.error is None and info.components == {"loss": ["opt-loss"]}
