@@ -46,3 +46,41 @@ def test_the_test_command_installs_and_tests_every_example_plugin():
     assert "tests" in pytest_args and "plugins_examples" in pytest_args
     # installing the examples needs no download: no build isolation, dyngan already installed
     assert "--no-build-isolation" in words
+
+
+def plugin_snippets(readme: str) -> tuple[str, str]:
+    """The python and toml blocks of the README's minimal plugin ("## Plugins")."""
+    m = re.search(r"^## Plugins\n(.*?)^## ", readme, re.M | re.S)
+    assert m, 'README has no "## Plugins" section'
+    py = re.search(r"^```python\n(.*?)^```", m.group(1), re.M | re.S)
+    toml = re.search(r"^```toml\n(.*?)^```", m.group(1), re.M | re.S)
+    assert py and toml, 'the "Plugins" section lacks its ```python or ```toml block'
+    return py.group(1), toml.group(1)
+
+
+def test_the_readme_plugin_works_as_written(tmp_path, monkeypatch):
+    """The minimal plugin of the README: a complete pyproject (name, version, entry point to the
+    module), a module that does not import torch when loaded, and a loss that passes check_loss."""
+    import subprocess
+    import sys
+    import tomllib
+
+    from core.testing import check_loss, plugin_host
+
+    source, toml = plugin_snippets(README)
+    project = tomllib.loads(toml)
+    meta = project["project"]
+    assert meta["name"].startswith("dyngan-") and meta["version"] and "dyngan" in meta["dependencies"]
+    ((plugin, module),) = project["project"]["entry-points"]["dyngan"].items()
+    assert project["tool"]["setuptools"]["py-modules"] == [module]
+    (tmp_path / f"{module}.py").write_text(source)
+    probe = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                            f"import {module}; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "False"  # loading the plugin does not import torch
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = __import__(module)
+    with plugin_host((plugin, mod)) as host:
+        loss = host.registry.get("loss", "soft-hinge")
+        check_loss(loss, {"margin": 2.0})
