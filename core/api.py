@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import operator
 import os
+import sys
+import time
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import __version__, rundir
-from .config import DEFAULTS, SLOTS, _metric_names, _none, read_toml, resolve
-from .errors import (CheckpointError, ComponentFailure, DynganError, OptionError, UnknownComponentError,
-                     UsageError, is_out_of_memory, out_of_memory)
+from .config import DEFAULTS, MAX_SEED, SLOTS, _metric_names, _none, read_toml, resolve
+from .errors import (CheckpointError, ComponentFailure, DataError, DynganError, OptionError,
+                     UnknownComponentError, UsageError, is_out_of_memory, out_of_memory)
 from .plugins import PluginHost, get_host
 
 #: keys of a saved config that are records, not settings
@@ -215,6 +218,25 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
         return _train_locked(cfg, run_dir, host, resume, quiet, stream, comm)
 
 
+def _saved_data_error(error: DataError, run_dir: Path | str, cfg: Mapping[str, Any]) -> DataError:
+    """A saved run's training data that cannot be read, with where the run looks for it."""
+    where = "".join(f", {k} {v!r}" for k, v in sorted((cfg.get("options", {}).get("dataset") or {}).items())
+                    if k in ("path", "file", "folder") and v)
+    return DataError(f"the run in {str(run_dir)!r} cannot read its training data (dataset {cfg.get('dataset')!r}"
+                     f"{where}): {error}; if the data moved, put it back there, or change options.dataset in "
+                     f"{str(Path(run_dir) / rundir.CONFIG)!r} to where it is now")
+
+
+def _load_saved_data(comps: Any, cfg: Mapping[str, Any], run_dir: Path | str) -> Any:
+    """The training data of a saved run (CPU), its read errors saying which run and path they concern."""
+    from .training import load_dataset
+
+    try:
+        return load_dataset(comps, cfg["seed"])
+    except DataError as e:
+        raise _saved_data_error(e, run_dir, cfg) from None
+
+
 def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: bool, quiet: bool,
                   stream: Any, comm: Any):
     from .training import Trainer
@@ -229,11 +251,15 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
         if is_out_of_memory(e):
             raise out_of_memory(e, "while setting up the run",
                                 "the dataset or the networks do not fit; try a smaller dataset or model") from None
+        if resume and isinstance(e, DataError):
+            raise _saved_data_error(e, run_dir, cfg) from None
         raise
     if not quiet and (comm is None or comm.rank == 0):
         trainer.progress.message(
             f"run directory: {run_dir}  ({cfg['dataset']}, loss {cfg['loss']}, device {trainer.device}, "
-            f"{cfg['steps']} steps)")
+            f"{cfg['steps']} steps" + (f", {trainer.world_size} processes: effective batch "
+                                        f"{trainer.world_size * cfg['batch_size']}" if trainer.world_size > 1 else "")
+            + ")")
     try:
         result = trainer.run()
     except Exception as e:
@@ -382,9 +408,7 @@ class Run:
 
     @cached_property
     def real(self) -> Any:
-        from .training import load_dataset
-
-        return load_dataset(self.comps, self.cfg["seed"])
+        return _load_saved_data(self.comps, self.cfg, self.dir)
 
     @cached_property
     def labels(self) -> Any:
@@ -416,23 +440,29 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return rundir.read_metrics(self.dir)
 
-    def generate(self, n: int, seed: int = 0, condition: int | None = None) -> Any:
-        """``n`` samples on the CPU: conditions drawn from the prior (what ``dyngan sample --seed``
-        writes), or all of one ``condition`` in use. The noise comes from a generator seeded with
-        ``seed``, so one seed gives every condition the same noise."""
+    def generate(self, n: int, seed: int = 0, condition: int | None = None, *,
+                 progress: Callable[[int], None] | None = None) -> Any:
+        """``n`` float32 samples on the CPU: conditions drawn from the prior (what ``dyngan sample
+        --seed`` writes), or all of one ``condition`` in use. The noise comes from a generator seeded
+        with ``seed`` (0 to 2**63 - 1), so one seed gives every condition the same noise. ``n``,
+        ``seed`` and ``condition`` are integers (a NumPy integer or a 0-d integer tensor will do).
+        ``progress`` (e.g. a ``SamplingProgress``) is told the count drawn after each batch."""
         import torch
 
         from .training import generate
 
-        _check_n(n)
+        n, seed = _check_n(n, "n"), _check_seed(seed)
         if condition is not None:
+            condition = _integer(condition, "condition")
             used = self.conditions
-            if isinstance(condition, bool) or not isinstance(condition, int) or condition not in used:
-                raise UsageError(f"condition {condition!r} is not in use in this run; it uses "
+            if condition not in used:
+                raise UsageError(f"condition {condition} is not in use in this run; it uses "
                                  + _ranges(used) + " (conditions with a prior above 0)")
         g = torch.Generator(device=self.device).manual_seed(seed)
         with _out_of_memory_as_usage(f"drawing {n:,} samples on {self.device}"):
-            return generate(self.G, n, self.z_dim, self.prior, self.device, g, condition=condition).cpu()
+            # filled batch by batch into one CPU tensor: a GPU holds a batch, not the draw
+            return generate(self.G, n, self.z_dim, self.prior, self.device, g, condition=condition,
+                            out_device=torch.device("cpu"), progress=progress)
 
 
 @contextlib.contextmanager
@@ -448,10 +478,39 @@ def _out_of_memory_as_usage(doing: str, hint: str = "draw fewer (--n)"):
         raise out_of_memory(inner, doing, hint) from None
 
 
-def _check_n(n: Any) -> None:
-    """A number of samples to draw must be a positive int."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise UsageError(f"--n must be at least 1, got {n!r}")
+def _check_n(n: Any, name: str = "--n") -> int:
+    """A number of samples to draw: a positive integer (``name`` says what set it: the CLI's flag
+    by default, ``"n"`` for the Python API)."""
+    n = _integer(n, name)
+    if n < 1:
+        raise UsageError(f"{name} must be at least 1, got {n}")
+    return n
+
+
+def _check_seed(seed: Any) -> int:
+    """A sampling seed: an integer in [0, MAX_SEED], the range of the CLI's ``--seed``."""
+    seed = _integer(seed, "seed")
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"seed must be between 0 and {MAX_SEED} (2**63 - 1), got {seed}")
+    return seed
+
+
+def _integer(value: Any, name: str) -> int:
+    """``value`` as an int: a Python, NumPy or 0-d tensor integer (not a bool), else a one-line
+    UsageError naming ``name`` and what it got."""
+    ndim = getattr(value, "ndim", None)
+    if isinstance(ndim, int) and ndim > 0:
+        raise UsageError(f"{name} must be an integer, not {type(value).__name__} of shape {tuple(value.shape)}")
+    if ndim == 0 and callable(getattr(value, "item", None)):  # a NumPy scalar, a 0-d array or tensor
+        value = value.item()
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    shown = repr(value).splitlines()[0] if repr(value) else ""
+    shown = shown if len(shown) <= 60 else shown[:60] + "..."
+    raise UsageError(f"{name} must be an integer, not {type(value).__name__} {shown}")
 
 
 def _ranges(values: list[int]) -> str:
@@ -475,17 +534,52 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", generator: str = "auto
     return Run(run_dir, _load_run(run_dir, host, device, generator, warn))
 
 
+class SamplingProgress:
+    """``sampling: 4,000,000 / 20,000,000`` on stderr while a long draw runs, as ``generate``'s
+    ``progress``: on a terminal one line updated at most every second, elsewhere a line at most every
+    ten seconds, counted from the first batch drawn (not from loading the run); nothing for a draw
+    that ends within the first interval. It reads only the clock (no synchronisation with the device)."""
+
+    clock = staticmethod(time.monotonic)
+    #: seconds between lines, on a terminal and elsewhere
+    EVERY = {True: 1.0, False: 10.0}
+
+    def __init__(self, total: int, stream: Any = None, clock: Callable[[], float] | None = None) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        if clock is not None:
+            self.clock = clock
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last: float | None = None  # when the last line was shown (at first: the first batch)
+        self._shown = False
+
+    def __call__(self, done: int) -> None:
+        now = self.clock()
+        if self._last is None:
+            self._last = now
+        final = done >= self.total
+        if now - self._last < self.EVERY[self.tty] and not (final and self._shown):
+            return
+        line = f"sampling: {done:,} / {self.total:,}"
+        self.stream.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
+        self.stream.flush()
+        self._last, self._shown = now, True
+
+
 def sample(run_dir: str | Path, n: int, seed: int = 0, *, device: str = "cpu",
            host: PluginHost | None = None, generator: str = "auto", condition: int | None = None,
-           warn: Callable[[str], None] | None = warn_stderr):
+           warn: Callable[[str], None] | None = warn_stderr, progress: Callable[[int], None] | None = None):
     """``n`` samples from the run's latest checkpoint as a float32 NumPy array ``(n, *data_shape)``:
-    conditions drawn from the run's prior, or all of one ``condition`` in use.
+    conditions drawn from the run's prior, or all of one ``condition`` in use. The array is the
+    memory the samples were drawn into (no copy); a ``n`` whose samples would not fit in the memory
+    available is refused (``OutOfMemory``) before they are drawn.
     ``generator``: see ``_load_run`` (auto = the weight average when the run keeps one); ``warn``:
-    see ``load_run``."""
-    _check_n(n)
+    see ``load_run``; ``progress``: see ``Run.generate``."""
+    n, seed = _check_n(n, "n"), _check_seed(seed)
+    if condition is not None:
+        condition = _integer(condition, "condition")  # its type before loading; whether it is in use after
     run = load_run(run_dir, device=device, generator=generator, host=host, warn=warn)
-    with _out_of_memory_as_usage(f"converting {n:,} samples"):
-        return run.generate(n, seed, condition).numpy().astype("float32")
+    return run.generate(n, seed, condition, progress=progress).numpy()
 
 
 def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device: str = "cpu",
@@ -495,7 +589,7 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     (``generator``: see ``_load_run``; ``warn``: see ``load_run``)."""
     import torch
 
-    from .training import generate, load_dataset, score
+    from .training import check_metrics, generate, score
 
     if n is not None:
         _check_n(n)
@@ -503,7 +597,10 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     cfg, comps, G, prior, dev, step, weights = _load_run(Path(run_dir), host, device, generator, warn)
     n = cfg["eval_samples"] if n is None else n
     with _out_of_memory_as_usage("loading the training data", "the dataset does not fit in memory"):
-        real = load_dataset(comps, cfg["seed"]).to(dev)
+        real = _load_saved_data(comps, cfg, run_dir).to(dev)
+    for warning in check_metrics(comps, n, real.shape[0]):  # refuses a --n a metric cannot score
+        if warn is not None:
+            warn(warning)
     with _out_of_memory_as_usage(f"drawing {n:,} samples on {dev}"):
         fake = generate(G, n, comps.model.z_dim, prior, dev, torch.Generator(device=dev).manual_seed(seed))
     with _out_of_memory_as_usage(f"scoring {n:,} samples on {dev}"):

@@ -265,29 +265,37 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
 @click.option("--condition", type=int, default=None, metavar="C",
               help="Draw every sample from condition C (one partition of a DynGAN run) "
                    "instead of drawing conditions from the run's prior.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: str,
-           condition: int | None) -> None:
+           condition: int | None, quiet: bool) -> None:
     """Write N samples of a run's latest checkpoint to a .npy file."""
-    import numpy as np
+    from pathlib import Path
 
     from . import api
-    from .checkpoint import atomic_write_bytes
     from .errors import UsageError
 
     if not out.endswith(".npy"):
         raise UsageError(f"--out must name a .npy file, got {out!r}")
-    arr = api.sample(run_dir, n, seed, device=device, generator=generator, condition=condition)
-    import io
-    from pathlib import Path
-
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
+    api._check_n(n)  # the message names the flag (the library's names its argument)
+    arr = api.sample(run_dir, n, seed, device=device, generator=generator, condition=condition,
+                     progress=None if quiet else api.SamplingProgress(n))
     try:
-        atomic_write_bytes(Path(out), buf.getvalue())
+        _save_npy(Path(out), arr)
     except OSError as e:
         raise UsageError(f"cannot write {out!r}: {e.strerror or e}") from None
     of = "" if condition is None else f" of condition {condition}"
     click.echo(f"{out}: {arr.shape[0]} samples{of} of shape {tuple(arr.shape[1:])}")
+
+
+def _save_npy(path: Any, arr: Any) -> None:
+    """Write ``arr`` to ``path`` as .npy, straight from its memory (no copy of the file's bytes in
+    memory), so that a crash leaves either the old file or the new one."""
+    import numpy as np
+
+    from .checkpoint import atomic_write
+
+    # a real file: numpy writes the array's buffer itself
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 @cli.command()
@@ -369,6 +377,15 @@ def install_command(targets: tuple[str, ...], editable: bool, no_deps: bool, no_
         click.echo(f"Error: installed, but it clashes with another plugin (see above); undo the install "
                    f"(`dyngan uninstall {c.installed}`) or skip one of the two plugins with DYNGAN_BLOCK_PLUGINS "
                    f"(e.g. DYNGAN_BLOCK_PLUGINS={c.failed})", err=True)
+        raise click.exceptions.Exit(2)
+    if res.without_plugin:  # pip did install it, and it stays: say so and how to remove it
+        names = [d.name for d in res.without_plugin]
+        one = len(names) == 1
+        click.echo(f"Error: installed, but {', '.join(names)} {'has' if one else 'have'} no dyngan plugin: "
+                   f"{'its distribution declares' if one else 'their distributions declare'} no entry point in the "
+                   "group 'dyngan' (`[project.entry-points.dyngan]` in pyproject.toml), so dyngan cannot use "
+                   f"{'it' if one else 'them'}; remove {'it' if one else 'them'} with `dyngan uninstall "
+                   f"{' '.join(names)}`", err=True)
         raise click.exceptions.Exit(2)
     if failed:
         click.echo("Error: installed, but a plugin failed to load (see above); `dyngan plugins` shows it too",

@@ -141,10 +141,13 @@ class Model(Component):
       ``D(x, code)``: x ``(B, *data_shape)``, code ``(B, spec.d_dim)`` or None ->
         ``(logits (B, spec.d_heads), features (B, F))``; features are the
         penultimate activations (used by detectors and partitioners).
-    Options should include ``z_dim``.
+    Options should include ``z_dim``. ``output_range``: the interval G's outputs cannot leave
+    (``(-1.0, 1.0)`` for a tanh output), or None when unbounded; the loop warns when the training
+    data lie outside it.
     """
 
     kind: ClassVar[str] = "model"
+    output_range: ClassVar[tuple[float, float] | None] = None
 
     @property
     def z_dim(self) -> int:
@@ -380,10 +383,12 @@ class Partitioner(Component):
     ``partition(ctx, detection)`` is called every ``self.every`` steps (not on
     the run's final step, which no training would follow) with the latest
     detection (None when no detector runs); it returns a ``PartitionUpdate`` or
-    None to leave the partition as it is.
+    None to leave the partition as it is, and may then set ``skip_reason`` to say
+    why (logged with the check and shown when it changes).
     """
 
     kind: ClassVar[str] = "partitioner"
+    skip_reason: str | None = None
 
     @property
     def every(self) -> int:
@@ -394,6 +399,48 @@ class Partitioner(Component):
 
     def partition(self, ctx: TrainContext, detection: Detection | None) -> PartitionUpdate | None:
         raise NotImplementedError
+
+
+def every_problem(cls: type) -> str | None:
+    """What keeps a detector or partitioner class from having a valid ``every``, None when nothing does
+    (and for every other kind). Its base reads ``every`` from the option of that name, so the class must
+    declare an integer ``every`` option with a minimum >= 1, or override the ``every`` property.
+
+    Said by the registry when a plugin registers the class and by the test kit, both ending in how to fix it.
+    """
+    base = next((b for b in (CollapseDetector, Partitioner) if isinstance(cls, type) and issubclass(cls, b)), None)
+    if base is None:
+        return None
+    owner = next((c for c in cls.__mro__ if "every" in vars(c)), None)
+    if owner is not base:
+        return None  # overridden (a property or a plain value) by the class or one of its bases
+    options = getattr(cls, "options", None)
+    opt = options.get("every") if isinstance(options, Mapping) else None
+    if opt is None:
+        wrong = "has no `every` option"
+    elif not isinstance(opt, Option):
+        wrong = f"has an `every` option that is not an Option but {type(opt).__name__}"
+    else:
+        try:
+            value_type: Any = opt.value_type
+        except TypeError:
+            value_type = None
+        if value_type is not int:
+            what = getattr(value_type, "__name__", "of no type")
+            wrong = f"has an `every` option that is {'an' if what[0] in 'aeiou' else 'a'} {what}, not an integer"
+        elif opt.min is None or opt.min < 1:
+            wrong = ("has an `every` option with no minimum" if opt.min is None
+                     else f"has an `every` option with the minimum {opt.min:g}, below 1")
+        elif opt.nullable:
+            wrong = "has an `every` option that is nullable"
+        elif not isinstance(opt.default, int) or isinstance(opt.default, bool) or opt.default < opt.min:
+            wrong = f"has an `every` option whose default {opt.default!r} is not an integer >= {opt.min:g}"
+        else:
+            return None
+    method = "detect" if base is CollapseDetector else "partition"
+    return (f"{wrong} (the training loop calls {method}() every `every` steps): add "
+            f'`"every": Option(500, "{method} every this many steps", min=1)` to its `options`, '
+            "or override the `every` property")
 
 
 # --------------------------------------------------------------------------- metrics and presets
@@ -413,6 +460,12 @@ class Metric(Component):
 
     def supports(self, dataset: Dataset) -> bool:
         return True
+
+    def check(self, n_fake: int, n_real: int) -> None:
+        """Optional: raise ``OptionError`` when ``compute`` cannot score ``n_fake`` generated samples
+        against ``n_real`` training samples with these options. Called before training (with the
+        run's eval_samples) and by ``evaluate`` (with its ``--n``), so that a setting that cannot
+        work is refused at once, not at the first evaluation."""
 
     def compute(self, fake: "Tensor", real: "Tensor", dataset: Dataset) -> dict[str, float]:
         raise NotImplementedError

@@ -104,6 +104,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: train's flags that say how to run, not what to train: a config file cannot hold them
+_FLAG_ONLY = {"out": "--out DIR", "resume": "--resume", "quiet": "--quiet", "dry_run": "--dry-run",
+              "config": "--config: one file, not nested"}
+
+
 def _check_file_types(data: Mapping[str, Any], path: Path) -> None:
     """TOML types its values: a quoted number or a float where a count is expected is a mistake.
 
@@ -114,6 +119,16 @@ def _check_file_types(data: Mapping[str, Any], path: Path) -> None:
 
     def shown(v: Any) -> str:
         return str(v).lower() if isinstance(v, bool) else repr(v)  # as TOML writes it
+    for key in data:
+        if key in _FLAG_ONLY:
+            raise UsageError(f"{where}: {key!r} is a command-line flag only ({_FLAG_ONLY[key]}), "
+                             "not a setting a config file holds")
+        if key not in DEFAULTS and key != "options":
+            import difflib
+
+            close = difflib.get_close_matches(str(key), [*DEFAULTS, "options"], n=1)
+            raise UsageError(f"{where}: unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                             + " (`dyngan train --dry-run` prints every setting)")
     for key in _INT_KEYS:
         v = data.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):

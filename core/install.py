@@ -73,6 +73,15 @@ class InstallResult:
     #: the installed plugins' names that clash with another plugin's (theirs or an older one's)
     clashes: list[Clash] = field(default_factory=list)
 
+    @property
+    def without_plugin(self) -> list[InstalledDistribution]:
+        """The requested distributions that declare no dyngan plugin (no entry point in the group ``dyngan``):
+        not what ``dyngan install`` is for. A dependency without one is normal and not listed. Empty when the
+        plugins could not be listed (then nothing is known)."""
+        if self.listing_error is not None:
+            return []
+        return [d for d in self.distributions if d.requested and not d.plugins]
+
 
 @dataclass
 class UninstallResult:

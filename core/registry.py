@@ -6,7 +6,7 @@ import difflib
 import re
 from typing import Callable, Iterator
 
-from .components import KINDS, Component
+from .components import KINDS, Component, every_problem
 from .errors import DuplicateComponentError, PluginError, UnknownComponentError
 
 
@@ -41,6 +41,9 @@ class Registry:
         name = getattr(cls, "name", "")
         if not isinstance(name, str) or not name or name != name.strip() or name.lower() == "none":
             raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} without a valid `name`")
+        problem = every_problem(cls)
+        if problem is not None:  # else its first detection or partition dies on a KeyError, mid-run
+            raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} ({name!r}), which {problem}")
         existing = self._by_kind[kind].get(name)
         # the same class from a second plugin is a duplicate too (a plugin re-registering
         # another's class); only the same plugin registering it again is harmless

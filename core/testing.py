@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping
 
+from .components import every_problem
 from .errors import OptionError, PluginError, UsageError
 from .options import Option, check_value
 from .plugins import PluginHost, load_plugins, set_host
@@ -169,7 +170,9 @@ def check_options_schema(cls: type) -> None:
     Every option is an ``Option`` under a string key that is a Python
     identifier (``self.opts.key``), has a help text, a resolvable type and a
     default that its own schema accepts; ``cls.resolve_options({})`` returns
-    exactly the defaults.
+    exactly the defaults. A detector or partitioner declares an integer ``every``
+    option with a minimum >= 1 or overrides the ``every`` property (what registering
+    it requires).
     """
     where = f"{getattr(cls, 'kind', '?')} {getattr(cls, 'name', cls.__name__)!r}"
     problems: list[str] = []
@@ -206,6 +209,9 @@ def check_options_schema(cls: type) -> None:
             defaults = {k: o.default for k, o in options.items()}
             if resolved != defaults:
                 problems.append(f"resolve_options({{}}) returned {resolved!r}, not the defaults {defaults!r}")
+    every = every_problem(cls)  # a detector or partitioner: registering it would be refused
+    if every is not None:
+        problems.append(f"the class {every}")
     if problems:
         raise AssertionError(f"{where}: " + "; ".join(problems))
 
@@ -640,7 +646,9 @@ def check_detector(
 ) -> Any:
     """Check a ``CollapseDetector`` class on a tiny CPU training context; returns its first ``Detection``.
 
-    Runs as the training loop does (``tiny_train_context(data, ...)``): ``setup(ctx)``,
+    The class must have a valid ``every`` (as ``check_options_schema`` checks) and an
+    instance's ``every`` must be an int >= 1. Then it runs as the training loop does
+    (``tiny_train_context(data, ...)``): ``setup(ctx)``,
     then ``detections`` calls of ``detect(ctx)`` under ``torch.no_grad()`` at steps
     ``every, 2*every, ...``. Each ``Detection`` must have ``collapsed`` bool ``(N,)``,
     ``fraction`` a 0-d float tensor in [0, 1] that is positive exactly when some
@@ -660,7 +668,9 @@ def check_detector(
 
     options = dict(options or {})
     where = f"detector {getattr(detector_cls, 'name', detector_cls)!r}"
-    problems: list[str] = []
+    every_wrong = every_problem(detector_cls)
+    problems: list[str] = [f"the class {every_wrong}"] if every_wrong is not None else []
+    _fail(where, problems)
 
     def check_detection(det: Any, n: int, label: str) -> None:
         if not isinstance(det, Detection):
@@ -708,7 +718,11 @@ def check_detector(
         modes = [[sub.training for sub in m.modules()] for m in nets]
         n = int(ctx.data.shape[0])
         det = detector_cls(**options)
-        every = det.every
+        try:
+            every = det.every
+        except Exception as e:  # noqa: BLE001 - the loop would die on it: report it as a problem
+            problems.append(f"reading `every` raised {type(e).__name__}: {e}")
+            every = 1
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             problems.append(f"every is {every!r}, not an int >= 1")
             every = 1

@@ -198,15 +198,23 @@ def generate(
     generator: torch.Generator,
     batch: int = 4096,
     condition: int | None = None,
+    out_device: torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """``n`` samples with conditions drawn from ``prior``, in eval mode, batched; with
+    """``n`` float32 samples with conditions drawn from ``prior``, in eval mode, batched; with
     ``condition``, every sample of that one condition (``generator`` then draws only the noise).
 
+    The samples are written batch by batch into one tensor on ``out_device`` (default ``device``;
+    the CPU keeps a GPU's samples off its memory): the only full-size copy. ``progress`` is told
+    the number of samples drawn so far after each batch of a draw of several.
+
     Raises ``OutOfMemory`` (before the allocation, once the first batch shows a sample's size) when
-    the ``n`` samples alone would exceed the device's memory: past that the OS kills the process."""
+    the ``n`` samples alone would not fit in the memory ``out_device`` has available, with a margin:
+    past that the OS kills the process."""
+    out_device = device if out_device is None else torch.device(out_device)
     was_training = G.training
     G.eval()
-    out = []
+    out: torch.Tensor | None = None
     try:
         for start in range(0, n, batch):
             b = min(batch, n - start)
@@ -215,22 +223,55 @@ def generate(
             else:
                 cond = torch.full((b,), condition, dtype=torch.long, device=device)
             z = torch.randn(b, z_dim, device=device, generator=generator)
-            out.append(G(z, cond).float())
-            if start == 0 and n > b:
-                _check_fits(n, out[0], device)
+            x = G(z, cond)
+            if b == n:  # one batch: already allocated, nothing to refuse
+                return x.to(out_device, torch.float32)
+            if out is None:
+                _check_fits(n, tuple(x.shape[1:]), out_device)
+                out = torch.empty((n, *x.shape[1:]), dtype=torch.float32, device=out_device)
+            out[start:start + b].copy_(x)
+            if progress is not None:
+                progress(start + b)
     finally:
         G.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return out if out is not None else torch.empty(0)
+
+
+#: where Linux says how much memory is available (``MemAvailable``: free plus reclaimable)
+_MEMINFO = "/proc/meminfo"
+#: the share of a device's available memory that drawn samples may take (the rest: the process,
+#: the networks and a batch's activations, and what other processes allocate meanwhile)
+SAMPLE_MEMORY_SHARE = 0.85
 
 
 def _memory_bytes(device: torch.device) -> int | None:
-    """Total memory of ``device`` (physical RAM for the CPU), or None where it cannot be told."""
+    """Memory of ``device`` available now, or None where it cannot be told: for a GPU the free
+    memory plus what torch's allocator holds unused, for the CPU Linux's ``MemAvailable`` (physical
+    RAM where that is missing)."""
     try:
         if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[1])
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
+        available = _mem_available()
+        if available is not None:
+            return available
         return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError, RuntimeError):
         return None
+
+
+def _mem_available() -> int | None:
+    """``MemAvailable`` of ``_MEMINFO`` in bytes, or None (not Linux, an old kernel, unreadable)."""
+    try:
+        with open(_MEMINFO, encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "MemAvailable":
+                    number, _, unit = value.strip().partition(" ")
+                    return int(number) * (1024 if unit.strip() == "kB" else 1)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _scalar(comp: Any, method: str, value: Any) -> torch.Tensor:
@@ -257,12 +298,32 @@ def _short_of_memory(need: int, device: torch.device) -> int | None:
     return have if have is not None and need > have else None
 
 
-def _check_fits(n: int, first: torch.Tensor, device: torch.device) -> None:
-    need = n * first[0].numel() * first.element_size()
-    have = _short_of_memory(need, device)
-    if have is not None:
-        raise OutOfMemory(f"{n:,} samples of shape {tuple(first.shape[1:])} need {need / 2**30:,.1f} GiB, "
-                          f"more than the {have / 2**30:,.1f} GiB of {device.type}; draw fewer (--n)")
+def _check_fits(n: int, shape: tuple[int, ...], device: torch.device) -> None:
+    """Refuse ``n`` float32 samples of ``shape`` that would take more than ``SAMPLE_MEMORY_SHARE``
+    of the memory ``device`` has available."""
+    need = n * math.prod(shape) * 4
+    have = _memory_bytes(device)
+    if have is not None and need > have * SAMPLE_MEMORY_SHARE:
+        raise OutOfMemory(f"{n:,} samples of shape {shape} need {need / 2**30:,.1f} GiB, more than "
+                          f"{SAMPLE_MEMORY_SHARE:.0%} of the {have / 2**30:,.1f} GiB available on {device.type}; "
+                          "draw fewer (--n)")
+
+
+def check_metrics(comps: Components, n_fake: int, n_real: int) -> list[str]:
+    """Refuse (``OptionError``) a metric that cannot score ``n_fake`` samples against ``n_real`` with its
+    options (``Metric.check``); returns a warning for each chosen metric that does not apply to the
+    dataset (``score`` skips those)."""
+    skipped = []
+    for m in comps.metrics:
+        if call_component(m, "supports", comps.dataset):
+            call_component(m, "check", int(n_fake), int(n_real))
+        else:
+            skipped.append(m.name)
+    if not skipped:
+        return []
+    return [f"metric{'s' if len(skipped) > 1 else ''} {', '.join(map(repr, skipped))} "
+            f"{'do' if len(skipped) > 1 else 'does'} not apply to dataset {comps.dataset.name!r} and "
+            f"{'are' if len(skipped) > 1 else 'is'} skipped (`dyngan plugins --options` describes each metric)"]
 
 
 def score(comps: Components, fake: torch.Tensor, real: torch.Tensor) -> tuple[dict[str, float], dict[str, str]]:
@@ -290,10 +351,31 @@ class Progress:
         self.every = max(1, total // 20)
         self._last_line_step = -1
         self._width = 0
+        # the last line written (time, step): a slow run shows a heartbeat between logged steps
+        self._shown = (time.monotonic(), 0)
+
+    #: seconds without output after which ``tick`` shows the step and rate (terminal / log file)
+    HEARTBEAT = {True: 2.0, False: 60.0}
+
+    def tick(self, step: int) -> None:
+        """Called every step between logged ones: when nothing was shown for ``HEARTBEAT`` seconds
+        (a large model on a CPU, a long --log-every), show the step and rate, without the losses
+        (reading those would synchronise with the device)."""
+        if self.quiet:
+            return
+        now = time.monotonic()
+        since, at = self._shown
+        if now - since < self.HEARTBEAT[self.tty]:
+            return
+        rate = (step - at) / max(1e-9, now - since)
+        self._line(step, f"{rate_text(rate)} steps/s (losses at the next logged step)", force=True)
 
     def update(self, step: int, text: str, final: bool = False) -> None:
         if self.quiet:
             return
+        self._line(step, text, final=final)
+
+    def _line(self, step: int, text: str, final: bool = False, force: bool = False) -> None:
         pct = 100.0 * step / max(1, self.total)
         line = f"step {step}/{self.total} ({pct:3.0f}%)  {text}"
         if self.tty:
@@ -301,10 +383,13 @@ class Progress:
             self.stream.write("\r" + line + " " * pad + ("\n" if final else ""))
             self._width = len(line)
             self.stream.flush()
-        elif final or step - self._last_line_step >= self.every or self._last_line_step < 0:
+        elif final or force or step - self._last_line_step >= self.every or self._last_line_step < 0:
             self.stream.write(line + "\n")
             self.stream.flush()
             self._last_line_step = step
+        else:
+            return
+        self._shown = (time.monotonic(), step)
 
     def message(self, text: str) -> None:
         if self.quiet:
@@ -381,6 +466,7 @@ class Trainer:
         self.resume = resume
         self.comm = comm or Comm()
         self.is_main = self.comm.rank == 0
+        self.world_size = int(getattr(self.comm, "world_size", 1))
         self.progress = Progress(cfg["steps"], quiet or not self.is_main, stream, warnings=self.is_main)
         self.device = resolve_device(cfg["device"])
         map_device = getattr(self.comm, "map_device", None)  # torchrun: cuda -> cuda:LOCAL_RANK
@@ -388,6 +474,7 @@ class Trainer:
             self.device = map_device(self.device)
         self.comps = instantiate(cfg, registry)
         self._reports: dict[str, Any] = {}
+        self._skip_reason: str | None = None  # the partitioner's last reason for no partition
         self._build()
 
     # ------------------------------------------------------------------ building
@@ -403,6 +490,8 @@ class Trainer:
         self.data_shape = tuple(self.data.shape[1:])
         if comps.metrics:  # refused now rather than after the training the evaluation would end
             n_eval = int(cfg["eval_samples"])
+            for warning in check_metrics(comps, n_eval, self.N):
+                self.progress.warn(warning)
             need = n_eval * math.prod(self.data_shape) * 4  # float32 samples
             have = _short_of_memory(need, dev)
             if have is not None:
@@ -417,6 +506,8 @@ class Trainer:
             m = comps.model
             raise ComponentFailure(m.kind, m.name, m.plugin, "build", e) from e
         self.spec = spec
+        self._check_output_range()
+        self._check_intervals()
         self.G, self.D = G.to(dev), D.to(dev)
         # an exponential moving average of G's weights (cfg g_ema > 0): what sampling and metrics use
         self.ema_decay = float(cfg.get("g_ema") or 0.0)
@@ -475,6 +566,35 @@ class Trainer:
             batch_size=max(1024, self.cfg["batch_size"]),
         )
 
+    def _check_intervals(self) -> None:
+        """A detector's or partitioner's ``every`` must be an integer >= 1 (a plugin may override it)."""
+        for comp in (self.comps.detector, self.comps.partitioner):
+            if comp is None:
+                continue
+            try:
+                every = comp.every
+            except Exception as e:  # noqa: BLE001 - a plugin's property
+                raise ComponentFailure(comp.kind, comp.name, comp.plugin, "every", e) from e
+            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+                raise ComponentFailure(comp.kind, comp.name, comp.plugin, "every",
+                                       ValueError(f"`every` must be an integer >= 1, got {every!r}"))
+
+    def _check_output_range(self) -> None:
+        """Warn when the data lie outside what G can output (``Model.output_range``): 0-255 pixels
+        for a tanh generator train without an error and never match (one host read, at set-up)."""
+        bounds = getattr(self.comps.model, "output_range", None)
+        if not bounds or self.N == 0:
+            return
+        lo, hi = float(bounds[0]), float(bounds[1])
+        span = torch.aminmax(self.data)
+        dmin, dmax = float(span.min), float(span.max)
+        slack = 1e-3 * (hi - lo)
+        if dmin < lo - slack or dmax > hi + slack:
+            self.progress.warn(
+                f"the training data span [{dmin:.4g}, {dmax:.4g}], but model {self.comps.model.name!r} can only "
+                f"output values in [{lo:g}, {hi:g}]: scale the data into that range (tensor-file: "
+                "-o dataset.scale=minmax)")
+
     def _report(self, name: str, value: Any) -> None:
         self._reports[name] = value
 
@@ -496,6 +616,7 @@ class Trainer:
             "plugins": self.cfg.get("plugins", {}),
             "data_shape": list(self.data_shape),
             "n_train": self.N,
+            "processes": self.world_size,  # torchrun: the effective batch is batch_size x processes
         }
         tensors["train/labels"] = self.labels
         tensors["train/prior"] = self.prior
@@ -552,6 +673,12 @@ class Trainer:
                 self.comp_rng.set_state(t["rng/components"])
             if self.device.type == "cuda" and "rng/cuda" in t:
                 torch.cuda.set_rng_state(t["rng/cuda"], self.device)
+            was = meta.get("processes", 1)
+            if isinstance(was, int) and was != self.world_size:
+                b = self.cfg["batch_size"]
+                self.progress.warn(f"this run was trained by {was} process{'es' if was > 1 else ''} (effective batch "
+                                  f"{was * b}) and goes on with {self.world_size} (effective batch "
+                                  f"{self.world_size * b}): the same settings, another batch from here on")
             partition_count = int(meta.get("partition_count", 1))
             det_js = meta.get("detection")
             detection = None if det_js is None else ckpt_io.join_detection(
@@ -639,9 +766,14 @@ class Trainer:
         t0 = self._clock()
         with torch.no_grad():
             result = call_component(det, "detect", self.context())
-        if not isinstance(result, Detection) or result.collapsed.shape != (self.N,):
-            raise ComponentFailure(det.kind, det.name, det.plugin, "detect",
-                                   TypeError("must return a Detection whose `collapsed` has shape (N,)"))
+        collapsed = getattr(result, "collapsed", None)
+        if not isinstance(result, Detection) or not isinstance(collapsed, torch.Tensor) or collapsed.shape != (self.N,):
+            got = (type(result).__name__ if not isinstance(result, Detection)
+                   else f"collapsed of type {type(collapsed).__name__}" if not isinstance(collapsed, torch.Tensor)
+                   else f"collapsed of shape {tuple(collapsed.shape)}")
+            raise ComponentFailure(det.kind, det.name, det.plugin, "detect", TypeError(
+                f"must return a Detection whose `collapsed` has shape ({self.N},) (N: one entry per training "
+                f"sample); got {got}"))
         self.last_detection = result
         frac = float(result.fraction)
         self.last_fraction = frac
@@ -662,16 +794,28 @@ class Trainer:
             rec = {"step": self.step, "event": "partition-check", "changed": False,
                    "seconds": round(time.perf_counter() - t0, 6)}
             rec.update(self._gather_reports())  # on every rank: it is a collective under torchrun
+            # a partitioner may say why it made none (optional ``skip_reason``): logged, and shown
+            # when it differs from the last check's
+            reason = getattr(part, "skip_reason", None)
+            if isinstance(reason, str) and reason:
+                rec["reason"] = reason
+                if reason != self._skip_reason:
+                    self.progress.message(f"step {self.step}: no new partition: {reason}")
+            self._skip_reason = reason
             if log is not None:
                 log.write(rec)
             return
+        self._skip_reason = None
         if not isinstance(upd, PartitionUpdate):
             raise ComponentFailure(part.kind, part.name, part.plugin, "partition",
                                    TypeError("must return a PartitionUpdate or None"))
-        labels = upd.labels.to(self.device, torch.long)
-        if labels.shape != (self.N,) or int(labels.min()) < 0 or int(labels.max()) >= self.capacity:
+        labels = upd.labels.to(self.device, torch.long) if isinstance(upd.labels, torch.Tensor) else None
+        if labels is None or labels.shape != (self.N,) or int(labels.min()) < 0 or int(labels.max()) >= self.capacity:
+            got = (f"labels of type {type(upd.labels).__name__}" if labels is None
+                   else f"labels of shape {tuple(labels.shape)}" if labels.shape != (self.N,)
+                   else f"values in [{int(labels.min())}, {int(labels.max())}]")
             raise ComponentFailure(part.kind, part.name, part.plugin, "partition", ValueError(
-                f"labels must have shape ({self.N},) with values in [0, {self.capacity})"))
+                f"labels must have shape ({self.N},) with values in [0, {self.capacity}); got {got}"))
         sizes = torch.bincount(labels, minlength=self.capacity)
         prior = upd.prior.to(self.device, torch.float32) if upd.prior is not None else sizes.float() / self.N
         if prior.shape != (self.capacity,) or not torch.isfinite(prior).all() or float(prior.sum()) <= 0:
@@ -747,17 +891,17 @@ class Trainer:
                 if log is not None:
                     log.truncate_after(self.step)
                 self.progress.message(f"resuming from step {self.step}")
-                if self.is_main:  # the checkpoint loaded: keep a new --steps for the next plain --resume
-                    rundir.record_schedule(self.run_dir, cfg)
                 if self.step >= cfg["steps"]:
                     self.progress.message(f"the run is already at step {self.step} of --steps {cfg['steps']}: "
                                           "nothing to train (a larger --steps extends it)")
+                elif self.is_main:  # the checkpoint loaded: keep a new --steps for the next plain --resume
+                    rundir.record_schedule(self.run_dir, cfg)
             self._sync_ranks()
             self._setup_components()
             for note in self.notes:
                 self.progress.message(note)
             if log is not None:  # wall-clock time of the first step, for start-up measurements
-                log.write({"step": self.step, "event": "start", "time": time.time()})
+                log.write({"step": self.step, "event": "start", "time": time.time(), "processes": self.world_size})
             rollbacks = 0
             with _SignalFlag() as flag:
                 sigflag = flag
@@ -818,6 +962,7 @@ class Trainer:
             return D_call(x, c)
 
         t_last, s_last = time.perf_counter(), self.step
+        tick = self.progress.tick
         loss_d = loss_g = None
         G.train()
         D.train()
@@ -896,6 +1041,8 @@ class Trainer:
                 rate = (s - s_last) / max(1e-9, now - t_last)
                 t_last, s_last = now, s
                 self._log_step(log, loss_d, loss_g, rate)
+            else:
+                tick(s)  # a heartbeat when nothing was shown for a while (no device sync)
             if flag.signum is not None:
                 self.save()
                 self.progress.message(f"stopped at step {s}; checkpoint saved")

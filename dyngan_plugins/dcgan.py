@@ -163,6 +163,7 @@ class DCGAN(Model):
     """Convolutional G (batch norm, tanh) and D (LeakyReLU, no norm) for square images."""
 
     name = "dcgan"
+    output_range = (-1.0, 1.0)  # G ends in tanh
     options = {
         "z_dim": Option(64, "dimension of the latent noise z", min=1, max=4096),
         "channels": Option(64, "G's base width: S=8 gives a 4x4x(2*channels) first map", min=1, max=4096),

@@ -443,7 +443,8 @@ class StackedModes(Metric):
     """
 
     name = "stacked-modes"
-    protocol = "Stacked MNIST (PacGAN), on stacked 8x8 sklearn digits: modes of 1000, KL in nats"
+    protocol = ("Stacked MNIST (PacGAN) on 8x8 sklearn digits: a mode is a tuple of per-channel digit classes "
+                "(10**channels of them: 1000 on stacked-digits, 10 on digits), KL in nats")
     options: dict[str, Option] = {}
 
     def supports(self, dataset) -> bool:

@@ -230,6 +230,8 @@ class DynGANPartitioner(Partitioner):
         super().__init__(**options)
         self.partitions = 0  # partitions made so far
         self.last_step = -1
+        #: why the last check made no partition (the trainer logs it with the partition-check)
+        self.skip_reason: str | None = None
 
     def partition(self, ctx: TrainContext, detection: Detection | None) -> PartitionUpdate | None:
         import torch
@@ -245,6 +247,10 @@ class DynGANPartitioner(Partitioner):
         k_now = int(active.sum())
         # tau with a float32 rounding allowance: a fraction of exactly tau passes the gate
         if detection is None or float(detection.fraction) < float(self.opts.tau) * (1 - 1e-6) or k_now >= cap:
+            self.skip_reason = (
+                "no detection yet" if detection is None
+                else f"all {cap} condition slots are in use (conditioner.capacity)" if k_now >= cap
+                else f"the collapse fraction is below tau ({self.opts.tau})")
             ctx.report("partition/count", float(k_now))
             return None
 
@@ -262,8 +268,13 @@ class DynGANPartitioner(Partitioner):
         order = order[splittable[order]]
         chosen = order[: cap - k_now]
         if chosen.numel() == 0:
+            self.skip_reason = (
+                "every partition that holds collapsed samples is collapsed as a whole, so a split would "
+                "only rename it (D scores all its real samples above 1/(1+delta): see collapse/score_mean; "
+                "a smaller detector.delta flags fewer)")
             ctx.report("partition/count", float(k_now))
             return None
+        self.skip_reason = None
         new_ids = torch.nonzero(~active).squeeze(1)[: chosen.numel()]
         mapping = torch.full((cap,), -1, dtype=torch.long, device=ctx.device)
         mapping[chosen] = new_ids

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from core import hookimpl
 from core.components import Dataset, Metric, Option
+from core.errors import OptionError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -138,6 +139,16 @@ class PRDC(Metric):
 
     def supports(self, dataset: Dataset) -> bool:
         return True
+
+    def check(self, n_fake: int, n_real: int) -> None:
+        k, cap = int(self.opts.k), self.opts.max_samples
+        fake, real = (n if cap is None else min(n, int(cap)) for n in (n_fake, n_real))
+        if fake <= k or real <= k:
+            raise OptionError(
+                f"metric 'prdc': k={k} needs more than {k} generated and training samples, and it would get "
+                f"{fake} generated and {real} training samples; lower -o metric.prdc.k, or score more samples "
+                "(eval_samples / evaluate --n" + (", metric.prdc.max_samples" if cap is not None and cap <= k else "")
+                + ")")
 
     def compute(self, fake: "Tensor", real: "Tensor", dataset: Dataset) -> dict[str, float]:
         import torch

@@ -506,8 +506,14 @@ def test_metrics_none_still_means_no_metrics(tmp_path):
     ("steps = 100.0", "'steps' must be an integer"),
     ("seed = true", "'seed' must be an integer"),
     ("betas = [true, 0.9]", "'betas' must be two numbers"),
+    # keys that are not settings: flags, misspellings
+    ('out = "runs/x"', "'out' is a command-line flag only (--out DIR), not a setting a config file holds"),
+    ("resume = true", "'resume' is a command-line flag only (--resume)"),
+    ("quiet = true", "'quiet' is a command-line flag only"),
+    ("step = 5", "c.toml': unknown setting 'step'; did you mean 'steps'?"),
+    ("[option.detector]\ndelta = 0.1", "unknown setting 'option'; did you mean 'options'?"),
 ])
-def test_config_file_values_must_have_the_settings_type(tmp_path, line, needle):
+def test_config_file_mistakes_say_what_is_wrong(tmp_path, line, needle):
     res = _dry_run(["--config", _write_toml(tmp_path / "c.toml", line + "\n")])
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output

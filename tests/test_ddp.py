@@ -140,8 +140,11 @@ def test_ddp_dyngan_identical_ranks_and_resume_both_ways(tmp_path):
 
     # the DDP checkpoint resumes in one process
     dump1 = tmp_path / "dump1"
-    run([sys.executable, "-m", "core", "train", "--out", str(run_dir), "--resume", "--steps", "80", "-q"],
-        env_for(dump1))
+    res = run([sys.executable, "-m", "core", "train", "--out", str(run_dir), "--resume", "--steps", "80", "-q"],
+              env_for(dump1))
+    # the effective batch halves from here on: said even with -q, and each process start is recorded
+    assert "trained by 2 processes (effective batch 256) and goes on with 1 (effective batch 128)" in res.stderr
+    assert [r["processes"] for r in records(run_dir) if r.get("event") == "start"] == [2, 1]
     single = load_dump(dump1 / "rank0.safetensors")
     assert single["world_size"] == 1 and single["step"] == 80
     assert int((torch.bincount(single["labels"]) > 0).sum()) >= 2  # the partition came along

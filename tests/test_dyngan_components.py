@@ -508,3 +508,22 @@ def test_schemas_and_checkpoint_round_trip_with_the_core_kit():
     part = DynGANPartitioner()
     part.partition(ctx, detection(mask(20, [0, 3])))
     check_state_roundtrip(part)
+
+
+def test_the_partitioner_says_why_it_made_no_partition():
+    def reason(labels, collapsed, capacity=30, **opts):
+        ctx, _ = make_ctx(FakeD(torch.zeros(len(labels))), labels, capacity=capacity)
+        part = DynGANPartitioner(refine=False, **opts)
+        det = None if collapsed is None else detection(collapsed)
+        assert part.partition(ctx, det) is None
+        return part.skip_reason
+
+    assert reason([0] * 4, None) == "no detection yet"
+    assert "below tau (0.01)" in reason([0] * 200, mask(200, [3]), tau=0.01)
+    assert "all 3 condition slots are in use" in reason([0, 0, 1, 1, 2, 2], mask(6, [0, 2, 4]), capacity=3)
+    assert "collapsed as a whole" in reason([0, 0, 0], mask(3, [0, 1, 2]))
+    # a partition made clears it
+    ctx, _ = make_ctx(FakeD(torch.zeros(4)), [0] * 4)
+    part = DynGANPartitioner(refine=False)
+    part.skip_reason = "stale"
+    assert part.partition(ctx, detection(mask(4, [1]))) is not None and part.skip_reason is None

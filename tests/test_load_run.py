@@ -97,7 +97,7 @@ def test_an_unconditional_run_has_condition_zero_only(tmp_path):
     assert run.generate(20, 0, condition=0).shape == (20, 2)
     with pytest.raises(UsageError, match="condition 1 is not in use in this run; it uses 0 "):
         run.generate(20, 0, condition=1)
-    with pytest.raises(UsageError, match="--n must be at least 1"):
+    with pytest.raises(UsageError, match="^n must be at least 1"):
         run.generate(0, 0)
 
 

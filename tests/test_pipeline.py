@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import api
+from core import api, hookimpl
 from core import checkpoint as ckpt_io
 from cli_helpers import invoke
+from core.components import Metric
+from dyngan_plugins.dyngan import DynGANDetector
 from core.errors import CheckpointError, UsageError
 from core.training import Trainer
 
@@ -566,11 +569,34 @@ def test_no_partition_on_the_final_step(tmp_path):
 # ------------------------------------------------------------------ a failing evaluation
 
 
-def test_a_failing_final_evaluation_keeps_the_trained_steps(tmp_path):
-    # prdc's k exceeds the 200 samples it is given: the metric fails, after all the training
+class _FailsMetric(Metric):
+    """A metric that raises when it computes (it has no check, so training starts)."""
+
+    name = "fails"
+
+    def compute(self, fake, real, dataset):
+        raise ValueError("this metric always fails")
+
+
+@hookimpl
+def _register_failing_metric(register):
+    register(_FailsMetric)
+
+
+@pytest.fixture
+def failing_metric():
+    from core.testing import plugin_host
+
+    plugin = types.SimpleNamespace(register_metrics=_register_failing_metric)
+    with plugin_host(("failing-metric", plugin)) as host:
+        yield host
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_steps(tmp_path, failing_metric):
+    # the metric fails, after all the training
     out = tmp_path / "r"
     res = invoke(["train", *SMALL_FLAGS, "--steps", "12", "--checkpoint-every", "0", "--out", str(out),
-                  "-o", "dataset.n=200", "--metrics", "prdc", "-o", "metric.k=500", "-q"])
+                  "-o", "dataset.n=200", "--metrics", "fails", "-q"])
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
     assert "saved at step 12" in res.stderr and "dyngan evaluate" in res.stderr
@@ -581,10 +607,10 @@ def test_a_failing_final_evaluation_keeps_the_trained_steps(tmp_path):
     assert np.load(tmp_path / "s.npy").shape == (10, 2)
 
 
-def test_a_failing_intermediate_evaluation_saves_its_step_before_stopping(tmp_path):
+def test_a_failing_intermediate_evaluation_saves_its_step_before_stopping(tmp_path, failing_metric):
     out = tmp_path / "r"
     res = invoke(["train", *SMALL_FLAGS, "--steps", "30", "--checkpoint-every", "0", "--eval-every", "10",
-                  "--out", str(out), "-o", "dataset.n=200", "--metrics", "prdc", "-o", "metric.k=500", "-q"])
+                  "--out", str(out), "-o", "dataset.n=200", "--metrics", "fails", "-q"])
     assert res.exit_code == 1, res.output
     assert "saved at step 10" in res.stderr
     assert ckpt_steps(out) == [10]
@@ -610,6 +636,7 @@ def test_resume_to_fewer_steps_than_done_says_there_is_nothing_to_train(run60, t
     result = api.train({"out": str(out), "steps": 40}, resume=True, quiet=False, stream=stream)
     assert result.step == 60 and ckpt_steps(out) == [30, 60]
     assert "already at step 60 of --steps 40: nothing to train" in stream.getvalue()
+    assert json.loads((out / "config.json").read_text())["steps"] == 60  # a no-op resume records nothing
 
 
 def test_a_second_process_cannot_train_in_a_run_directory_in_use(run60, tmp_path):
@@ -759,3 +786,134 @@ def test_progress_rate_keeps_digits_for_slow_runs(rate, text):
     from core.training import rate_text
 
     assert rate_text(rate) == text
+
+
+def test_a_partition_check_that_makes_none_logs_why_and_says_it_once(tmp_path):
+    stream = io.StringIO()
+    s = small(tmp_path / "r", steps=40, preset="dyngan", checkpoint_every=0)
+    s["options"].update(detector={"every": 10}, partitioner={"every": 10, "tau": 1.0})
+    api.train(s, quiet=False, stream=stream)
+    checks = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+              if '"partition-check"' in ln]
+    assert [c["step"] for c in checks] == [10, 20, 30]  # none at the final step
+    assert all("below tau (1.0)" in c["reason"] for c in checks)
+    assert stream.getvalue().count("no new partition: the collapse fraction is below tau") == 1
+
+
+def test_a_metric_that_cannot_score_eval_samples_is_refused_before_training(tmp_path):
+    out = tmp_path / "r"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('metrics = "prdc"\neval_samples = 3\n')
+    res = invoke(["train", *SMALL_FLAGS, "--steps", "5", "--config", str(cfg), "--out", str(out), "-q"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "k=5 needs more than 5 generated" in res.stderr and "3 generated" in res.stderr
+    assert not out.exists() or not any(out.rglob("*.safetensors"))  # refused before the first step
+    # and evaluate refuses a --n the metric cannot score, naming the way out
+    res = invoke(["train", *SMALL_FLAGS, "--steps", "5", "--metrics", "prdc", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    res = invoke(["evaluate", str(out), "--n", "4"])
+    assert res.exit_code == 2 and "-o metric.prdc.k" in res.stderr and "Traceback" not in res.output
+
+
+def test_a_chosen_metric_that_does_not_apply_to_the_dataset_is_warned_about(tmp_path):
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(300, 3)).astype("float32"))
+    out = tmp_path / "r"
+    res = invoke(["train", "--dataset", "tensor-file", "-o", f"dataset.path={data}", "--metrics", "mixture,prdc",
+                  "--steps", "5", "--device", "cpu", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "metric 'mixture' does not apply to dataset 'tensor-file' and is skipped" in res.stderr
+    res = invoke(["evaluate", str(out), "--n", "100"])
+    assert res.exit_code == 0 and "does not apply" in res.stderr and "prdc/precision" in res.output
+
+
+def test_a_slow_run_shows_a_heartbeat_between_logged_steps(monkeypatch):
+    from core import training
+
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    stream = io.StringIO()  # not a terminal: a heartbeat after 60 s without a line
+    p = training.Progress(100, quiet=False, stream=stream)
+    clock[0] = 30.0
+    p.tick(3)
+    assert stream.getvalue() == ""
+    clock[0] = 61.0
+    p.tick(6)
+    assert stream.getvalue() == "step 6/100 (  6%)  0.098 steps/s (losses at the next logged step)\n"
+    clock[0] = 62.0
+    p.update(11, "D 1.0  G 1.0  0.1 steps/s")  # 5 steps since the last line: shown
+    clock[0] = 100.0
+    p.tick(12)  # 38 s since the last line: nothing yet
+    assert stream.getvalue().count("\n") == 2
+    quiet = io.StringIO()
+    q = training.Progress(100, quiet=True, stream=quiet)
+    clock[0] = 1000.0
+    q.tick(50)
+    assert quiet.getvalue() == ""
+
+
+def test_the_heartbeat_runs_in_the_training_loop(tmp_path, monkeypatch):
+    from core import training
+
+    monkeypatch.setattr(training.Progress, "HEARTBEAT", {True: 0.0, False: 0.0})
+    stream = io.StringIO()
+    api.train(small(tmp_path / "r", steps=10, log_every=5, checkpoint_every=0), quiet=False, stream=stream)
+    beats = [ln for ln in stream.getvalue().splitlines() if "losses at the next logged step" in ln]
+    assert [ln.split()[1] for ln in beats] == ["1/10", "2/10", "3/10", "4/10", "6/10", "7/10", "8/10", "9/10"]
+
+
+def test_a_run_whose_data_file_moved_says_where_it_looks_and_how_to_point_it_elsewhere(tmp_path):
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(300, 2)).astype("float32"))
+    out = tmp_path / "r"
+    res = invoke(["train", "--dataset", "tensor-file", "-o", f"dataset.path={data}", "--steps", "5",
+                  "--device", "cpu", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    data.rename(tmp_path / "moved.npy")
+    for cmd in (["evaluate", str(out)], ["report", str(out)], ["train", "--out", str(out), "--resume", "--steps", "8"]):
+        res = invoke(cmd)
+        assert res.exit_code == 2 and "Traceback" not in res.output, (cmd, res.output)
+        assert "cannot read its training data" in res.stderr and str(data) in res.stderr, (cmd, res.stderr)
+        assert "config.json" in res.stderr
+    # pointed at the new place (config.json edited), the run works again
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["options"]["dataset"]["path"] = str(tmp_path / "moved.npy")
+    (out / "config.json").write_text(json.dumps(cfg))
+    res = invoke(["train", "--out", str(out), "--resume", "--steps", "8", "-q"])
+    assert res.exit_code == 0, res.output
+
+
+def test_data_outside_what_the_generator_can_output_is_warned_about(tmp_path):
+    data = tmp_path / "u8.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, size=(64, 1, 8, 8)).astype("float32"))
+    base = ["train", "--dataset", "tensor-file", "-o", f"dataset.path={data}", "--model", "dcgan",
+            "-o", "model.channels=4", "--steps", "2", "--device", "cpu", "--metrics", "none", "-q"]
+    res = invoke([*base, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "can only output values in [-1, 1]" in res.stderr and "dataset.scale=minmax" in res.stderr
+    res = invoke([*base, "--out", str(tmp_path / "b"), "-o", "dataset.scale=minmax"])
+    assert res.exit_code == 0 and "can only output" not in res.stderr, res.output
+
+
+class _ZeroEveryDetector(DynGANDetector):
+    name = "zero-every"
+
+    @property
+    def every(self):
+        return 0
+
+
+@hookimpl
+def _register_zero_every(register):
+    register(_ZeroEveryDetector)
+
+
+def test_a_detector_whose_every_is_not_a_positive_integer_fails_clearly(tmp_path):
+    from core.testing import plugin_host
+
+    with plugin_host(("zero-every", types.SimpleNamespace(register_collapse_detectors=_register_zero_every))):
+        res = invoke(["train", *SMALL_FLAGS, "--steps", "5", "--detector", "zero-every", "--partitioner", "dyngan",
+                      "--conditioner", "onehot", "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "detector 'zero-every' (plugin 'zero-every') raised in every()" in res.stderr
+    assert "must be an integer >= 1, got 0" in res.stderr

@@ -85,8 +85,10 @@ def test_an_unknown_name_with_an_unrelated_failed_plugin_lists_it_briefly():
 def plugin_source(kind: str, name: str) -> str:
     """The source of a plugin module that registers one ``kind`` named ``name``."""
     hook = next(h for h, k in REGISTRATION_HOOKS.items() if k == kind)
-    return (f"from core import hookimpl\nfrom core.components import {KINDS[kind].__name__} as Base\n\n"
-            f"class Component(Base):\n    name = {name!r}\n\n"
+    every = ('    options = {"every": Option(1, "every this many steps", min=1)}\n'
+             if kind in ("detector", "partitioner") else "")  # registering one needs it
+    return (f"from core import hookimpl\nfrom core.components import Option, {KINDS[kind].__name__} as Base\n\n"
+            f"class Component(Base):\n    name = {name!r}\n{every}\n"
             f"@hookimpl\ndef {hook}(register):\n    register(Component)\n")
 
 

@@ -46,8 +46,11 @@ def make_plugin(name: str, **hooks) -> types.ModuleType:
 
 
 def component(base: type, name: str) -> type:
-    """A fresh component class of ``base``'s kind."""
-    return type(f"{base.__name__}_{name.replace('-', '_')}", (base,), {"name": name})
+    """A fresh component class of ``base``'s kind (a detector or partitioner with the `every` option it needs)."""
+    attrs: dict = {"name": name}
+    if base in (CollapseDetector, Partitioner):
+        attrs["options"] = {"every": Option(1, "every this many steps", min=1)}
+    return type(f"{base.__name__}_{name.replace('-', '_')}", (base,), attrs)
 
 
 def registering(kind_base: type, *names: str):
