@@ -592,7 +592,8 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     from .training import check_metrics, generate, score
 
     if n is not None:
-        _check_n(n)
+        n = _check_n(n)  # the CLI's --n, whose message the tests pin
+    seed = _check_seed(seed)
     host = host or get_host()
     cfg, comps, G, prior, dev, step, weights = _load_run(Path(run_dir), host, device, generator, warn)
     n = cfg["eval_samples"] if n is None else n

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt_io
-from . import rundir
+from . import memory, rundir
 from .components import (
     CollapseDetector,
     Comm,
@@ -238,7 +237,6 @@ def generate(
 
 
 #: where Linux says how much memory is available (``MemAvailable``: free plus reclaimable)
-_MEMINFO = "/proc/meminfo"
 #: the share of a device's available memory that drawn samples may take (the rest: the process,
 #: the networks and a batch's activations, and what other processes allocate meanwhile)
 SAMPLE_MEMORY_SHARE = 0.85
@@ -252,26 +250,9 @@ def _memory_bytes(device: torch.device) -> int | None:
         if device.type == "cuda":
             cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
-        available = _mem_available()
-        if available is not None:
-            return available
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        return memory.cpu_available()
     except (AttributeError, ValueError, OSError, RuntimeError):
         return None
-
-
-def _mem_available() -> int | None:
-    """``MemAvailable`` of ``_MEMINFO`` in bytes, or None (not Linux, an old kernel, unreadable)."""
-    try:
-        with open(_MEMINFO, encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key == "MemAvailable":
-                    number, _, unit = value.strip().partition(" ")
-                    return int(number) * (1024 if unit.strip() == "kB" else 1)
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def _scalar(comp: Any, method: str, value: Any) -> torch.Tensor:

@@ -210,13 +210,10 @@ _SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1
 
 
 def _memory_bytes() -> int | None:
-    """Physical memory of this machine, or None where it cannot be told."""
-    import os
+    """Memory available now (physical RAM where that cannot be told), or None."""
+    from core.memory import cpu_available
 
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
+    return cpu_available()
 
 
 def _check_fits_in_memory(path: Path, numel: int, itemsize: int) -> None:
@@ -226,7 +223,7 @@ def _check_fits_in_memory(path: Path, numel: int, itemsize: int) -> None:
     have = _memory_bytes()
     if have is not None and need > have:
         raise DataError(f"{path}: {numel} values need about {need / 2**30:.1f} GiB of memory to load; "
-                        f"this machine has {have / 2**30:.1f} GiB")
+                        f"this machine has {have / 2**30:.1f} GiB available")
 
 
 def _int_dtypes() -> set:

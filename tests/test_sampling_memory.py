@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import core.training as training
+from core import memory
 from core import api
 from core.config import MAX_SEED
 from core.errors import OutOfMemory, UsageError
@@ -50,7 +51,7 @@ def test_cpu_memory_is_what_is_available_not_the_total(tmp_path, monkeypatch):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24683772 kB\nMemFree:          500000 kB\n"
                        "MemAvailable:    1000000 kB\nBuffers:           10000 kB\n")
-    monkeypatch.setattr(training, "_MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
     assert training._memory_bytes(torch.device("cpu")) == 1000000 * 1024
 
 
@@ -59,7 +60,7 @@ def test_without_memavailable_it_is_the_physical_memory(tmp_path, monkeypatch, t
     meminfo = tmp_path / "meminfo"
     if text is not None:
         meminfo.write_text(text)
-    monkeypatch.setattr(training, "_MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
     import os
 
     assert training._memory_bytes(torch.device("cpu")) == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -308,3 +309,12 @@ def test_the_cli_names_its_flag(run_dir, tmp_path):
     res = invoke(["sample", str(run_dir), "--n", "0", "--out", str(tmp_path / "s.npy")])
     assert res.exit_code == 2 and res.stderr == "Error: --n must be at least 1, got 0\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_a_seed_out_of_range_from_python(tmp_path):
+    out = tmp_path / "r"
+    api.train({"dataset": "grid25", "steps": 2, "device": "cpu", "out": str(out), "checkpoint_every": 0,
+               "options": {"dataset": {"n": 500}}}, quiet=True)
+    with pytest.raises(UsageError, match="seed must be between 0 and"):
+        api.evaluate(out, 100, seed=-1)
+    assert api.evaluate(out, 100, seed=3)["samples"] == 100
