@@ -151,6 +151,12 @@ _NO_CHECKPOINT = ("{run!r} holds a run that stopped before its first checkpoint 
                   "there is nothing to resume; delete that directory or choose another --out to train again")
 
 
+def _not_in_use(run_dir: Path) -> None:
+    """Raise RunLock's "another dyngan process is training in ..." when one is."""
+    with rundir.RunLock(run_dir):
+        pass
+
+
 def _never_checkpointed(run_dir: Path) -> bool:
     """No checkpoint file was ever written in ``run_dir`` (its checkpoints/ is missing or empty)."""
     ck = run_dir / rundir.CHECKPOINTS
@@ -174,9 +180,11 @@ def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
         run_dir = Path(out)
         cfg = _resume_config(run_dir, settings, host)
         if _never_checkpointed(run_dir):
+            _not_in_use(run_dir)  # a run still before its first checkpoint is not a stopped one
             raise CheckpointError(_NO_CHECKPOINT.format(run=str(run_dir)))
         return cfg, run_dir
     if out is not None and rundir.is_run(Path(out)) and _never_checkpointed(Path(out)):
+        _not_in_use(Path(out))
         raise UsageError(_NO_CHECKPOINT.format(run=str(out)))
     cfg = resolve_settings(settings, host)
     cfg["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

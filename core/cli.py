@@ -221,7 +221,8 @@ _generator_option = click.option(
 @_opt("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is often fastest "
       "for the small 2D networks).")
 @_opt("--g-ema", "g_ema", type=float, help="Keep an exponential moving average of G's weights with this "
-      "decay per step (e.g. 0.999; 0 = none, the default); sampling and metrics then use it.")
+      "decay per step (e.g. 0.999; 0 = none, the default without a preset; the dyngan preset sets 0.99); "
+      "sampling and metrics then use it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved config; train nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -300,13 +301,15 @@ def _save_npy(path: Any, arr: Any) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--n", "n", type=int, default=None, help="Samples to score (default: the dataset's, e.g. 2500).")
+@click.option("--n", "n", type=int, default=None, help="Samples to score (default: the run's eval_samples, by "
+              "default the dataset's, e.g. 2500).")
 @_seed_option
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_generator_option
 def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool, generator: str) -> None:
-    """Mode-coverage metrics of a run's latest checkpoint."""
+    """The run's metrics (mode coverage on the built-in mixtures and digits, PRDC on your own data)
+    on samples from its latest checkpoint."""
     from . import api
 
     res = api.evaluate(run_dir, n, seed, device=device, generator=generator)

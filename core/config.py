@@ -265,7 +265,10 @@ def _metric_names(value: Any) -> list[str] | None:
         if not names:
             raise UsageError(f"setting 'metrics' names no metric (got {value!r}); give metric names "
                              "separated by commas, or none for no metrics")
-        return [m for m in names if m.lower() != "none"]
+        if any(m.lower() in ("none", "null") for m in names):
+            raise UsageError(f"setting 'metrics': none means no metrics and cannot be combined with metric "
+                             f"names (got {value!r})")
+        return names
     if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m.strip() for m in value):
         raise UsageError(bad)
     return [m.strip() for m in value]

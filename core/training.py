@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -77,9 +78,13 @@ class Aborted(DynganError):
         self.signum, self.step, self.run_dir = signum, step, run_dir
         self.exit_code = 128 + signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        saved = rundir.list_checkpoints(Path(run_dir) / rundir.CHECKPOINTS)
+        then = (f"the ones already written are intact); continue with: dyngan train --out {run_dir} --resume"
+                if saved else
+                f"and none was written before it), so the run cannot be resumed: delete {str(run_dir)!r} "
+                "and train again")
         super().__init__(f"stopped at once by a second {name} after step {step}; no checkpoint was written "
-                         f"for it (the ones already written are intact); continue with: "
-                         f"dyngan train --out {run_dir} --resume")
+                         f"for it ({then}")
 
 
 #: name of the generator's weight average (``--g-ema``); its checkpoint tensors are ``G_ema/...``
@@ -259,7 +264,11 @@ def _scalar(comp: Any, method: str, value: Any) -> torch.Tensor:
     """``value`` when it is the 0-d tensor a loss method must return (a host-side check of type
     and rank: no synchronisation), else the component's failure, naming its plugin."""
     if isinstance(value, torch.Tensor) and value.dim() == 0:
-        return value
+        if value.requires_grad:
+            return value
+        raise ComponentFailure(comp.kind, comp.name, comp.plugin, method, ValueError(
+            "returned a 0-d tensor that does not depend on the networks (no gradient): compute it from "
+            "ctx's logits, without .detach(), .item() or torch.tensor(...)"))
     what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
     raise ComponentFailure(comp.kind, comp.name, comp.plugin, method,
                            TypeError(f"returned {what}, not a 0-d tensor to minimise"))
@@ -308,14 +317,48 @@ def check_metrics(comps: Components, n_fake: int, n_real: int) -> list[str]:
 
 
 def score(comps: Components, fake: torch.Tensor, real: torch.Tensor) -> tuple[dict[str, float], dict[str, str]]:
-    """The run's metrics that apply to its dataset: ``(values, {metric: protocol})``."""
+    """The run's metrics that apply to its dataset: ``(values, {metric: protocol})``.
+
+    Under ``no_grad``. A metric must return ``{"NAME/...": number}`` and leave ``fake`` and
+    ``real`` (the training set itself) as they were: an in-place change is caught by the tensors'
+    version counters (shared with their views), a wrong result by its type and keys; either
+    fails naming the metric and its plugin."""
     values: dict[str, float] = {}
     protocols: dict[str, str] = {}
     for m in comps.metrics:
-        if call_component(m, "supports", comps.dataset):
-            values.update(call_component(m, "compute", fake, real, comps.dataset))
-            protocols[m.name] = m.protocol
+        if not call_component(m, "supports", comps.dataset):
+            continue
+        versions = (fake._version, real._version)
+        with torch.no_grad():
+            out = call_component(m, "compute", fake, real, comps.dataset)
+        if (fake._version, real._version) != versions:
+            raise ComponentFailure(m.kind, m.name, m.plugin, "compute", ValueError(
+                "it modified its input in place (`real` is the training set itself): copy before changing it"))
+        values.update(_metric_values(m, out, values))
+        protocols[m.name] = m.protocol
     return values, protocols
+
+
+def _metric_values(m: Component, out: Any, earlier: Mapping[str, float]) -> dict[str, float]:
+    """A metric's result as ``{key: float}``, else its failure: a mapping of keys that start with
+    ``NAME/`` and that no earlier metric gave, to real numbers (or 0-d tensors)."""
+    def fail(why: str) -> ComponentFailure:
+        return ComponentFailure(m.kind, m.name, m.plugin, "compute", TypeError(why))
+
+    if not isinstance(out, Mapping):
+        raise fail(f"returned {type(out).__name__}, not a dict of {m.name}/KEY -> number")
+    vals: dict[str, float] = {}
+    for k, v in out.items():
+        if not isinstance(k, str) or not k.startswith(f"{m.name}/"):
+            raise fail(f"returned key {k!r}: every key must start with {m.name + '/'!r}")
+        if k in earlier:
+            raise fail(f"returned key {k!r}, which another metric gave too")
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise fail(f"returned {type(v).__name__} for {k!r}, not a number")
+        vals[k] = float(v)
+    return vals
 
 
 class Progress:

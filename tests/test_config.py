@@ -511,6 +511,7 @@ def test_metrics_none_still_means_no_metrics(tmp_path):
     ("resume = true", "'resume' is a command-line flag only (--resume)"),
     ("quiet = true", "'quiet' is a command-line flag only"),
     ("step = 5", "c.toml': unknown setting 'step'; did you mean 'steps'?"),
+    ('metrics = "none,mixture"', "none means no metrics and cannot be combined with metric names"),
     ("[option.detector]\ndelta = 0.1", "unknown setting 'option'; did you mean 'options'?"),
 ])
 def test_config_file_mistakes_say_what_is_wrong(tmp_path, line, needle):

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from core import api, hookimpl
 from core import checkpoint as ckpt_io
 from cli_helpers import invoke
-from core.components import Metric
+from core.components import Loss, Metric
 from dyngan_plugins.dyngan import DynGANDetector
 from core.errors import CheckpointError, UsageError
 from core.training import Trainer
@@ -917,3 +917,102 @@ def test_a_detector_whose_every_is_not_a_positive_integer_fails_clearly(tmp_path
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert "detector 'zero-every' (plugin 'zero-every') raised in every()" in res.stderr
     assert "must be an integer >= 1, got 0" in res.stderr
+
+
+class _BadMetric(Metric):
+    """A metric whose result ``mode`` picks (set by the test) breaks the contract."""
+
+    name = "bad"
+    mode = "inplace"
+
+    def compute(self, fake, real, dataset):
+        if self.mode == "inplace":
+            real[:5].mul_(0)  # a view: the training set itself changes
+            return {"bad/x": 1.0}
+        if self.mode == "clash":
+            return {"mixture/modes": 999.0}
+        if self.mode == "prefix":
+            return {"modes": 3.0}
+        if self.mode == "tensor":
+            return {"bad/x": torch.ones(())}
+        return 1.5
+
+
+@hookimpl
+def _register_bad_metric(register):
+    register(_BadMetric)
+
+
+@pytest.mark.parametrize("mode, needle", [
+    ("inplace", "modified its input in place"),
+    ("clash", "key 'mixture/modes': every key must start with 'bad/'"),
+    ("prefix", "key 'modes': every key must start with 'bad/'"),
+    ("float", "returned float, not a dict of bad/KEY -> number"),
+])
+def test_a_metric_that_breaks_its_contract_fails_naming_it(tmp_path, monkeypatch, mode, needle):
+    from core.testing import plugin_host
+
+    monkeypatch.setattr(_BadMetric, "mode", mode)
+    with plugin_host(("bad-metric", types.SimpleNamespace(register_metrics=_register_bad_metric))):
+        res = invoke(["train", *SMALL_FLAGS, "--steps", "4", "--metrics", "mixture,bad",
+                      "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "metric 'bad' (plugin 'bad-metric') raised in compute()" in res.stderr and needle in res.stderr
+
+
+def test_a_metric_may_return_0d_tensors(tmp_path, monkeypatch):
+    from core.testing import plugin_host
+
+    monkeypatch.setattr(_BadMetric, "mode", "tensor")
+    with plugin_host(("bad-metric", types.SimpleNamespace(register_metrics=_register_bad_metric))):
+        res = api.train(small(tmp_path / "r", steps=4, metrics="bad", checkpoint_every=0), quiet=True)
+    assert [r["bad/x"] for r in res.metrics if r.get("event") == "eval"] == [1.0]
+
+
+def test_a_second_train_while_the_first_has_not_checkpointed_says_it_is_in_use(tmp_path):
+    from core import rundir
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"dataset": "grid25", "loss": "ns"}))
+    with rundir.RunLock(out):
+        for args in (SMALL_FLAGS, ["--resume"]):
+            res = invoke(["train", *args, "--steps", "5", "--out", str(out), "-q"])
+            assert res.exit_code == 2, res.output
+            assert "another dyngan process is training in" in res.stderr and "delete" not in res.stderr
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_does_not_advise_resuming(tmp_path):
+    import signal as sig
+
+    from core.training import Aborted
+
+    (tmp_path / "checkpoints").mkdir()
+    text = str(Aborted(sig.SIGINT, 19, tmp_path))
+    assert "cannot be resumed" in text and "--resume" not in text
+    api.train(small(tmp_path / "r", steps=2, checkpoint_every=0), quiet=True)
+    assert "continue with: dyngan train" in str(Aborted(sig.SIGINT, 3, tmp_path / "r"))
+
+
+class _NoGradLoss(Loss):
+    name = "no-grad"
+
+    def d_loss(self, ctx):
+        return torch.tensor(0.0)
+
+    def g_loss(self, ctx):
+        return -ctx.fake_logits.mean()
+
+
+@hookimpl
+def _register_no_grad_loss(register):
+    register(_NoGradLoss)
+
+
+def test_a_loss_without_a_gradient_fails_naming_it(tmp_path):
+    from core.testing import plugin_host
+
+    with plugin_host(("no-grad", types.SimpleNamespace(register_losses=_register_no_grad_loss))):
+        res = invoke(["train", *SMALL_FLAGS, "--steps", "4", "--loss", "no-grad", "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "loss 'no-grad' (plugin 'no-grad') raised in d_loss()" in res.stderr and "no gradient" in res.stderr
