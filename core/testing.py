@@ -55,6 +55,7 @@ __all__ = [
     "check_loss",
     "check_detector",
     "check_dataset",
+    "check_metric",
     "check_deterministic",
     "assert_same",
     "tiny_mixture",
@@ -124,7 +125,10 @@ def plugin_host(
         if host.pm.is_registered(obj):  # installed as well: already loaded from its entry point
             infos.append(host.plugins[host.pm.get_name(obj)])
             continue
-        infos.append(host.add_plugin(name, lambda obj=obj: obj, module=getattr(obj, "__name__", "")))
+        # no distribution: a module's own __version__, when it has one, is what a run records
+        version = getattr(obj, "__version__", None)
+        infos.append(host.add_plugin(name, lambda obj=obj: obj, module=getattr(obj, "__name__", ""),
+                                     version=version if isinstance(version, str) else None))
     commands_before = dict(cli.commands)
     # the group loads plugin commands lazily, once per host; put back which host it loaded,
     # so that the real host's commands still load after the block
@@ -503,6 +507,18 @@ def _check_reports(reports: list[tuple[Any, Any]], where: str, problems: list[st
             problems.append(f"{where}: report {name!r} is {type(value).__name__}, not a tensor or a number")
 
 
+def _run_twice(run: Callable[[], Any], where: str, problems: list[str], what: str) -> Any:
+    """``run()``'s result, after a second ``run()`` gave the same (else a problem); fails on problems."""
+    first = run()
+    _fail(where, problems)
+    try:
+        assert_same(first, run(), what)
+    except AssertionError as e:
+        problems.append(f"not deterministic under a fixed seed (two runs differ): {e}")
+    _fail(where, problems)
+    return first
+
+
 def _fail(where: str, problems: list[str]) -> None:
     if problems:
         raise AssertionError(f"{where}: " + "; ".join(problems))
@@ -765,14 +781,7 @@ def check_detector(
         _check_reports(reports, "report", problems)
         return {"detections": results + [going_on, resumed], "reports": reports}
 
-    first = run()
-    _fail(where, problems)
-    try:
-        assert_same(first, run(), "run")
-    except AssertionError as e:
-        problems.append(f"not deterministic under a fixed seed (two runs differ): {e}")
-    _fail(where, problems)
-    return first["detections"][0]
+    return _run_twice(run, where, problems, "run")["detections"][0]
 
 
 # --------------------------------------------------------------------------- datasets
@@ -834,3 +843,69 @@ def check_dataset(dataset_cls: type, options: Mapping[str, Any] | None = None, *
         problems.append(f"not deterministic under a fixed seed: {e}")
     _fail(where, problems)
     return x
+
+
+def check_metric(
+    metric_cls: type,
+    options: Mapping[str, Any] | None = None,
+    *,
+    dataset: Any = None,
+    fake: Any = None,
+    real: Any = None,
+) -> dict[str, float]:
+    """Check a ``Metric`` class as the training loop scores with it; returns its values.
+
+    ``metric_cls(**options)`` must support ``dataset`` (default: four Gaussians at (+-1, +-1),
+    sigma 0.05, whose ``info()`` gives ``centres`` and ``sigma``), accept ``check(len(fake),
+    len(real))``, and ``compute(fake, real, dataset)`` under ``no_grad`` must return
+    ``{"NAME/...": finite number}``, leave ``fake`` and ``real`` unchanged, and give the same values
+    on a fresh instance. ``fake`` and ``real`` default to 512 and 256 samples of that mixture.
+    """
+    import math
+
+    import torch
+
+    from .components import Dataset
+    from .errors import ComponentFailure, DynganError
+    from .training import _metric_values
+
+    class _TinyMixture(Dataset):
+        name = "tiny-mixture"
+
+        def load(self, generator: Any) -> Any:
+            return tiny_mixture(256)
+
+        def info(self) -> dict[str, Any]:
+            return {"centres": [[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]], "sigma": 0.05}
+
+    options = dict(options or {})
+    where = f"metric {getattr(metric_cls, 'name', metric_cls)!r}"
+    dataset = dataset if dataset is not None else _TinyMixture()
+    fake = fake if fake is not None else tiny_mixture(512, seed=1)
+    real = real if real is not None else tiny_mixture(256, seed=2)
+    problems: list[str] = []
+
+    def run() -> dict[str, float]:
+        m = metric_cls(**options)
+        if m.supports(dataset) is not True:
+            problems.append(f"supports() returned {m.supports(dataset)!r} for the dataset given: pass one it supports")
+            _fail(where, problems)
+        try:
+            m.check(int(fake.shape[0]), int(real.shape[0]))
+        except DynganError as e:
+            problems.append(f"check({fake.shape[0]}, {real.shape[0]}) refused: {e}")
+            _fail(where, problems)
+        f0, r0 = fake.clone(), real.clone()
+        with torch.no_grad():
+            out = m.compute(fake, real, dataset)
+        if not (torch.equal(fake, f0) and torch.equal(real, r0)):
+            problems.append("compute() changed fake or real in place")
+        try:
+            vals = _metric_values(m, out, {})
+        except ComponentFailure as e:
+            problems.append(str(e.error))
+            _fail(where, problems)
+        problems.extend(f"{k} is {v}, not finite" for k, v in vals.items() if not math.isfinite(v))
+        return vals
+
+    return _run_twice(run, where, problems, "values")

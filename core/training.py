@@ -313,7 +313,8 @@ def check_metrics(comps: Components, n_fake: int, n_real: int) -> list[str]:
         return []
     return [f"metric{'s' if len(skipped) > 1 else ''} {', '.join(map(repr, skipped))} "
             f"{'do' if len(skipped) > 1 else 'does'} not apply to dataset {comps.dataset.name!r} and "
-            f"{'are' if len(skipped) > 1 else 'is'} skipped (`dyngan plugins --options` describes each metric)"]
+            f"{'are' if len(skipped) > 1 else 'is'} skipped (`dyngan train --dataset {comps.dataset.name} --dry-run` "
+            "shows the dataset's own metrics)"]
 
 
 def score(comps: Components, fake: torch.Tensor, real: torch.Tensor) -> tuple[dict[str, float], dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -349,3 +350,53 @@ def test_plugin_host_gives_classes_back_their_plugin_names():
     with plugin_host(("kit-alias", mixtures), builtins=False) as host:
         assert host.registry.get("dataset", "ring8") is ring8 and ring8.plugin == "kit-alias"
     assert ring8.plugin == "mixtures"
+
+
+# ---------------------------------------------------------------- check_metric
+
+
+def test_check_metric_passes_the_built_in_metrics():
+    from core.testing import check_metric
+    from dyngan_plugins.mixture_metrics import MixtureMetric
+    from dyngan_plugins.prdc import PRDC
+
+    vals = check_metric(MixtureMetric)
+    assert vals["mixture/modes"] == 4.0  # the default fake covers the four Gaussians
+    assert set(check_metric(PRDC, {"k": 3})) == {"prdc/precision", "prdc/recall", "prdc/density", "prdc/coverage"}
+
+
+def _metric(compute, name="mine"):
+    from core.components import Metric
+
+    return type("Mine", (Metric,), {"name": name, "compute": lambda self, f, r, d: compute(f, r)})
+
+
+@pytest.mark.parametrize("compute, needle", [
+    (lambda f, r: (r.mul_(2), {"mine/x": 1.0})[1], "changed fake or real in place"),
+    (lambda f, r: {"x": 1.0}, "every key must start with 'mine/'"),
+    (lambda f, r: {"mine/x": float("nan")}, "mine/x is nan, not finite"),
+    (lambda f, r: {"mine/x": "high"}, "returned str for 'mine/x', not a number"),
+    (lambda f, r: {"mine/x": float(torch.rand(()))}, "not deterministic"),
+])
+def test_check_metric_names_what_a_metric_gets_wrong(compute, needle):
+    from core.testing import check_metric
+
+    with pytest.raises(AssertionError, match=re.escape(needle)):
+        check_metric(_metric(compute))
+
+
+def test_a_run_under_plugin_host_records_the_modules_own_version(tmp_path):
+    import types as _types
+
+    from core import api, hookimpl
+    from core.testing import plugin_host
+    from dyngan_plugins.losses import NonSaturatingLoss
+
+    Renamed = type("Renamed", (NonSaturatingLoss,), {"name": "ns-copy"})
+    mod = _types.ModuleType("my_ns_plugin")
+    mod.__version__ = "1.2.3"
+    mod.register_losses = hookimpl(lambda register: register(Renamed))
+    with plugin_host(mod):
+        res = api.train({"dataset": "grid25", "loss": "ns-copy", "steps": 2, "device": "cpu", "out": str(tmp_path / "r"),
+                         "checkpoint_every": 0, "metrics": "none", "options": {"dataset": {"n": 300}}}, quiet=True)
+    assert res.config["plugins"]["my_ns_plugin"] == {"distribution": None, "version": "1.2.3"}
