@@ -565,6 +565,20 @@ def _curves(run: "Run", plt: Any) -> Path:
 
         panels.append(("kl", divergence))
 
+    # every other metric (prdc's precision and recall, a plugin's), bookkeeping keys left out
+    shown = set(mode_keys) | set(hq_keys) | set(kl_keys)
+    other_keys = _keys(recs, "eval", lambda k: "/" in k and k not in shown and not re.search(r"/(n|max_modes)$", k))
+    if other_keys:
+        def others(ax):
+            for k in other_keys:
+                xs, ys = _series(recs, k, "eval")
+                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=k)
+            ax.set_ylabel("value")
+            ax.set_title("other metrics (evaluation)", fontsize=11)
+            ax.legend(fontsize=9, loc="best")
+
+        panels.append(("other metrics", others))
+
     cx, cy = _series(recs, "collapse/fraction", "detection")
     if cx:
         def collapse(ax):

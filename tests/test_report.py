@@ -183,6 +183,17 @@ def test_curves_skip_panels_without_data(run2d, run2d_pictures, tmp_path):
     assert _check_png(samples_bare).width < 1000
 
 
+def test_curves_plot_metrics_beyond_modes_quality_and_kl(tmp_path):
+    # prdc (own data): its four values get a panel of their own
+    settings = {"dataset": "grid25", "steps": 40, "seed": 0, "device": "cpu", "log_every": 20, "eval_every": 20,
+                "options": {"dataset": {"n": 2000}}}
+    bare = _train({**settings, "out": str(tmp_path / "b"), "metrics": []})
+    prdc = _train({**settings, "out": str(tmp_path / "p"), "metrics": ["prdc"]})
+    h_bare = _check_png(report.write_report(bare)[1]).height
+    h_prdc = _check_png(report.write_report(prdc)[1]).height
+    assert h_prdc > h_bare + 200
+
+
 def test_curves_read_every_kind_of_record(tmp_path, run2d):
     """A metrics log with detection, partition and divergence events draws all panels."""
     import shutil
