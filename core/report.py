@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import rundir
 from .errors import UsageError
@@ -539,45 +539,33 @@ def _curves(run: "Run", plt: Any) -> Path:
 
         panels.append(("modes", modes))
 
+    def metric_panel(keys: list[str], ylabel: str, title: str, scale: Callable[[Any], None]):
+        """A panel of evaluation series ``keys``, one line each; ``scale(ax)`` sets the y range."""
+        def draw(ax):
+            for k in keys:
+                xs, ys = _series(recs, k, "eval")
+                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=k)
+            ax.set_ylabel(ylabel)
+            scale(ax)
+            ax.set_title(title, fontsize=11)
+            ax.legend(fontsize=9, loc="best")
+        return draw
+
     hq_keys = _keys(recs, "eval", lambda k: re.search(r"/hq\d*$", k) is not None)
     if hq_keys:
-        def quality(ax):
-            for k in hq_keys:
-                xs, ys = _series(recs, k, "eval")
-                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=k)
-            ax.set_ylabel("fraction of samples")
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_title("high-quality samples (evaluation)", fontsize=11)
-            ax.legend(fontsize=9, loc="best")
-
-        panels.append(("quality", quality))
-
+        panels.append(("quality", metric_panel(hq_keys, "fraction of samples", "high-quality samples (evaluation)",
+                                               lambda ax: ax.set_ylim(-0.02, 1.02))))
     kl_keys = _keys(recs, "eval", lambda k: re.search(r"(^|/)(reverse_)?kl$", k) is not None)
     if kl_keys:
-        def divergence(ax):
-            for k in kl_keys:
-                xs, ys = _series(recs, k, "eval")
-                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=k)
-            ax.set_ylabel("KL (nats)")
-            _from_zero(ax)
-            ax.set_title("KL(generated mode histogram || uniform), 0 is best (evaluation)", fontsize=11)
-            ax.legend(fontsize=9, loc="best")
-
-        panels.append(("kl", divergence))
-
+        panels.append(("kl", metric_panel(kl_keys, "KL (nats)",
+                                          "KL(generated mode histogram || uniform), 0 is best (evaluation)",
+                                          _from_zero)))
     # every other metric (prdc's precision and recall, a plugin's), bookkeeping keys left out
     shown = set(mode_keys) | set(hq_keys) | set(kl_keys)
     other_keys = _keys(recs, "eval", lambda k: "/" in k and k not in shown and not re.search(r"/(n|max_modes)$", k))
     if other_keys:
-        def others(ax):
-            for k in other_keys:
-                xs, ys = _series(recs, k, "eval")
-                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=k)
-            ax.set_ylabel("value")
-            ax.set_title("other metrics (evaluation)", fontsize=11)
-            ax.legend(fontsize=9, loc="best")
-
-        panels.append(("other metrics", others))
+        panels.append(("other metrics", metric_panel(other_keys, "value", "other metrics (evaluation)",
+                                                     lambda ax: None)))
 
     cx, cy = _series(recs, "collapse/fraction", "detection")
     if cx:
