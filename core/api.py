@@ -166,14 +166,37 @@ def _never_checkpointed(run_dir: Path) -> bool:
         return False
 
 
+def _out(settings: Mapping[str, Any]) -> Any:
+    """``settings["out"]``, refused when empty: Path("") is the current directory, so an empty --out
+    (an unset shell variable) would train there."""
+    out = settings.get("out")
+    if out is not None and not str(out).strip():
+        raise UsageError("--out is empty: name the run directory (or leave --out out for a new one under runs/)")
+    return out
+
+
+def dry_run(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHost | None = None) -> dict[str, Any]:
+    """The config ``train`` would use, checked as ``train`` checks it before reading data: settings
+    and options, the device (and --amp) on this machine, and --out (free for a new run, or a run
+    to resume); nothing is created or changed."""
+    from .training import check_amp, resolve_device
+
+    if resume:
+        cfg, _ = prepare(settings, resume=True, host=host)
+    else:
+        out = _out(settings)
+        cfg = resolve_settings(settings, host)
+        if out is not None:
+            rundir.check_new(Path(out))
+    check_amp(cfg, resolve_device(cfg["device"]))
+    return cfg
+
+
 def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHost | None = None,
             runs_root: Path = Path("runs")) -> tuple[dict[str, Any], Path]:
     """Resolve the config and create (or find, with ``resume``) the run directory."""
     host = host or get_host()
-    out = settings.get("out")
-    if out is not None and not str(out).strip():
-        # Path("") is the current directory: an empty --out (an unset shell variable) would train there
-        raise UsageError("--out is empty: name the run directory (or leave --out out for a new one under runs/)")
+    out = _out(settings)
     if resume:
         if out is None:
             raise UsageError("--resume needs --out RUN_DIR: the run to continue")

@@ -238,11 +238,7 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
     if options:
         settings["options"] = parse_option_flags(options)
     if dry_run:
-        if resume:
-            cfg, _ = api.prepare(settings, resume=True)
-        else:
-            cfg = api.resolve_settings(settings)
-        click.echo(json.dumps(cfg, indent=2, sort_keys=True))
+        click.echo(json.dumps(api.dry_run(settings, resume=resume), indent=2, sort_keys=True))
         return
     from .distributed import from_env
 

@@ -48,12 +48,7 @@ def create(path: Path | None, root: Path = Path("runs")) -> Path:
             except OSError as e:
                 raise UsageError(f"cannot create run directory {str(path)!r}: {e.strerror or e}") from None
         raise UsageError(f"cannot find a free run directory under {str(root)!r}")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {str(path)!r} exists and is not a directory")
-    if is_run(path) or list_checkpoints(path / CHECKPOINTS):
-        raise UsageError(
-            f"{str(path)!r} already holds a run; use --resume to continue it or choose another --out"
-        )
+    check_new(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -61,6 +56,16 @@ def create(path: Path | None, root: Path = Path("runs")) -> Path:
     if not os.access(path, os.W_OK):
         raise UsageError(f"run directory {str(path)!r} is not writable")
     return path
+
+
+def check_new(path: Path) -> None:
+    """UsageError unless ``path`` can become a new run directory (it may exist, empty of runs)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {str(path)!r} exists and is not a directory")
+    if is_run(path) or list_checkpoints(path / CHECKPOINTS):
+        raise UsageError(
+            f"{str(path)!r} already holds a run; use --resume to continue it or choose another --out"
+        )
 
 
 def discard_unstarted(path: Path) -> None:

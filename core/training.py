@@ -109,6 +109,11 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def check_amp(cfg: Mapping[str, Any], device: torch.device) -> None:
+    if cfg.get("amp") == "bf16" and device.type != "cuda":
+        raise UsageError("--amp bf16 needs a CUDA device")
+
+
 def check_data(x: Any, where: str) -> torch.Tensor:
     """A dataset's tensor must be float, non-empty, (N, ...) and finite."""
     if not isinstance(x, torch.Tensor):
@@ -571,8 +576,7 @@ class Trainer:
                                   "differentiates through it (R1 or a gradient penalty)")
             else:
                 self.D_call = torch.compile(self.D)
-        if cfg.get("amp") == "bf16" and dev.type != "cuda":
-            raise UsageError("--amp bf16 needs a CUDA device")
+        check_amp(cfg, dev)
 
     def context(self) -> TrainContext:
         return TrainContext(

@@ -1016,3 +1016,18 @@ def test_a_loss_without_a_gradient_fails_naming_it(tmp_path):
         res = invoke(["train", *SMALL_FLAGS, "--steps", "4", "--loss", "no-grad", "--out", str(tmp_path / "r"), "-q"])
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert "loss 'no-grad' (plugin 'no-grad') raised in d_loss()" in res.stderr and "no gradient" in res.stderr
+
+
+def test_dry_run_refuses_what_train_would_refuse_before_reading_data(run60, tmp_path):
+    _, src = run60
+    for args, needle in ((["--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),
+                         (["--out", ""], "--out is empty"),
+                         (["--out", str(src)], "already holds a run")):
+        res = invoke(["train", *SMALL_FLAGS, "--dry-run", *args])
+        assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.output, (args, res.output)
+    if not torch.cuda.is_available():
+        res = invoke(["train", "--dry-run", "--device", "cuda"])
+        assert res.exit_code == 2 and "CUDA is not available" in res.stderr
+    res = invoke(["train", *SMALL_FLAGS, "--dry-run", "--out", str(tmp_path / "new")])
+    assert res.exit_code == 0 and json.loads(res.stdout)["dataset"] == "grid25"
+    assert not (tmp_path / "new").exists()  # a dry run creates nothing
