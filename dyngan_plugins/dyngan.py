@@ -328,7 +328,6 @@ class DynGANPartitioner(Partitioner):
         ctx.report("partition/count", float(k_new))
         ctx.report("partition/opened", float(chosen.numel()))
         ctx.report("partition/moved", moved.sum().float())
-        ctx.report("partition/changed", (new != labels).sum().float())
         return PartitionUpdate(labels=new)
 
     def state_dict(self) -> dict[str, Any]:

@@ -60,7 +60,6 @@ class KMeansPartitioner(Partitioner):
         new = ctx.comm.broadcast(new, 0)
         self.partitions += 1
         ctx.report("partition/count", float(int(new.unique().numel())))
-        ctx.report("partition/changed", (new != labels).sum().float())
         ctx.report("partition/inertia", res.inertia / n)
         return PartitionUpdate(labels=new)
 
