@@ -44,6 +44,7 @@ from .errors import (
     DataError,
     DivergenceError,
     DynganError,
+    OptionError,
     OutOfMemory,
     RunFailure,
     UsageError,
@@ -520,7 +521,15 @@ class Trainer:
         self.data_shape = tuple(self.data.shape[1:])
         if comps.metrics:  # refused now rather than after the training the evaluation would end
             n_eval = int(cfg["eval_samples"])
-            for warning in check_metrics(comps, n_eval, self.N):
+            try:
+                warnings = check_metrics(comps, n_eval, self.N)
+            except OptionError as e:
+                if not self.resume:
+                    raise
+                # -o cannot change a resumed run's metric settings: say where they can
+                raise OptionError(f"{e}. A resumed run keeps its metric settings: change eval_samples or "
+                                  f"options.metric in {str(self.run_dir / rundir.CONFIG)!r}") from None
+            for warning in warnings:
                 self.progress.warn(warning)
             need = n_eval * math.prod(self.data_shape) * 4  # float32 samples
             have = _short_of_memory(need, dev)

@@ -1031,3 +1031,18 @@ def test_dry_run_refuses_what_train_would_refuse_before_reading_data(run60, tmp_
     res = invoke(["train", *SMALL_FLAGS, "--dry-run", "--out", str(tmp_path / "new")])
     assert res.exit_code == 0 and json.loads(res.stdout)["dataset"] == "grid25"
     assert not (tmp_path / "new").exists()  # a dry run creates nothing
+
+
+def test_a_resumed_run_whose_metric_settings_cannot_work_says_where_to_change_them(run60_copy):
+    out = run60_copy
+    cfg = json.loads((out / "config.json").read_text())
+    # as a run saved before metrics were checked up front
+    cfg["metrics"], cfg["eval_samples"], cfg["options"]["metric"] = ["prdc"], 3, {}
+    (out / "config.json").write_text(json.dumps(cfg))
+    res = invoke(["train", "--out", str(out), "--resume", "--steps", "70", "-q"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "k=5 needs more than 5" in res.stderr and "change eval_samples or options.metric in" in res.stderr
+    cfg["eval_samples"] = 100  # as that message says
+    (out / "config.json").write_text(json.dumps(cfg))
+    res = invoke(["train", "--out", str(out), "--resume", "--steps", "70", "-q"])
+    assert res.exit_code == 0, res.output
