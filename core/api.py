@@ -27,8 +27,7 @@ from .plugins import PluginHost, get_host
 #: keys of a saved config that are records, not settings
 _RECORD_KEYS = ("dyngan_version", "plugins", "created")
 #: settings that may change when a run is resumed (its length, logging, and the machine it runs on)
-_RESUMABLE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device",
-              "threads", "compile")
+_RESUMABLE = (*rundir.SCHEDULE, "device", "threads", "compile")
 
 
 def _settings_only(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -251,8 +250,8 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
 
 def _saved_data_error(error: DataError, run_dir: Path | str, cfg: Mapping[str, Any]) -> DataError:
     """A saved run's training data that cannot be read, with where the run looks for it."""
-    where = "".join(f", {k} {v!r}" for k, v in sorted((cfg.get("options", {}).get("dataset") or {}).items())
-                    if k in ("path", "file", "folder") and v)
+    path = (cfg.get("options", {}).get("dataset") or {}).get("path")
+    where = f", path {path!r}" if path else ""
     return DataError(f"the run in {str(run_dir)!r} cannot read its training data (dataset {cfg.get('dataset')!r}"
                      f"{where}): {error}; if the data moved, put it back there, or change options.dataset in "
                      f"{str(Path(run_dir) / rundir.CONFIG)!r} to where it is now")

@@ -123,12 +123,8 @@ def _check_file_types(data: Mapping[str, Any], path: Path) -> None:
         if key in _FLAG_ONLY:
             raise UsageError(f"{where}: {key!r} is a command-line flag only ({_FLAG_ONLY[key]}), "
                              "not a setting a config file holds")
-        if key not in DEFAULTS and key != "options":
-            import difflib
-
-            close = difflib.get_close_matches(str(key), [*DEFAULTS, "options"], n=1)
-            raise UsageError(f"{where}: unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                             + " (`dyngan train --dry-run` prints every setting)")
+        if key not in DEFAULTS:
+            raise _unknown_setting(key, f"{where}: ", " (`dyngan train --dry-run` prints every setting)")
     for key in _INT_KEYS:
         v = data.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
@@ -171,14 +167,19 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _unknown_setting(key: Any, where: str = "", after: str = "") -> UsageError:
+    """``unknown setting 'step'; did you mean 'steps'?`` (``where`` before it, ``after`` after it)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), list(DEFAULTS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return UsageError(f"{where}unknown setting {key!r}{hint}{after}")
+
+
 def _check_scalars(cfg: dict[str, Any]) -> None:
     unknown = [k for k in cfg if k not in DEFAULTS]
     if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], list(DEFAULTS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UsageError(f"unknown setting {unknown[0]!r}{hint}")
+        raise _unknown_setting(unknown[0])
     for key, lo in _INT_KEYS.items():
         v = cfg.get(key)
         if v is None:

@@ -85,8 +85,8 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
 
 
 #: the settings a resume may change that belong to the run, not to one invocation (core.api's
-#: _RESUMABLE less device, threads and compile): a resume writes a change of them to config.json,
-#: so that a later plain ``--resume`` (after Ctrl-C, say) keeps it
+#: _RESUMABLE adds the machine's: device, threads and compile): a resume writes a change of them to
+#: config.json, so that a later plain ``--resume`` (after Ctrl-C, say) keeps it
 SCHEDULE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 

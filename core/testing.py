@@ -393,12 +393,16 @@ def check_deterministic(run: Callable[[], Any], *, runs: int = 2, what: str = "r
 # --------------------------------------------------------------------------- a tiny training context
 
 
+#: the four modes of ``tiny_mixture``
+_TINY_CENTRES = [[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]]
+
+
 def tiny_mixture(n: int = 256, *, seed: int = 0, sigma: float = 0.05) -> "Any":
     """``(n, 2)`` float32: four Gaussians at (+-1, +-1), sample i in mode i % 4."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    centres = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
+    centres = torch.tensor(_TINY_CENTRES)
     modes = torch.arange(n) % 4
     return (centres[modes] + sigma * torch.randn(n, 2, generator=g)).float()
 
@@ -876,7 +880,7 @@ def check_metric(
             return tiny_mixture(256)
 
         def info(self) -> dict[str, Any]:
-            return {"centres": [[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]], "sigma": 0.05}
+            return {"centres": _TINY_CENTRES, "sigma": 0.05}
 
     options = dict(options or {})
     where = f"metric {getattr(metric_cls, 'name', metric_cls)!r}"

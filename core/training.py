@@ -247,7 +247,6 @@ def generate(
     return out if out is not None else torch.empty(0)
 
 
-#: where Linux says how much memory is available (``MemAvailable``: free plus reclaimable)
 #: the share of a device's available memory that drawn samples may take (the rest: the process,
 #: the networks and a batch's activations, and what other processes allocate meanwhile)
 SAMPLE_MEMORY_SHARE = 0.85
@@ -287,19 +286,19 @@ def valid_prior(prior: torch.Tensor, capacity: int) -> bool:
             and float(prior.sum()) > 0)
 
 
-def _short_of_memory(need: int, device: torch.device) -> int | None:
-    """The memory of ``device`` in bytes when ``need`` bytes exceed it, else None (also where it
-    cannot be told)."""
+def _short_of_memory(need: int, device: torch.device, share: float = 1.0) -> int | None:
+    """The memory ``device`` has available, in bytes, when ``need`` bytes exceed ``share`` of it,
+    else None (also where it cannot be told)."""
     have = _memory_bytes(device)
-    return have if have is not None and need > have else None
+    return have if have is not None and need > have * share else None
 
 
 def _check_fits(n: int, shape: tuple[int, ...], device: torch.device) -> None:
     """Refuse ``n`` float32 samples of ``shape`` that would take more than ``SAMPLE_MEMORY_SHARE``
     of the memory ``device`` has available."""
     need = n * math.prod(shape) * 4
-    have = _memory_bytes(device)
-    if have is not None and need > have * SAMPLE_MEMORY_SHARE:
+    have = _short_of_memory(need, device, SAMPLE_MEMORY_SHARE)
+    if have is not None:
         raise OutOfMemory(f"{n:,} samples of shape {shape} need {need / 2**30:,.1f} GiB, more than "
                           f"{SAMPLE_MEMORY_SHARE:.0%} of the {have / 2**30:,.1f} GiB available on {device.type}; "
                           "draw fewer (--n)")
