@@ -136,6 +136,23 @@ class _AgreedFlag:
         return self.comm.agreed_signum
 
 
+def _import_group_defaults() -> None:
+    """Import ``torch.distributed.nn.functional`` while no process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated when the module is
+    first imported. Torch imports it lazily (the first optimiser pulls in torch._dynamo, which
+    imports it through FSDP); imported after ``init_process_group`` those defaults hold the
+    group, so ``destroy_process_group`` cannot free it, Gloo's threads outlive ``close`` and the
+    group is torn down during interpreter shutdown, where it sometimes aborted the process
+    ("terminate called without an active exception", SIGABRT) after a finished run. Imported
+    first, the defaults are None.
+    """
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except Exception:  # noqa: BLE001 - an optional torch module; without it there is nothing to hold the group
+        pass
+
+
 class DistComm(Comm):
     """``Comm`` over an initialised default process group (see the module docstring)."""
 
@@ -154,6 +171,7 @@ class DistComm(Comm):
             torch.cuda.set_device(local_rank)
         self._owns_group = False
         if not dist.is_initialized():
+            _import_group_defaults()
             try:
                 dist.init_process_group(backend=backend, init_method="env://",
                                         timeout=datetime.timedelta(seconds=timeout_s))

@@ -112,6 +112,38 @@ def test_collectives(tmp_path):
     assert r0["barrier_without_peer"] != "returned", res.stderr[-2000:]
 
 
+# A fresh interpreter: joins a one-process Gloo group the way `dyngan train` does under torchrun,
+# builds an optimiser (its first use imports torch._dynamo, which imports torch.distributed.nn),
+# closes the group and prints the threads still alive.
+_CLOSE_CHILD = """
+import os, torch
+from core.distributed import DistComm
+comm = DistComm()
+torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
+import torch.distributed.nn.functional as F
+held = [d for d in F.broadcast.__defaults__ if d is not None]
+comm.close()
+names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print(len(held), ",".join(names))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc (Linux)")
+def test_close_frees_the_gloo_group():
+    """A finished run leaves no Gloo thread behind: torch's lazily imported
+    torch.distributed.nn.functional must not capture the group in its default arguments (it did,
+    so the group outlived destroy_process_group and its teardown at interpreter exit sometimes
+    aborted a finished rank with SIGABRT)."""
+    env = env_for(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(free_port()))
+    res = subprocess.run([sys.executable, "-c", _CLOSE_CHILD], env=env, cwd=HERE.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    held, names = res.stdout.split()
+    assert held == "0", "torch.distributed.nn.functional's defaults hold the process group"
+    assert "gloo" not in names, f"Gloo threads outlived close(): {names}"
+
+
 def test_ddp_dyngan_identical_ranks_and_resume_both_ways(tmp_path):
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     res = run(torchrun("-m", "core", "train", "--out", str(run_dir), "--steps", "60", *SMALL, *DYNGAN),
