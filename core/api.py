@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import __version__, rundir
-from .config import DEFAULTS, MAX_SEED, SLOTS, _metric_names, _none, read_toml, resolve
+from .config import DEFAULTS, MAX_SEED, SLOTS, _none, flat_metric_options, read_toml, resolve
 from .errors import (CheckpointError, ComponentFailure, DataError, DynganError, OptionError,
                      UnknownComponentError, UsageError, is_out_of_memory, out_of_memory)
 from .plugins import PluginHost, get_host
 
 #: keys of a saved config that are records, not settings
 _RECORD_KEYS = ("dyngan_version", "plugins", "created")
-#: settings that may change when a run is resumed (its length, logging, and the machine it runs on)
-_RESUMABLE = (*rundir.SCHEDULE, "device", "threads", "compile")
+#: settings that may change when a run is resumed (its length, logging, what its evaluations measure,
+#: and the machine it runs on); the metric options (options.metric) may change too
+_RESUMABLE = (*rundir.SCHEDULE, *rundir.EVALUATION, "device", "threads", "compile")
 
 
 def _settings_only(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,28 +100,22 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
             raise UsageError(f"unknown setting {k!r}")
     changed = {k: v for k, v in given.items() if k in _RESUMABLE}
     fixed = {k: v for k, v in given.items() if k not in _RESUMABLE}
-    only = f"only {', '.join(_RESUMABLE)} may change"
+    metric_opts = None  # -o metric.*: what evaluations measure, so it may change as well
+    if isinstance(fixed.get("options"), Mapping) and "metric" in fixed["options"]:
+        rest = {kind: v for kind, v in fixed["options"].items() if kind != "metric"}
+        metric_opts = fixed["options"]["metric"]
+        fixed = {k: v for k, v in fixed.items() if k != "options"}
+        if rest:
+            fixed["options"] = rest
+    only = f"only {', '.join(_RESUMABLE)} and metric options may change"
     # a component named again must be the run's: compared before any option is resolved, since the
     # run's options for one component mean nothing to another ("dataset 'ring8': unknown option 'side'")
     for k in (*SLOTS, "preset"):
         if k in fixed and _component_name(fixed[k]) != cfg.get(k):
             raise UsageError(f"--resume continues the run as it was configured: the {k} cannot change; "
                              f"it was {cfg.get(k)!r}, not {_component_name(fixed[k])!r} ({only})")
-    if "metrics" in fixed and _metric_names(fixed["metrics"]) not in (None, cfg.get("metrics")):
-        raise UsageError(f"--resume continues the run as it was configured: the metrics cannot change; they were "
-                         f"{cfg.get('metrics')!r}, not {_metric_names(fixed['metrics'])!r} ({only})")
     if fixed:
         # settings given again must resolve to what the run already has
-        metric_opts = (fixed.get("options") or {}).get("metric")
-        if isinstance(metric_opts, Mapping):
-            # the saved options are scoped per metric (and a scoped value wins): scope an unscoped
-            # -o metric.KEY=V to the run's metrics that have KEY, so that it is compared, not ignored
-            scoped = {}
-            for key, v in metric_opts.items():
-                takers = [m for m in cfg["metrics"] if not isinstance(v, Mapping) and "." not in str(key)
-                          and key in host.registry.get("metric", m).options]
-                scoped.update({f"{m}.{key}": v for m in takers} if takers else {key: v})
-            fixed = {**fixed, "options": {**fixed["options"], "metric": scoped}}
         trial = resolve(host.registry, [_settings_only(saved), fixed])
         for k in sorted(fixed):
             if k == "options":  # name the differing options only, not the whole table
@@ -134,7 +129,9 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
                 raise UsageError(
                     f"--resume continues the run as it was configured; {k} was {cfg.get(k)!r}, "
                     f"not {trial.get(k)!r} ({only})")
-    if changed:
+    if "metrics" in changed or metric_opts is not None:
+        cfg = _resolve_new_evaluation(host, saved, cfg, changed, metric_opts)
+    elif changed:
         cfg = resolve(host.registry, [_settings_only(saved), changed])
     plugins = saved.get("plugins", {})
     if not isinstance(plugins, dict):
@@ -143,6 +140,25 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
     cfg["plugins"] = host.versions(plugins.keys())
     cfg["created"] = saved.get("created")
     return cfg
+
+
+def _resolve_new_evaluation(host: PluginHost, saved: Mapping[str, Any], cfg: Mapping[str, Any],
+                            changed: Mapping[str, Any], metric_opts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A resumed run's config with other metrics or metric options: the saved options of the
+    metrics still chosen are kept, a given ``metric.KEY`` overrides them on every chosen metric that
+    has KEY, and a given ``metric.NAME.KEY`` on NAME (scoped over unscoped, as for a new run)."""
+    base = _settings_only(saved)
+    base_opts = dict(base.get("options") or {})
+    base_opts["metric"] = {}
+    chosen = resolve(host.registry, [{**base, "options": base_opts}, changed])["metrics"]
+    saved_opts = cfg["options"].get("metric") or {}
+    opts = {f"{m}.{k}": v for m in chosen for k, v in (saved_opts.get(m) or {}).items()}
+    given = flat_metric_options(metric_opts or {})
+    for key in sorted(given, key=lambda k: "." in k):  # unscoped first, so scoped values win
+        takers = [] if "." in key else [m for m in chosen if key in host.registry.get("metric", m).options]
+        opts.update({f"{m}.{key}": given[key] for m in takers} if takers else {key: given[key]})
+    base_opts["metric"] = opts  # a key no chosen metric has is left for resolve to name
+    return resolve(host.registry, [{**base, "options": base_opts}, changed])
 
 
 #: a run directory whose training stopped before its first checkpoint: neither resumable nor new

@@ -279,18 +279,25 @@ def _none(v: Any) -> bool:
     return v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null"))
 
 
+def flat_metric_options(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Metric options as ``KEY`` (unscoped) and ``NAME.KEY`` (scoped) keys: a table
+    (``[options.metric.prdc]`` in a config file, or a saved config's resolved options) becomes scoped keys."""
+    flat: dict[str, Any] = {}
+    for key, value in given.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
 def _metric_options(classes: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{metric: resolved options}`` for the chosen metrics from ``metric.KEY`` / ``metric.NAME.KEY``.
 
     An unscoped KEY goes to every chosen metric that declares it (it must be declared by one);
     a scoped one, which wins over the unscoped, to its metric, which must be chosen.
     """
-    flat: dict[str, Any] = {}
-    for key, value in given.items():
-        if isinstance(value, Mapping):  # [options.metric.prdc] in a config file
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[str(key)] = value
+    flat = flat_metric_options(given)
     per: dict[str, dict[str, Any]] = {m: {} for m in classes}
     chosen = ", ".join(classes) or "none"
     for key in sorted(flat, key=lambda k: "." in k):  # unscoped first, so scoped values win

@@ -88,12 +88,21 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
 #: _RESUMABLE adds the machine's: device, threads and compile): a resume writes a change of them to
 #: config.json, so that a later plain ``--resume`` (after Ctrl-C, say) keeps it
 SCHEDULE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+#: what the evaluations measure: these and the metric options (``options.metric``) may change on a
+#: resume too (evaluation draws from its own random stream, so training goes on unchanged) and are
+#: recorded like the schedule
+EVALUATION = ("metrics", "eval_samples")
 
 
 def record_schedule(path: Path, config: dict[str, Any]) -> None:
-    """Write ``config``'s schedule (``SCHEDULE``) into the run's config.json where it differs, atomically."""
+    """Write ``config``'s schedule (``SCHEDULE``), evaluation settings (``EVALUATION``) and metric
+    options into the run's config.json where they differ, atomically."""
     saved = read_config(path)
-    changed = {k: config[k] for k in SCHEDULE if k in config and saved.get(k) != config[k]}
+    changed = {k: config[k] for k in (*SCHEDULE, *EVALUATION) if k in config and saved.get(k) != config[k]}
+    metric_opts = (config.get("options") or {}).get("metric")
+    saved_opts = saved.get("options") if isinstance(saved.get("options"), dict) else {}
+    if metric_opts is not None and saved_opts.get("metric") != metric_opts:
+        changed["options"] = {**saved_opts, "metric": metric_opts}
     if not changed:
         return
     try:

@@ -525,9 +525,9 @@ class Trainer:
             except OptionError as e:
                 if not self.resume:
                     raise
-                # -o cannot change a resumed run's metric settings: say where they can
-                raise OptionError(f"{e}. A resumed run keeps its metric settings: change eval_samples or "
-                                  f"options.metric in {str(self.run_dir / rundir.CONFIG)!r}") from None
+                # a run saved before metric settings were checked up front: say how to change them
+                raise OptionError(f"{e}. --resume takes other metric settings: -o metric.KEY=VALUE or "
+                                  f"--metrics (eval_samples: in {str(self.run_dir / rundir.CONFIG)!r})") from None
             for warning in warnings:
                 self.progress.warn(warning)
             need = n_eval * math.prod(self.data_shape) * 4  # float32 samples

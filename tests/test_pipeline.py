@@ -732,8 +732,6 @@ def test_resume_says_the_dataset_cannot_change_not_that_an_option_is_unknown(run
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "the dataset cannot change" in res.stderr and "'grid25', not 'ring8'" in res.stderr
     assert "unknown option" not in res.stderr
-    res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "--metrics", "prdc"])
-    assert res.exit_code == 2 and "the metrics cannot change" in res.stderr
     res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "--dataset", "grid25", "--metrics", "mixture"])
     assert res.exit_code == 0, res.output
 
@@ -746,9 +744,6 @@ def test_resume_names_only_the_changed_options(run60, tmp_path):
     msg = res.stderr.strip()
     assert "dataset.n was 2000, not 3000" in msg and "model.hidden was 128, not 64" in msg
     assert len(msg) < 400 and "'sigma'" not in msg, msg
-    # an unscoped metric option is compared with the run's, not silently dropped
-    res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "-o", "metric.hq_sigmas=2"])
-    assert res.exit_code == 2 and "metric.mixture.hq_sigmas was 3.0, not 2.0" in res.stderr
     res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "-o", "dataset.n=2000"])
     assert res.exit_code == 0, res.output
 
@@ -767,6 +762,43 @@ def test_a_plain_resume_keeps_the_schedule_a_resume_changed(run60_copy):
     res = invoke(["train", "--resume", "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
     assert ckpt_steps(out)[-1] == 80
+
+
+def test_a_resume_may_change_what_evaluations_measure_and_trains_the_same(run60, tmp_path):
+    """--metrics and -o metric.* may change on --resume: evaluation draws from its own random stream,
+    so the weights are those of a resume without the change; config.json records the new settings,
+    so a later plain --resume keeps them; the saved options of a metric no longer chosen are dropped."""
+    runs = {}
+    for name, extra in (("plain", []), ("other", ["--metrics", "mixture,prdc", "-o", "metric.hq_sigmas=2",
+                                                   "-o", "metric.prdc.k=3"])):
+        out = tmp_path / name
+        shutil.copytree(run60[1], out)
+        res = invoke(["train", "--resume", "--out", str(out), "--steps", "80", "--eval-every", "10", "-q", *extra])
+        assert res.exit_code == 0, res.output
+        runs[name] = out
+    a, b = final_tensors(runs["plain"]), final_tensors(runs["other"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    evals = {n: [r for r in map(json.loads, (runs[n] / "metrics.jsonl").read_text().splitlines())
+                 if r.get("event") == "eval" and r["step"] > 60] for n in runs}
+    assert [r["step"] for r in evals["other"]] == [70, 80] and "prdc/precision" in evals["other"][0]
+    assert not any("prdc/precision" in r for r in evals["plain"])
+    for p, o in zip(evals["plain"], evals["other"]):  # the same samples scored within 2 sigma, not 3
+        assert o["mixture/hq"] == o["mixture/dyngan/hq2"] and p["mixture/hq"] == p["mixture/dyngan/hq3"]
+    saved = json.loads((runs["other"] / "config.json").read_text())
+    assert saved["metrics"] == ["mixture", "prdc"]
+    assert saved["options"]["metric"]["mixture"]["hq_sigmas"] == 2.0 and saved["options"]["metric"]["prdc"]["k"] == 3
+    # a plain resume keeps them; another --metrics drops the options of the metric it leaves out
+    res = invoke(["train", "--resume", "--dry-run", "--out", str(runs["other"]), "--steps", "90"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["options"]["metric"]["prdc"]["k"] == 3, res.output
+    res = invoke(["train", "--resume", "--dry-run", "--out", str(runs["other"]), "--metrics", "prdc"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["options"]["metric"] == {"prdc": saved["options"]["metric"]["prdc"]}
+    # what no chosen metric has is refused as for a new run
+    for extra, needle in ((["-o", "metric.nope=1"], "no chosen metric has it"),
+                          (["--metrics", "mixture", "-o", "metric.prdc.k=3"], "metric 'prdc' is not chosen"),
+                          (["--metrics", "nope"], "nope")):
+        res = invoke(["train", "--resume", "--dry-run", "--out", str(runs["other"]), *extra])
+        assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.output, (extra, res.output)
 
 
 def test_keep_checkpoints_is_a_flag_and_may_change_on_resume(run60_copy):
@@ -1041,8 +1073,7 @@ def test_a_resumed_run_whose_metric_settings_cannot_work_says_where_to_change_th
     (out / "config.json").write_text(json.dumps(cfg))
     res = invoke(["train", "--out", str(out), "--resume", "--steps", "70", "-q"])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
-    assert "k=5 needs more than 5" in res.stderr and "change eval_samples or options.metric in" in res.stderr
-    cfg["eval_samples"] = 100  # as that message says
-    (out / "config.json").write_text(json.dumps(cfg))
-    res = invoke(["train", "--out", str(out), "--resume", "--steps", "70", "-q"])
+    assert "k=5 needs more than 5" in res.stderr and "-o metric.KEY=VALUE or --metrics" in res.stderr
+    res = invoke(["train", "--out", str(out), "--resume", "--steps", "70", "-q", "-o", "metric.k=2"])  # as it says
     assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["options"]["metric"]["prdc"]["k"] == 2
