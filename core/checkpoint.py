@@ -27,6 +27,8 @@ _TENSORS = re.compile(r"^step-(\d{8,})\.safetensors$")
 _TMP = re.compile(r"^\.step-\d{8,}\.(?:json|safetensors)\.tmp-(\d+)$")
 #: a checkpoint's JSON sidecar is small; a bigger one is not ours (and is not read into memory)
 MAX_JSON_BYTES = 64 << 20
+#: tensor-name prefixes of the networks' weights (generator, discriminator, G's weight average)
+NETWORK_PREFIXES = ("G/", "D/", "G_ema/")
 
 
 @dataclass
@@ -117,7 +119,7 @@ def save(directory: Path, step: int, tensors: dict[str, Any], meta: dict[str, An
             tensor_path.unlink(missing_ok=True)
         raise RunFailure(f"could not write checkpoint at step {step} in {directory}: {e.strerror or e}; "
                          "the previous checkpoint is intact") from None
-    _prune(directory, keep)
+    _prune(directory, keep, step)
     return json_path
 
 
@@ -133,8 +135,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _prune(directory: Path, keep: int) -> None:
-    entries = list_checkpoints(directory)
+def _prune(directory: Path, keep: int, written: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to step ``written`` (the one just saved). One with a
+    later step is one a resume skipped (unreadable, or not fitting the run): it neither counts
+    toward ``keep`` nor is deleted, so the good checkpoints are never pruned in its favour."""
+    entries = [e for e in list_checkpoints(directory) if e[0] <= written]
     for step, json_path in entries[:-keep] if keep > 0 else []:
         for p in (json_path, json_path.with_suffix(".safetensors")):
             try:
@@ -209,6 +214,9 @@ def read(json_path: Path) -> Checkpoint:
         tensors = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{tname}: not a valid safetensors file ({e})") from None
+    for name, t in tensors.items():  # NaN weights are never saved: such a file was edited or damaged
+        if name.startswith(NETWORK_PREFIXES) and t.is_floating_point() and not bool(t.isfinite().all()):
+            raise CheckpointError(f"{tname}: {name} holds NaN or inf weights")
     return Checkpoint(step=step, tensors=tensors, meta=meta, path=json_path)
 
 
@@ -282,7 +290,9 @@ def unflatten_optimizer(prefix: str, js: Any, tensors: dict[str, Any],
                         like: dict[str, Any] | None = None) -> dict[str, Any]:
     """An optimiser state dict from ``flatten_optimizer``'s parts; raises ValueError if the
     JSON is malformed or (given ``like``, the fresh optimiser's state dict) its param groups
-    differ from the optimiser's in keys, sizes or value types."""
+    differ from the optimiser's in keys, sizes or value types. Given ``like``, the groups' settings
+    (learning rate, betas, ...) are ``like``'s, which come from the run's config: the JSON is not
+    covered by the tensor file's checksum, and a run's optimiser settings never change."""
     if not isinstance(js, dict) or not isinstance(js.get("state", {}), dict) \
             or not isinstance(js.get("param_groups"), list) \
             or not all(isinstance(g, dict) for g in js["param_groups"]):
@@ -299,7 +309,9 @@ def unflatten_optimizer(prefix: str, js: Any, tensors: dict[str, Any],
         if key.startswith(pre):
             idx, _, k = key[len(pre):].partition("/")
             state.setdefault(int(idx), {})[k] = t
-    return {"state": state, "param_groups": js["param_groups"]}
+    groups = js["param_groups"] if like is None else \
+        [{**g_now, "params": g_saved["params"]} for g_saved, g_now in zip(js["param_groups"], like["param_groups"])]
+    return {"state": state, "param_groups": groups}
 
 
 def _kind(v: Any) -> str:

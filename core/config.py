@@ -72,6 +72,7 @@ _INT_KEYS = {"steps": 1, "batch_size": 1, "seed": 0, "log_every": 1, "eval_every
 # seeds past 2**63 overflow torch's generators once the run's stream offsets are added
 MAX_SEED = 2**63 - 1
 _INT_MAX = {"threads": 1024, "seed": MAX_SEED}
+_INT64_MAX = 2**63 - 1
 _FLOAT_KEYS = ("lr_g", "lr_d")
 _FLOAT_MAX = 10.0  # an Adam learning rate above this is a typo (and past ~1e38 crashes the optimiser)
 _CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}
@@ -100,6 +101,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"cannot read config file {str(p)!r}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise UsageError(f"config file {str(p)!r} nests arrays or tables too deeply to be a dyngan "
+                         "config") from None
     _check_file_types(data, p)
     return data
 
@@ -193,8 +197,9 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
                 raise UsageError(f"setting {key!r} must be an integer, got {cfg[key]!r}") from None
         if v < lo:
             raise UsageError(f"setting {key!r} must be >= {lo}, got {v}")
-        if key in _INT_MAX and v > _INT_MAX[key]:
-            raise UsageError(f"setting {key!r} must be between {lo} and {_INT_MAX[key]}, got {v}")
+        hi = _INT_MAX.get(key, _INT64_MAX)  # torch takes sizes and counts as 64-bit integers
+        if v > hi:
+            raise UsageError(f"setting {key!r} must be between {lo} and {hi}, got {v}")
         cfg[key] = v
     for key in _FLOAT_KEYS:
         v = cfg.get(key)

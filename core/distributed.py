@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 ENV_TIMEOUT = "DYNGAN_DIST_TIMEOUT"
 ENV_DEBUG_DUMP = "DYNGAN_DEBUG_DUMP_DIR"
 DEFAULT_TIMEOUT_S = 120.0
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.001, 365 * 24 * 3600.0
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -84,10 +85,11 @@ def timeout_from_env(environ: Mapping[str, str] | None = None) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S:  # also NaN; torch counts the timeout in whole ms
         from .errors import UsageError
 
-        raise UsageError(f"{ENV_TIMEOUT} must be a positive number of seconds, got {raw!r}")
+        raise UsageError(f"{ENV_TIMEOUT} must be a number of seconds between {MIN_TIMEOUT_S:g} and "
+                         f"{MAX_TIMEOUT_S:g} (a year), got {raw!r}")
     return value
 
 

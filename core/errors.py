@@ -58,7 +58,9 @@ def is_out_of_memory(error: BaseException) -> bool:
     the CPU allocator's RuntimeError (torch raises no dedicated class for the latter)."""
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    # the CPU allocator's failure, and a size past what the allocator can even express
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in str(error)
+                                                or "Storage size calculation overflowed" in str(error))
 
 
 def out_of_memory(error: BaseException, doing: str, hint: str) -> OutOfMemory:

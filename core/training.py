@@ -90,6 +90,8 @@ class Aborted(DynganError):
 
 #: name of the generator's weight average (``--g-ema``); its checkpoint tensors are ``G_ema/...``
 EMA_NAME = "G_ema"
+#: optimiser state that is a count or a second moment: never negative in a real run
+_NON_NEGATIVE_STATE = ("step", "exp_avg_sq", "max_exp_avg_sq")
 EMA_PREFIX = EMA_NAME + "/"
 
 
@@ -536,6 +538,12 @@ class Trainer:
                 raise UsageError(
                     f"eval_samples {n_eval:,}: the samples alone would need {need / 2**30:,.1f} GiB, more than "
                     f"the {have / 2**30:,.1f} GiB of {dev.type}; set a smaller eval_samples")
+        need = 2 * int(cfg["batch_size"]) * math.prod(self.data_shape) * 4  # a real and a fake float32 batch
+        have = _short_of_memory(need, dev)
+        if have is not None:
+            raise OutOfMemory(f"batch size {cfg['batch_size']:,}: a real and a fake batch alone would need "
+                              f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {dev.type}; "
+                              "use a smaller --batch-size")
         try:
             G, D, spec = build_networks(comps.model, comps.conditioner, self.data_shape)
         except DynganError:
@@ -687,13 +695,18 @@ class Trainer:
                                                                    self.opt_g.state_dict()))
             self.opt_d.load_state_dict(ckpt_io.unflatten_optimizer("optim/D", meta["optim"]["D"], t,
                                                                    self.opt_d.state_dict()))
-            for opt in (self.opt_g, self.opt_d):  # Adam's moments must have their parameter's shape
+            for opt in (self.opt_g, self.opt_d):  # Adam's moments: their parameter's shape, finite
                 for group in opt.param_groups:
                     for p in group["params"]:
                         for key, v in opt.state.get(p, {}).items():
-                            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                            if not isinstance(v, torch.Tensor):
+                                continue
+                            if v.dim() > 0 and v.shape != p.shape:
                                 raise ValueError(f"optimiser state {key!r} has shape {tuple(v.shape)}, "
                                                  f"its parameter {tuple(p.shape)}")
+                            if v.is_floating_point() and not bool(torch.isfinite(v).all()) or \
+                                    key in _NON_NEGATIVE_STATE and bool((v < 0).any()):
+                                raise ValueError(f"optimiser state {key!r} holds NaN, inf or a negative value")
             labels, prior = t["train/labels"], t["train/prior"]
             if labels.shape != self.labels.shape or not valid_prior(prior, self.capacity):
                 raise ValueError("partition labels or prior do not match this run")
@@ -745,7 +758,10 @@ class Trainer:
                 f"one on the original device")
 
     def save(self) -> None:
-        for what, net in (("generator", self.G), ("discriminator", self.D)):  # on every rank: same verdict
+        nets = [("generator", self.G), ("discriminator", self.D)]
+        if self.G_ema is not None:
+            nets.append(("generator's weight average", self.G_ema))
+        for what, net in nets:  # on every rank: same verdict
             for p in net.parameters():
                 if not torch.isfinite(p).all():
                     m, loss = self.comps.model, self.comps.loss

@@ -109,6 +109,10 @@ def test_config_file_errors(tmp_path):
     with pytest.raises(UsageError, match="larger than 1 MiB"):
         resolve_settings({"config": str(big)})
     assert resolve_settings({"config": _write_toml(tmp_path / "ok.toml", "# x\n" * 1000 + "steps = 3\n")})["steps"] == 3
+    # nesting deep enough to exhaust the TOML parser's recursion
+    deep = _write_toml(tmp_path / "deep.toml", "a = " + "[" * 2000 + "]" * 2000 + "\n")
+    res = _dry_run(["--config", deep])
+    assert res.exit_code == 2 and "nests arrays or tables too deeply" in res.stderr and "Traceback" not in res.output
 
 
 # ------------------------------------------------------------------ -o KIND.KEY=VALUE
@@ -194,6 +198,8 @@ _BAD_SCALARS = [
     ({"steps": 1.5}, "'steps' must be an integer"),
     ({"steps": True}, "'steps' must be an integer"),
     ({"batch_size": 0}, "'batch_size' must be >= 1"),
+    ({"batch_size": 2**63}, "'batch_size' must be between 1 and 9223372036854775807"),
+    ({"steps": 10**30}, "'steps' must be between 1 and 9223372036854775807"),
     ({"seed": -1}, "'seed' must be >= 0"),
     ({"seed": 2**63}, "'seed' must be between 0 and 9223372036854775807"),
     ({"threads": 100_000}, "'threads' must be between 1 and 1024"),

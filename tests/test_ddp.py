@@ -294,6 +294,16 @@ def test_bad_torchrun_variables_are_exit_2(tmp_path, name, value, needle):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "1e30", "1e-300", "0", "-3", "soon"])
+def test_a_dist_timeout_out_of_range_is_a_usage_error(value):
+    from core.distributed import ENV_TIMEOUT, timeout_from_env
+    from core.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"{ENV_TIMEOUT} must be a number of seconds between"):
+        timeout_from_env({ENV_TIMEOUT: value})
+    assert timeout_from_env({ENV_TIMEOUT: "2.5"}) == 2.5 and timeout_from_env({}) == 120.0
+
+
 def test_a_rendezvous_that_cannot_complete_is_a_clear_failure(tmp_path):
     # one process of two: the other never comes, and the wait ends after DYNGAN_DIST_TIMEOUT
     env = env_for(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",

@@ -203,9 +203,37 @@ def corrupt_optimiser_state_shape(ck, runs):
     _lengthen(ck, "optim/G/", "exp_avg", 1)
 
 
+def _fill(ck, prefix, suffix, value):
+    """Fill the first tensor named PREFIX...SUFFIX with ``value`` (a checkpoint that verifies)."""
+    t = _t(ck)
+    key = next(k for k in t if k.startswith(prefix) and k.endswith(suffix))
+    t[key] = torch.full_like(t[key], value)
+    _rewrite(ck, t)
+
+
+def corrupt_nan_generator(ck, runs):
+    _fill(ck, "G/", "weight", float("nan"))
+
+
+def corrupt_inf_discriminator(ck, runs):
+    _fill(ck, "D/", "bias", float("inf"))
+
+
+def corrupt_negative_adam_step(ck, runs):
+    _fill(ck, "optim/G/", "step", -5.0)
+
+
+def corrupt_nan_adam_moment(ck, runs):
+    _fill(ck, "optim/D/", "exp_avg", float("nan"))
+
+
 CORRUPTIONS = {
     "nan-prior": (corrupt_nan_prior, "prior"),
     "optimiser-state-shape": (corrupt_optimiser_state_shape, "does not fit"),
+    "nan-generator": (corrupt_nan_generator, "NaN or inf weights"),
+    "inf-discriminator": (corrupt_inf_discriminator, "NaN or inf weights"),
+    "negative-adam-step": (corrupt_negative_adam_step, "NaN, inf or a negative value"),
+    "nan-adam-moment": (corrupt_nan_adam_moment, "NaN, inf or a negative value"),
     "truncated": (corrupt_truncated, "recorded"),
     "byte-edited": (corrupt_byte_edited, "checksum"),
     "json-edited": (corrupt_json_edited, "unreadable metadata"),
@@ -222,7 +250,8 @@ CORRUPTIONS = {
 
 
 #: corruptions of what only a resumed run reads (optimiser, component state)
-TRAINING_STATE_ONLY = {"meta-types", "optimiser-settings", "optimiser-state-shape"}
+TRAINING_STATE_ONLY = {"meta-types", "optimiser-settings", "optimiser-state-shape", "negative-adam-step",
+                       "nan-adam-moment"}
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
@@ -265,6 +294,38 @@ def test_bad_newest_checkpoint_falls_back_and_alone_is_exit_2(tmp_path, runs, ca
     assert "skipped newer checkpoint" in res.stderr and "using step 10" in res.stderr and reason in res.stderr
     assert ckpt_steps(out)[-1] == 30
     assert same_final_networks(runs / "straight30", out)
+
+
+def test_a_checkpoints_optimiser_settings_come_from_the_config(tmp_path, runs):
+    """The JSON's Adam settings are not covered by the checksum: edited ones (betas 5, a negative
+    learning rate, maximize) are replaced by the run's own, so the resume ends as the straight run."""
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    jpath = out / "checkpoints" / "step-00000020.json"
+    meta = json.loads(jpath.read_text())
+    meta["optim"]["G"]["param_groups"][0].update(betas=[5.0, 5.0], lr=-5.0, maximize=True)
+    meta["optim"]["D"]["param_groups"][0].update(betas=[5.0, 5.0])
+    jpath.write_text(json.dumps(meta))
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "30", "-q"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "skipped" not in res.stderr  # step 20 was used
+    assert same_final_networks(runs / "straight30", out)
+    saved = json.loads((out / "checkpoints" / "step-00000030.json").read_text())["optim"]["G"]["param_groups"][0]
+    assert saved["betas"] == [0.5, 0.999] and saved["lr"] == 1e-3 and saved["maximize"] is False
+
+
+def test_pruning_never_keeps_an_unreadable_newer_checkpoint_instead_of_the_good_ones(tmp_path, runs):
+    """A resume that skipped a corrupt newest checkpoint and stops before its step with a smaller
+    --keep-checkpoints must keep what it wrote (it kept only the corrupt file, so the run was lost)."""
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    corrupt_truncated(out / "checkpoints", runs)
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "15", "--checkpoint-every", "5",
+                  "--keep-checkpoints", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert ckpt_steps(out) == [15, 20]  # step 10 pruned; the skipped step-20 file neither counted nor deleted
+    res = invoke(["sample", str(out), "--n", "3", "--out", str(tmp_path / "s.npy")])
+    assert res.exit_code == 0 and "using step 15" in res.stderr, res.output
 
 
 def _truncated_newest(tmp_path, runs):

@@ -21,6 +21,8 @@ def test_allocation_failures_are_recognised_and_nothing_else():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 2x5)"))
     assert not is_out_of_memory(ValueError("can't allocate memory"))  # only the allocator's RuntimeError
+    # a size the allocator cannot even express (torch.zeros(2**63 - 1))
+    assert is_out_of_memory(RuntimeError("Storage size calculation overflowed with sizes=[9223372036854775807]"))
     err = out_of_memory(ALLOC, "at step 3", "use a smaller --batch-size")
     assert isinstance(err, UsageError) and err.exit_code == 2
     assert str(err).startswith("out of memory at step 3 ([enforce fail") and str(err).endswith("--batch-size")
@@ -156,3 +158,13 @@ def test_other_errors_in_evaluate_are_not_called_out_of_memory(tmp_path, monkeyp
     monkeypatch.setattr(metric, "compute", lambda self, *a: 1 / 0)
     with pytest.raises(ComponentFailure, match="ZeroDivisionError"):
         api.evaluate(out, n=300)
+
+
+@pytest.mark.parametrize("batch", ["9223372036854775807", "100000000000"])
+def test_a_batch_too_large_for_memory_is_refused_before_training(tmp_path, batch):
+    out = tmp_path / "run"
+    res = invoke(["train", "--out", str(out), "--dataset", "grid25", "--steps", "5", "--batch-size", batch,
+                  "--device", "cpu", "--quiet", "-o", "dataset.n=500"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"batch size {int(batch):,}" in res.stderr and "use a smaller --batch-size" in res.stderr
+    assert not out.exists()  # nothing left behind to block the same --out
