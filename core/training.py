@@ -724,7 +724,7 @@ class Trainer:
             if self.device.type == "cuda" and "rng/cuda" in t:
                 torch.cuda.set_rng_state(t["rng/cuda"], self.device)
             was = meta.get("processes", 1)
-            if isinstance(was, int) and was != self.world_size:
+            if isinstance(was, int) and not isinstance(was, bool) and was >= 1 and was != self.world_size:
                 b = self.cfg["batch_size"]
                 self.progress.warn(f"this run was trained by {was} process{'es' if was > 1 else ''} (effective batch "
                                   f"{was * b}) and goes on with {self.world_size} (effective batch "
@@ -738,7 +738,9 @@ class Trainer:
             states = {slot: ckpt_io.join_state(f"component/{slot}", comp_js.get(slot, {}), t)
                       for slot in self.comps.stateful()}
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            # torch's load_state_dict puts the missing and unexpected keys on the lines after its first
+            msg = " ".join(str(e).split()) or type(e).__name__
+            msg = msg if len(msg) <= 300 else msg[:297] + "..."
             raise CheckpointError(f"{ck.path.name} does not fit this run: {msg}") from None
         for slot, comp in self.comps.stateful().items():
             try:

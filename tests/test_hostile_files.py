@@ -292,6 +292,8 @@ def test_bad_newest_checkpoint_falls_back_and_alone_is_exit_2(tmp_path, runs, ca
     res = invoke(["train", "--resume", "--out", str(out), "--steps", "30"])
     assert res.exit_code == 0, res.output
     assert "skipped newer checkpoint" in res.stderr and "using step 10" in res.stderr and reason in res.stderr
+    if case == "renamed-tensor":  # torch's explanation follows its first line: it is kept
+        assert "Missing key(s)" in res.stderr
     assert ckpt_steps(out)[-1] == 30
     assert same_final_networks(runs / "straight30", out)
 
