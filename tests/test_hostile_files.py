@@ -316,6 +316,17 @@ def test_a_checkpoints_optimiser_settings_come_from_the_config(tmp_path, runs):
     assert saved["betas"] == [0.5, 0.999] and saved["lr"] == 1e-3 and saved["maximize"] is False
 
 
+@pytest.mark.parametrize("processes", [0, -2, "two", True])
+def test_a_nonsense_process_count_in_a_checkpoint_is_not_reported(tmp_path, runs, processes):
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    jpath = out / "checkpoints" / "step-00000020.json"
+    jpath.write_text(json.dumps({**json.loads(jpath.read_text()), "processes": processes}))
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "30", "-q"])
+    assert res.exit_code == 0 and "trained by" not in res.stderr, res.output
+    assert same_final_networks(runs / "straight30", out)
+
+
 def test_pruning_never_keeps_an_unreadable_newer_checkpoint_instead_of_the_good_ones(tmp_path, runs):
     """A resume that skipped a corrupt newest checkpoint and stops before its step with a smaller
     --keep-checkpoints must keep what it wrote (it kept only the corrupt file, so the run was lost)."""
