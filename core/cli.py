@@ -59,6 +59,29 @@ class DynganGroup(click.Group):
             return super().invoke(ctx)
         except DynganError as e:
             raise fail(e) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - a plugin's command may raise anything
+            which = self._plugin_command(ctx.invoked_subcommand)
+            if which is None:
+                raise  # a core command: a bug of dyngan's own, shown in full
+            # a runtime failure of the plugin's code, not bad input: one line naming it, exit code 1
+            lines = str(e).strip().splitlines()
+            why = f"{type(e).__name__}: {lines[0]}{' ...' if len(lines) > 1 else ''}" if lines else type(e).__name__
+            click.echo(f"Error: {which} failed: {why}", err=True)
+            raise click.exceptions.Exit(1) from None
+
+    def _plugin_command(self, name: str | None) -> str | None:
+        """``command 'NAME' of plugin 'P' (distribution D)`` when ``name`` is a command a plugin added,
+        else None (a core command)."""
+        if name is None or self._core_commands is None or name in self._core_commands:
+            return None
+        host = self._commands_host
+        info = next((p for p in getattr(host, "plugins", {}).values() if name in p.commands), None)
+        if info is None:
+            return f"plugin command {name!r}"
+        dist = f" (distribution {info.distribution})" if info.distribution else ""
+        return f"command {name!r} of plugin {info.name!r}{dist}"
 
 
 @click.group(

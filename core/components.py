@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
-from .options import Option, OptionValues, resolve_options
+from .errors import OptionError
+from .options import Option, OptionValues, check_value, resolve_options
 
 if TYPE_CHECKING:  # torch is imported lazily so that `dyngan --help` stays instant
     import torch
@@ -441,6 +442,66 @@ def every_problem(cls: type) -> str | None:
     return (f"{wrong} (the training loop calls {method}() every `every` steps): add "
             f'`"every": Option(500, "{method} every this many steps", min=1)` to its `options`, '
             "or override the `every` property")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def schema_problem(cls: type) -> str | None:
+    """What is wrong with a component class's ``options`` schema (or a preset's ``settings``), None when
+    nothing is: ``options`` must map string keys to ``Option``s whose defaults pass their own checks, and a
+    preset's ``settings`` must be a mapping (its ``options``, if any, a mapping of kind -> option values).
+
+    Said by the registry when a plugin registers the class, as for ``every_problem``: otherwise the
+    schema breaks with a traceback only when the component is used (``TypeError`` from a comparison,
+    ``AttributeError`` on a non-Option).
+    """
+    options = getattr(cls, "options", None)
+    if not isinstance(options, Mapping):
+        return (f"has `options` = {_short(options)}, not a mapping of option names to Options: declare "
+                '`options = {"name": Option(default, "what it does")}`')
+    where = f"{getattr(cls, 'kind', '?')} {getattr(cls, 'name', '?')!r}"
+    try:
+        items = list(options.items())
+    except Exception as e:  # noqa: BLE001 - a plugin's own Mapping may raise anything
+        return f"has `options` that cannot be read ({type(e).__name__}: {e})"
+    for key, opt in items:
+        if not isinstance(key, str):
+            return f"has an option key {_short(key)}, which is not a string"
+        if not isinstance(opt, Option):
+            return (f"has option {key!r} = {_short(opt)}, which is not an Option (core.components.Option): "
+                    f'write `"{key}": Option(default, "what it does")`')
+        if opt.type is not None and not isinstance(opt.type, type):
+            return f"has option {key!r} with type={_short(opt.type)}, which is not a type (int, float, bool or str)"
+        if opt.default is None and opt.type is None:
+            return f"has option {key!r} whose default is None and no type: give it `type=` (and `nullable=True`)"
+        if (opt.min is not None or opt.max is not None) and opt.value_type not in (int, float):
+            return (f"has option {key!r} with a min or max, but its type is {opt.value_type.__name__}, not a number "
+                    f"(default {_short(opt.default)})")
+        try:
+            check_value(where, key, opt.default, opt)
+        except OptionError as e:
+            why = str(e).removeprefix(f"{where}: ")
+            return f"has option {key!r} whose default {_short(opt.default)} fails its own schema ({why})"
+        except Exception as e:  # noqa: BLE001 - e.g. min=0.0 for a string default: '<' not supported
+            return (f"has option {key!r} whose default {_short(opt.default)} cannot be checked against its own "
+                    f"schema ({type(e).__name__}: {e})")
+    if isinstance(cls, type) and issubclass(cls, Preset):
+        settings = getattr(cls, "settings", None)
+        if not isinstance(settings, Mapping):
+            return (f"has `settings` = {_short(settings)}, not a mapping of config keys to values "
+                    '(e.g. `settings = {"loss": "ns", "options": {"loss": {...}}}`)')
+        opts = settings.get("options")
+        if opts is not None:
+            if not isinstance(opts, Mapping):
+                return f"has `settings['options']` = {_short(opts)}, not a mapping of component kinds to options"
+            for kind, values in opts.items():
+                if not isinstance(values, Mapping):
+                    return (f"has `settings['options'][{kind!r}]` = {_short(values)}, not a mapping of "
+                            "option names to values")
+    return None
 
 
 # --------------------------------------------------------------------------- metrics and presets

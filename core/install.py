@@ -218,7 +218,15 @@ def install_args(targets: Sequence[str], *, editable: bool = False, no_deps: boo
     if report is not None:
         args += ["--report", report]
     for t in targets:
+        if not t.strip():
+            raise UsageError("an empty package name or path: name a plugin package (e.g. dyngan-ragan) or a "
+                             "project directory, wheel or archive to install")
         local = _is_local(t)
+        if local and os.path.isdir(t) and not any(os.path.isfile(os.path.join(t, f))
+                                                  for f in ("pyproject.toml", "setup.py")):
+            raise UsageError(f"{t!r} is a directory but not a Python project: it has no pyproject.toml or "
+                             "setup.py (a plugin project declares its entry point in pyproject.toml's "
+                             "[project.entry-points.dyngan])")
         if not local and _looks_like_path(t):
             raise UsageError(f"{t!r}: no such file or directory (a plugin project directory, wheel or "
                              "archive to install must exist)")
@@ -342,6 +350,9 @@ def uninstall_plugins(names: Sequence[str], *, echo: Callable[[str], None] | Non
     """
     if not names:
         raise UsageError("name at least one distribution to uninstall")
+    if not all(n.strip() for n in names):
+        raise UsageError("an empty distribution name: name the plugin distribution to uninstall "
+                         "(`dyngan plugins` shows each plugin's distribution in brackets)")
     if any(canonical(n) == SELF for n in names):
         raise UsageError(
             "refusing to uninstall dyngan itself: it would remove this command and every built-in plugin "
@@ -352,6 +363,8 @@ def uninstall_plugins(names: Sequence[str], *, echo: Callable[[str], None] | Non
             dist = metadata.distribution(n)
         except metadata.PackageNotFoundError:
             raise UsageError(f"{n!r} is not installed in this environment ({sys.executable})") from None
+        except ValueError as e:  # importlib.metadata refuses the name itself
+            raise UsageError(f"{n!r} is not a distribution name ({e})") from None
         plugins = sorted(ep.name for ep in dist.entry_points if ep.group == "dyngan")
         removed.append((dist.metadata["Name"] or n, dist.version, plugins))
     run_pip(["uninstall", "-y", *names], echo=echo)

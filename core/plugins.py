@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -32,6 +33,30 @@ from .errors import DuplicateComponentError, DynganError, PluginError
 from .registry import Registry
 
 GROUP = "dyngan"
+
+
+class MalformedEntryPoint(PluginError):
+    """An entry point in the group ``dyngan`` whose value is not ``module`` or ``module:attr``."""
+
+
+#: what importlib.metadata accepts as an entry point's value (it fails on anything else with an
+#: AttributeError about ``NoneType`` and ``group``)
+_ENTRY_POINT_VALUE = getattr(metadata.EntryPoint, "pattern", None) or re.compile(
+    r"(?P<module>[\w.]+)\s*(:\s*(?P<attr>[\w.]+)\s*)?((?P<extras>\[.*\])\s*)?$")
+
+
+def _entry_point_loader(ep: metadata.EntryPoint, dist: str | None) -> Callable[[], Any]:
+    """``ep.load``, checking first that the value is one it can load."""
+
+    def load() -> Any:
+        if not isinstance(ep.value, str) or _ENTRY_POINT_VALUE.match(ep.value) is None:
+            where = f" of distribution {dist}" if dist else ""
+            raise MalformedEntryPoint(
+                f"malformed entry point {ep.name} = {ep.value!r} in the group {GROUP!r}{where}: its value must be "
+                "a module (`package.module`) or a module and an attribute (`package.module:attr`)")
+        return ep.load()
+
+    return load
 
 
 @dataclass
@@ -70,8 +95,8 @@ class PluginInfo:
 def _describe(cls: type) -> dict[str, Any]:
     """A registered component's option schema as JSON (a preset: its settings).
 
-    For display only: a malformed schema is refused when the component is used, so
-    here it is shown as malformed rather than failing the plugin.
+    For display only: the registry refuses a malformed schema (``components.schema_problem``) before
+    this runs; should one get through anyway, it is shown as malformed rather than failing here.
     """
     try:
         if getattr(cls, "kind", None) == "preset":
@@ -140,6 +165,9 @@ class PluginHost:
         self.plugins[name] = info
         try:
             obj = load()
+        except MalformedEntryPoint as e:
+            info.error = str(e)
+            return info
         except BaseException as e:  # noqa: BLE001 - a plugin may raise anything on import
             if isinstance(e, KeyboardInterrupt):
                 raise
@@ -200,7 +228,7 @@ class PluginHost:
         return [impl for impl in caller.get_hookimpls() if impl.plugin_name == plugin_name]
 
     def _run_registration(self, plugin_name: str, info: PluginInfo) -> None:
-        duplicates: list[DuplicateComponentError] = []
+        refused: list[DynganError] = []
         for hook_name, kind in hookspecs.REGISTRATION_HOOKS.items():
             for impl in self._impls(hook_name, plugin_name):
 
@@ -210,17 +238,20 @@ class PluginHost:
                         info.offered.setdefault(_kind, []).append(name)
                     try:
                         self.registry.add(_kind, cls, plugin_name)
-                    except DuplicateComponentError as e:
-                        # the plugin fails, but only after it offered every name: asking for any
-                        # of them then names it ("plugin 'x' failed to load"), not just this one
-                        duplicates.append(e)
+                    except (DuplicateComponentError, PluginError) as e:
+                        # a clash, or a class the registry refuses (a malformed `options` schema, no
+                        # `every`...): the plugin fails, but only after it offered every name: asking
+                        # for any of them then names it ("plugin 'x' failed to load"), not just this one
+                        refused.append(e)
                         return
                     info.components.setdefault(_kind, []).append(cls.name)
                     info.options.setdefault(_kind, {})[cls.name] = _describe(cls)
 
                 impl.function(**{a: register for a in impl.argnames})
-        if duplicates:
-            raise duplicates[0]
+        if len(refused) == 1:
+            raise refused[0]
+        if refused:  # each refused class's problem, so that asking for any of them says what is wrong with it
+            raise PluginError("; ".join(dict.fromkeys(str(e) for e in refused)))
 
     def add_commands(self, cli: Any, protected: Iterable[str] = ()) -> None:
         """Run every plugin's ``register_commands(cli)``, recording what each adds.
@@ -369,7 +400,7 @@ def load_plugins(env: Mapping[str, str] | None = None) -> PluginHost:
             host.skipped[ep.name] = skipped
             continue
         version = ep.dist.version if ep.dist is not None else None
-        host.add_plugin(ep.name, ep.load, module=ep.value, distribution=dist, version=version)
+        host.add_plugin(ep.name, _entry_point_loader(ep, dist), module=ep.value, distribution=dist, version=version)
     return host
 
 

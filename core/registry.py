@@ -6,7 +6,7 @@ import difflib
 import re
 from typing import Callable, Iterator
 
-from .components import KINDS, Component, every_problem
+from .components import KINDS, Component, every_problem, schema_problem
 from .errors import DuplicateComponentError, PluginError, UnknownComponentError
 
 
@@ -41,8 +41,10 @@ class Registry:
         name = getattr(cls, "name", "")
         if not isinstance(name, str) or not name or name != name.strip() or name.lower() == "none":
             raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} without a valid `name`")
-        problem = every_problem(cls)
-        if problem is not None:  # else its first detection or partition dies on a KeyError, mid-run
+        # a broken schema (a bad `options` or a preset's `settings`) else dies with a traceback when the
+        # component is used; a missing `every` on its first detection or partition, mid-run, on a KeyError
+        problem = every_problem(cls) or schema_problem(cls)
+        if problem is not None:
             raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} ({name!r}), which {problem}")
         existing = self._by_kind[kind].get(name)
         # the same class from a second plugin is a duplicate too (a plugin re-registering

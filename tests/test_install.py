@@ -46,9 +46,43 @@ def test_uninstall_of_a_distribution_that_is_not_installed_is_a_usage_error(monk
     assert "'dyngan-no-such-plugin-xyz' is not installed" in res.output
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_uninstall_of_an_empty_name_is_a_usage_error(name, monkeypatch):
+    monkeypatch.setattr(inst, "run_pip", lambda *a, **k: pytest.fail("pip must not run"))
+    res = run_cli("uninstall", "dyngan-ragan", name)
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert res.stderr.startswith("Error: an empty distribution name: name the plugin distribution to uninstall")
+    assert len(res.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["", " "])
+def test_install_of_an_empty_name_is_a_usage_error_before_pip(name, monkeypatch):
+    monkeypatch.setattr(inst, "run_pip", lambda *a, **k: pytest.fail("pip must not run"))
+    res = run_cli("install", name)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("Error: an empty package name or path: name a plugin package")
+
+
+@pytest.mark.parametrize("editable", [False, True])
+def test_install_of_a_directory_that_is_no_python_project_is_a_usage_error_before_pip(tmp_path, monkeypatch, editable):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("not a project")
+    monkeypatch.setattr(inst, "run_pip", lambda *a, **k: pytest.fail("pip must not run"))
+    res = run_cli("install", *(["-e"] if editable else []), "./notes")
+    assert res.exit_code == 2, res.output
+    assert res.stderr == ("Error: './notes' is a directory but not a Python project: it has no pyproject.toml or "
+                          "setup.py (a plugin project declares its entry point in pyproject.toml's "
+                          "[project.entry-points.dyngan])\n")
+    (tmp_path / "notes" / "setup.py").write_text("")  # a project after all: pip's to install
+    assert inst.install_args(["./notes"]) == ["install", str(tmp_path / "notes")]
+
+
 def test_a_failing_pip_exits_1_with_pips_last_lines(tmp_path):
-    not_a_project = tmp_path / "no-project-here"  # a folder pip cannot install (no pyproject.toml)
+    not_a_project = tmp_path / "broken-project"  # a project pip refuses: build-system.requires is no list
     not_a_project.mkdir()
+    (not_a_project / "pyproject.toml").write_text('[build-system]\nrequires = "setuptools"\n')
     res = run_cli("install", str(not_a_project))
     assert res.exit_code == 1
     assert "pip install failed" in res.output
@@ -92,6 +126,7 @@ def test_install_needs_a_target_and_editable_needs_a_directory(tmp_path):
 def test_install_args(tmp_path, monkeypatch):
     proj = tmp_path / "proj"
     proj.mkdir()
+    (proj / "pyproject.toml").write_text('[project]\nname = "proj"\n')
     monkeypatch.chdir(tmp_path)
     args = inst.install_args(["./proj", "dyngan-ragan==0.1"], no_deps=True, no_build_isolation=True, upgrade=True,
                              report="/r.json")

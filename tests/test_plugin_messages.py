@@ -294,3 +294,101 @@ def test_an_optional_hook_without_a_spec_is_not_an_error():
     mod.later_hook = hookimpl(optionalhook=True)(later_hook)
     info = PluginHost().add_plugin("optional", lambda: mod)
     assert info.error is None and info.components == {"loss": ["opt-loss"]}
+
+
+# --------------------------------------------------------------------------- 5. malformed schemas, entry points, commands
+
+
+BAD_SCHEMAS = '''
+from core import hookimpl
+from core.components import Loss, Option, Preset
+
+class L(Loss):
+    name = "bad-default"
+    options = {"margin": Option("abc", "m", min=0.0)}
+
+    def d_loss(self, ctx):
+        return ctx.fake_logits.mean()
+
+    def g_loss(self, ctx):
+        return ctx.fake_logits.mean()
+
+class NotOptions(Loss):
+    name = "not-options"
+    options = {"margin": 5}
+
+class P(Preset):
+    name = "bad-preset"
+    settings = 5
+
+@hookimpl
+def register_losses(register):
+    register(L)
+    register(NotOptions)
+
+@hookimpl
+def register_presets(register):
+    register(P)
+'''
+
+BAD_DEFAULT = ("plugin 'bp' registered loss class L ('bad-default'), which has option 'margin' with a min or max, "
+               "but its type is str, not a number (default 'abc')")
+NOT_OPTIONS = "plugin 'bp' registered loss class NotOptions ('not-options'), which has option 'margin' = 5, which is " \
+              "not an Option"
+BAD_PRESET = "plugin 'bp' registered preset class P ('bad-preset'), which has `settings` = 5, not a mapping"
+
+
+def test_a_plugin_with_malformed_schemas_fails_to_load_naming_each_problem(fake_dist):
+    fake_dist("bp", "bp", BAD_SCHEMAS)
+    with plugin_host(env={}) as host:
+        listing = invoke(["plugins"])
+        data = {p["name"]: p for p in json.loads(invoke(["plugins", "--json"]).stdout)}
+        info = host.plugins["bp"]
+    line = next(ln for ln in listing.stdout.splitlines() if ln.startswith("bp "))
+    assert line.startswith("bp [bp 0.1.0]  FAILED: failed while registering: ")
+    for problem in (BAD_DEFAULT, NOT_OPTIONS, BAD_PRESET):
+        assert problem in line
+    assert data["bp"]["error"] == line.split("FAILED: ", 1)[1] and data["bp"]["components"] == {}
+    assert info.offered == {"loss": ["bad-default", "not-options"], "preset": ["bad-preset"]}
+    assert data["losses"]["error"] is None  # the others keep working
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--loss", "bad-default"], BAD_DEFAULT),
+    (["--loss", "not-options"], NOT_OPTIONS),
+    (["--preset", "bad-preset"], BAD_PRESET),
+])
+def test_using_a_component_with_a_malformed_schema_is_a_one_line_error_naming_the_plugin(fake_dist, args, problem):
+    fake_dist("bp", "bp", BAD_SCHEMAS)
+    with plugin_host(env={}):
+        msg = error_of(invoke(["train", "--dry-run", "--device", "cpu", *args]))
+    assert len(msg.strip().splitlines()) == 1
+    assert "note: plugin 'bp' failed to load (failed while registering: " in msg
+    assert problem in msg
+    assert "did you mean" not in msg
+
+
+def test_a_malformed_entry_point_value_says_what_form_is_expected(tmp_path, monkeypatch):
+    write_dist(tmp_path / "site", "dyngan-mep", "0.1.0", {"mep": "a b c"}, {})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with plugin_host(env={}) as host:
+        lines = invoke(["plugins"]).stdout.splitlines()
+        info = host.plugins["mep"]
+    expected = ("malformed entry point mep = 'a b c' in the group 'dyngan' of distribution dyngan-mep: its value "
+                "must be a module (`package.module`) or a module and an attribute (`package.module:attr`)")
+    assert info.error == expected
+    assert f"mep [dyngan-mep 0.1.0]  FAILED: {expected}" in lines
+    assert "NoneType" not in "\n".join(lines)
+
+
+def test_a_plugin_command_raising_is_a_one_line_error_naming_it_with_exit_1():
+    def register_commands(cli):
+        @cli.command(name="explode")
+        def explode():
+            raise ValueError("the plugin's own bug\nsecond line")
+
+    with plugin_host(make_plugin("exploder", register_commands=register_commands), builtins=False):
+        res = invoke(["explode"])
+    assert res.exit_code == 1, res.output
+    assert res.stderr == "Error: command 'explode' of plugin 'exploder' failed: ValueError: the plugin's own bug ...\n"
+    assert "Traceback" not in res.output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.components import KINDS, Dataset, Loss, Metric
+from core.components import KINDS, Dataset, Loss, Metric, Option, Preset
 from core.errors import DuplicateComponentError, PluginError, UnknownComponentError, UsageError
 from core.registry import Registry
 from core.testing import plugin_host
@@ -162,6 +162,52 @@ def test_class_without_a_valid_name_is_an_error(reg, name):
     cls = type("Nameless", (Loss,), {"name": name})
     with pytest.raises(PluginError, match=r"plugin 'sloppy' registered loss class Nameless without a valid `name`"):
         reg.add("loss", cls, "sloppy")
+
+
+@pytest.mark.parametrize("options, says", [
+    (5, "has `options` = 5, not a mapping of option names to Options"),
+    ({"margin": 5}, "has option 'margin' = 5, which is not an Option"),
+    ({"margin": Option("abc", "m", min=0.0)}, "has option 'margin' with a min or max, but its type is str, not a number"),
+    ({"margin": Option(None, "m")}, "has option 'margin' whose default is None and no type"),
+    ({"margin": Option(5, "m", min=10)}, "has option 'margin' whose default 5 fails its own schema (option 'margin' "
+                                         "must be an integer >= 10, got 5)"),
+    ({"margin": Option("b", "m", choices=("a",))}, "has option 'margin' whose default 'b' fails its own schema"),
+    ({"margin": Option("a", "m", choices=5)}, "has option 'margin' whose default 'a' cannot be checked against its "
+                                              "own schema (TypeError: "),
+    ({"margin": Option(1.0, "m", type="float")}, "has option 'margin' with type='float', which is not a type"),
+    ({3: Option(1, "m")}, "has an option key 3, which is not a string"),
+])
+def test_a_class_with_a_malformed_options_schema_is_refused_when_it_registers(reg, options, says):
+    cls = type("BadOpts", (Loss,), {"name": "bad-opts", "options": options})
+    with pytest.raises(PluginError) as exc:
+        reg.add("loss", cls, "sloppy")
+    assert str(exc.value).startswith("plugin 'sloppy' registered loss class BadOpts ('bad-opts'), which ")
+    assert says in str(exc.value)
+    assert "bad-opts" not in reg.names("loss")
+
+
+@pytest.mark.parametrize("settings, says", [
+    (5, "has `settings` = 5, not a mapping of config keys to values"),
+    (None, "has `settings` = None, not a mapping"),
+    ({"options": 5}, "has `settings['options']` = 5, not a mapping of component kinds to options"),
+    ({"options": {"loss": [1]}}, "has `settings['options']['loss']` = [1], not a mapping of option names to values"),
+])
+def test_a_preset_whose_settings_are_not_a_mapping_is_refused_when_it_registers(reg, settings, says):
+    cls = type("BadPreset", (Preset,), {"name": "bad-preset", "settings": settings})
+    with pytest.raises(PluginError) as exc:
+        reg.add("preset", cls, "sloppy")
+    assert str(exc.value).startswith("plugin 'sloppy' registered preset class BadPreset ('bad-preset'), which ")
+    assert says in str(exc.value)
+    assert reg.names("preset") == []
+
+
+def test_well_formed_schemas_still_register(reg):
+    reg.add("loss", type("Fine", (Loss,), {"name": "fine", "options": {
+        "a": Option(None, "a", type=int, nullable=True), "b": Option(1.0, "b", min=0.0, max=2.0),
+        "c": Option("x", "c", choices=("x", "y")), "d": Option(True, "d")}}), "tidy")
+    reg.add("preset", type("FinePreset", (Preset,), {"name": "fine", "settings": {
+        "loss": "fine", "options": {"loss": {"b": 0.5}}}}), "tidy")
+    assert "fine" in reg.names("loss") and reg.names("preset") == ["fine"]
 
 
 # --------------------------------------------------------------------------- queries and removal
