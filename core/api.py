@@ -431,17 +431,34 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
     return LoadedRun(cfg, comps, holder["G"], holder["prior"], dev, ck.step, holder["weights"])
 
 
+def labels_problem(labels: Any, n: int, capacity: int) -> str | None:
+    """Why ``labels`` cannot be the partition of ``n`` training samples into ``capacity`` conditions
+    (the length of the condition prior), or None when they can: one integer label per sample, each
+    in [0, capacity), the rule a resume applies to a checkpoint's labels (core.training)."""
+    import torch
+
+    if labels.dim() != 1 or labels.shape[0] != n:
+        return f"do not fit the training data (shape {tuple(labels.shape)} for {n} samples)"
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return f"are not integers (dtype {labels.dtype})"
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= capacity):
+        return f"out of range (not all in [0, {capacity}))"
+    return None
+
+
 class Run:
     """A finished run, loaded to be used (``load_run``): its resolved config (``cfg``), components
     (``comps``), generator ``G`` (``weights`` says which: "ema" or "raw"), condition ``prior``,
     checkpoint ``step`` and ``device``; its training data (``real``), the partition labels of the
     loaded checkpoint (``labels``, None when it has none that fit the data), the dataset's
-    ``info()`` and the records of metrics.jsonl (``metrics``), each read when first asked for."""
+    ``info()`` and the records of metrics.jsonl (``metrics``), each read when first asked for.
+    ``warn`` is told why labels the checkpoint holds cannot be used (None: silently)."""
 
-    def __init__(self, run_dir: Path, loaded: LoadedRun) -> None:
+    def __init__(self, run_dir: Path, loaded: LoadedRun, warn: Callable[[str], None] | None = None) -> None:
         self.dir = run_dir
         self.cfg, self.comps, self.G, self.prior, self.device, self.step, self.weights = loaded
         self.z_dim = int(self.comps.model.z_dim)
+        self._warn = warn
 
     @property
     def name(self) -> str:
@@ -469,9 +486,13 @@ class Run:
                 lab = ckpt_io.read(path).tensors.get("train/labels")
             except CheckpointError:
                 return None  # pruned or replaced meanwhile: no partitions to show
-            if isinstance(lab, torch.Tensor) and lab.dim() == 1 and lab.shape[0] == self.real.shape[0] \
-                    and (lab.numel() == 0 or int(lab.min()) >= 0):
+            if not isinstance(lab, torch.Tensor):
+                return None
+            problem = labels_problem(lab, self.real.shape[0], int(self.prior.shape[0]))
+            if problem is None:
                 return lab.long()
+            if self._warn is not None:
+                self._warn(f"{path.name}: partition labels {problem}; they are ignored (no partitions shown)")
             return None
         return None
 
@@ -574,10 +595,11 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", generator: str = "auto
              host: PluginHost | None = None, warn: Callable[[str], None] | None = warn_stderr) -> Run:
     """A finished run from its latest good checkpoint (``generator``: see ``_load_run``).
     Raises UsageError / CheckpointError for a bad run directory. ``warn`` is told (by default on
-    stderr) when newer checkpoints were skipped as corrupt."""
+    stderr) when newer checkpoints were skipped as corrupt, and when the checkpoint's partition
+    labels cannot be used (``labels`` is then None)."""
     host = host or get_host()
     run_dir = Path(run_dir)
-    return Run(run_dir, _load_run(run_dir, host, device, generator, warn))
+    return Run(run_dir, _load_run(run_dir, host, device, generator, warn), warn)
 
 
 class SamplingProgress:

@@ -23,15 +23,29 @@ MAX_CONFIG_BYTES = 16 << 20
 def next_numbered(root: Path) -> Path:
     """``runs/001``, ``runs/002`` ...: one past the highest number already there."""
     highest = 0
-    if root.is_dir():
-        for p in root.iterdir():
-            if re.fullmatch(r"\d+", p.name):
-                highest = max(highest, int(p.name))
+    try:
+        if root.is_dir():
+            for p in root.iterdir():
+                if re.fullmatch(r"\d+", p.name):
+                    highest = max(highest, int(p.name))
+    except OSError as e:
+        raise path_error(root, e) from None
     return root / f"{highest + 1:03d}"
 
 
+def path_error(path: Path | str, error: OSError) -> UsageError:
+    """A path given by the user that cannot even be looked at (a name too long for the file system,
+    a folder without search permission, an I/O error): one line naming it, for exit code 2."""
+    return UsageError(f"cannot use {str(path)!r}: {error.strerror or error}")
+
+
 def is_run(path: Path) -> bool:
-    return (path / CONFIG).is_file()
+    """Whether ``path`` holds a run (its config.json); UsageError (``path_error``) when ``path``
+    cannot be looked at."""
+    try:
+        return (path / CONFIG).is_file()
+    except OSError as e:
+        raise path_error(path, e) from None
 
 
 def create(path: Path | None, root: Path = Path("runs")) -> Path:
@@ -60,9 +74,14 @@ def create(path: Path | None, root: Path = Path("runs")) -> Path:
 
 def check_new(path: Path) -> None:
     """UsageError unless ``path`` can become a new run directory (it may exist, empty of runs)."""
-    if path.exists() and not path.is_dir():
+    try:
+        exists_not_dir = path.exists() and not path.is_dir()
+        held = is_run(path) or bool(list_checkpoints(path / CHECKPOINTS))
+    except OSError as e:  # a name too long, a folder without search permission: exit 2, not a traceback
+        raise path_error(path, e) from None
+    if exists_not_dir:
         raise UsageError(f"--out {str(path)!r} exists and is not a directory")
-    if is_run(path) or list_checkpoints(path / CHECKPOINTS):
+    if held:
         raise UsageError(
             f"{str(path)!r} already holds a run; use --resume to continue it or choose another --out"
         )
@@ -71,7 +90,10 @@ def check_new(path: Path) -> None:
 def discard_unstarted(path: Path) -> None:
     """Remove the config.json of a run that failed before training began (no checkpoints,
     no metrics), and the directory if that leaves it empty; anything else is left alone."""
-    if list_checkpoints(path / CHECKPOINTS) or (path / METRICS).exists() or (path / CHECKPOINTS).exists():
+    try:
+        if list_checkpoints(path / CHECKPOINTS) or (path / METRICS).exists() or (path / CHECKPOINTS).exists():
+            return
+    except OSError:  # cannot tell: leave it alone (and do not mask the error that brought us here)
         return
     try:
         (path / CONFIG).unlink(missing_ok=True)
@@ -113,12 +135,17 @@ def record_schedule(path: Path, config: dict[str, Any]) -> None:
 
 def read_config(path: Path) -> dict[str, Any]:
     f = path / CONFIG
-    if not path.is_dir():
-        why = "it is a file" if path.is_file() else "it is not a directory" if path.exists() \
-            else "it does not exist"
+    try:
+        why = None
+        if not path.is_dir():
+            why = "it is a file" if path.is_file() else "it is not a directory" if path.exists() \
+                else "it does not exist"
+        elif not f.is_file():
+            why = f"no {CONFIG}"
+    except OSError as e:  # a name too long, a folder without search permission: exit 2, not a traceback
+        raise path_error(path, e) from None
+    if why is not None:
         raise UsageError(f"{str(path)!r} is not a run directory ({why})")
-    if not f.is_file():
-        raise UsageError(f"{str(path)!r} is not a run directory (no {CONFIG})")
     try:
         size = f.stat().st_size
     except OSError as e:

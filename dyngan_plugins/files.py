@@ -88,6 +88,20 @@ def _short_error(e: BaseException) -> str:
 # --------------------------------------------------------------------------- tensor-file
 
 
+def _mode(path: Path) -> int | None:
+    """``path``'s file type and mode (after symlinks), None when nothing is there. A path that cannot
+    even be looked at (a name too long for the file system, a folder without search permission, a
+    symlink loop, an I/O error) is a DataError naming it, not an OSError from deep inside ``load``."""
+    try:
+        return os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise DataError(f"cannot use {str(path)!r}: {e.strerror or _short_error(e)}") from None
+    except ValueError as e:  # an embedded NUL byte
+        raise DataError(f"cannot use {str(path)!r}: {_short_error(e)}") from None
+
+
 def _check_regular_file(path: Path) -> None:
     """Refuse, before opening it, anything but a regular file (after symlinks): a FIFO would block
     the read forever, a device never end."""
@@ -300,9 +314,10 @@ class TensorFile(_PathOption, Dataset):
 
     def load(self, generator):
         path = _given_path(self.opts.path, ".npy or .safetensors file", self.name)
-        if not path.exists():
+        mode = _mode(path)
+        if mode is None:
             raise DataError(f"{path}: no such file")
-        if path.is_dir():
+        if stat.S_ISDIR(mode):
             raise DataError(f"{path}: is a folder, not a file (for images use --dataset image-folder)")
         _check_regular_file(path)
         suffix = path.suffix.lower()
@@ -386,12 +401,17 @@ class ImageFolder(_PathOption, Dataset):
         import torch
 
         root = _given_path(self.opts.path, "folder of images", self.name)
-        if not root.exists():
+        mode = _mode(root)
+        if mode is None:
             raise DataError(f"{root}: no such folder")
-        if not root.is_dir():
+        if not stat.S_ISDIR(mode):
             raise DataError(f"{root}: not a folder (for an array file use --dataset tensor-file)")
         Image, ImageOps = _pillow()
-        files = _find_images(root)
+        try:
+            files = _find_images(root)
+        except OSError as e:  # a subfolder that cannot be listed (an I/O error, a vanished folder)
+            raise DataError(f"{root}: cannot list the images ({e.strerror or _short_error(e)}"
+                            + (f": {e.filename}" if e.filename else "") + ")") from None
         if not files:
             raise DataError(f"{root}: no .png, .jpg or .jpeg images in this folder or its subfolders")
         size, channels = int(self.opts.size), int(self.opts.channels)

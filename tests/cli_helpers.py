@@ -13,3 +13,35 @@ def invoke(args):
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         raise AssertionError(f"uncaught {type(res.exception).__name__}: {res.exception}\n{res.output}")
     return res
+
+
+def assert_clean_error(res, code=2, *needles):
+    """``res`` (an ``invoke`` result) failed with ``code`` and one ``Error: ...`` line holding every needle."""
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, f"{n!r} not in {err!r}"
+    return err
+
+
+def resign_checkpoint(jpath, tensors=None, blob=None, **meta_changes):
+    """Replace the tensor file of the checkpoint whose JSON is ``jpath`` (with ``tensors``, or the raw
+    ``blob``) and make the JSON's size and sha256 match it, plus ``meta_changes``: a checkpoint that
+    verifies but whose contents were edited."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save
+
+    from core import checkpoint as ckpt_io
+
+    meta = json.loads(jpath.read_text())
+    if tensors is not None:
+        blob = save(tensors, metadata={"format": ckpt_io.FORMAT, "step": str(meta["step"])})
+    if blob is not None:
+        jpath.with_suffix(".safetensors").write_bytes(blob)
+        meta.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    meta.update(meta_changes)
+    jpath.write_text(json.dumps(meta))

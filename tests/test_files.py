@@ -497,3 +497,51 @@ def test_relative_dataset_path_is_saved_absolute_and_old_runs_still_work(tmp_pat
     assert json.loads((run / "config.json").read_text())["options"]["dataset"]["path"] == "d.npy"
     # the resume records its new length and nothing else: the old relative path stays as it was
     assert json.loads((run / "config.json").read_text()) == {**json.loads(before[run / "config.json"]), "steps": 6}
+
+
+# --------------------------------------------------------------------------- paths that cannot be looked at
+
+
+def test_a_data_path_too_long_is_a_data_error_naming_it(tmp_path):
+    import errno
+    import os
+
+    too_long = os.strerror(errno.ENAMETOOLONG)
+    for p in (tmp_path / ("x" * 256 + ".npy"), tmp_path / ("x" * 256) / "d.npy"):
+        with pytest.raises(DataError, match=f"cannot use .*: {too_long}") as e:
+            _load(path=str(p))
+        _one_line_naming(e, p)
+    folder = tmp_path / ("y" * 256)
+    with pytest.raises(DataError, match=f"cannot use .*: {too_long}") as e:
+        ImageFolder(path=str(folder)).load(torch.Generator())
+    _one_line_naming(e, folder)
+
+
+def test_a_symlink_loop_says_so_not_no_such_file(tmp_path):
+    import errno
+    import os
+
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(DataError, match=os.strerror(errno.ELOOP)) as e:
+        _load(path=str(a))
+    _one_line_naming(e, a)
+    with pytest.raises(DataError, match=os.strerror(errno.ELOOP)) as e:
+        ImageFolder(path=str(a)).load(torch.Generator())
+    _one_line_naming(e, a)
+
+
+@pytest.mark.parametrize("dataset", ["tensor-file", "image-folder"])
+def test_cli_train_on_a_data_path_too_long_is_exit_2_and_leaves_no_run(tmp_path, monkeypatch, dataset):
+    from cli_helpers import invoke
+
+    monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
+    monkeypatch.chdir(tmp_path)
+    res = invoke(["train", "--dataset", dataset, "-o", "dataset.path=" + "x" * 256 + ".npy", "--device", "cpu",
+                  "--steps", "2", "-q", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and "cannot use" in err and "File name too long" in err, err
+    assert "raised in load()" not in err
+    assert not (tmp_path / "run").exists()

@@ -9,7 +9,6 @@ fall back to it. Runs are tiny (grid25, 2000 points, one thread).
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import shutil
@@ -22,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save as st_save
+from safetensors.torch import load_file
 
 import core
 import core.errors
 import core.rundir
 from core import api
 from core import checkpoint as ckpt_io
-from cli_helpers import invoke
+from cli_helpers import assert_clean_error, invoke, resign_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120
@@ -51,14 +50,6 @@ def _no_pictures(monkeypatch):
     monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
 
 
-def assert_clean_error(res, code=2, *needles):
-    assert res.exit_code == code, res.output
-    assert "Traceback" not in res.output
-    err = res.stderr.strip()
-    assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, f"{n!r} not in {err!r}"
-    return err
 
 
 def ckpt_steps(run):
@@ -101,15 +92,7 @@ def runs(tmp_path_factory):
 def _rewrite(ck: Path, tensors=None, blob=None, **meta_changes):
     """Replace step-20's tensor file and fix its JSON so that the checksum matches:
     a checkpoint that verifies but whose contents are wrong."""
-    jpath = ck / "step-00000020.json"
-    meta = json.loads(jpath.read_text())
-    if tensors is not None:
-        blob = st_save(tensors, metadata={"format": ckpt_io.FORMAT, "step": "20"})
-    if blob is not None:
-        (ck / "step-00000020.safetensors").write_bytes(blob)
-        meta.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
-    meta.update(meta_changes)
-    jpath.write_text(json.dumps(meta))
+    resign_checkpoint(ck / "step-00000020.json", tensors, blob, **meta_changes)
 
 
 def _t(ck):

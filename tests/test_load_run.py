@@ -10,7 +10,7 @@ import torch
 
 from core import api
 from core.errors import UsageError
-from cli_helpers import invoke
+from cli_helpers import invoke, resign_checkpoint
 
 
 def _train(out, **options):
@@ -119,3 +119,52 @@ def test_the_readme_example_runs(partitioned, capsys):
     assert [int(line.split()[0]) for line in lines] == run.conditions
     # the second column is the condition's prior, the third its number of training samples
     assert [int(line.split()[2]) for line in lines] == [int((run.labels == c).sum()) for c in run.conditions]
+
+
+# --------------------------------------------------------------------------- partition labels that cannot be used
+
+
+def forge_labels(run_dir, first):
+    """Set the first partition label of the run's newest checkpoint to ``first`` (or, given a dtype,
+    cast the labels to it), keeping the checkpoint valid, like an edited file."""
+    from safetensors.torch import load
+
+    from core import checkpoint as ckpt_io
+
+    step, jpath = ckpt_io.list_checkpoints(run_dir / "checkpoints")[-1]
+    tensors = load(jpath.with_suffix(".safetensors").read_bytes())
+    if isinstance(first, torch.dtype):
+        tensors["train/labels"] = tensors["train/labels"].to(first)
+    else:
+        tensors["train/labels"][0] = first
+    resign_checkpoint(jpath, tensors)
+    assert ckpt_io.read(jpath).step == step  # still a good checkpoint
+    return jpath.name
+
+
+def _capacity(run_dir):
+    return int(api.load_run(run_dir, warn=None).prior.shape[0])
+
+
+@pytest.mark.parametrize("bad", ["capacity", 2**62, -1, -(2**62), torch.float32])
+def test_partition_labels_out_of_range_are_unusable_and_said_so(partitioned, tmp_path, bad):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(partitioned, run_dir)
+    forge_labels(run_dir, _capacity(run_dir) - 1)  # the last condition: in range, used without a word
+    warnings = []
+    run = api.load_run(run_dir, warn=warnings.append)
+    assert run.labels is not None and int(run.labels[0]) == run.prior.shape[0] - 1 and warnings == []
+    bad = _capacity(run_dir) if bad == "capacity" else bad
+    name = forge_labels(run_dir, bad)
+    warnings = []
+    run = api.load_run(run_dir, warn=warnings.append)
+    assert run.step == 40 and warnings == []  # the checkpoint itself is used: its networks are fine
+    assert run.labels is None
+    assert len(warnings) == 1 and name in warnings[0] and "partition labels" in warnings[0], warnings
+    assert ("not integers" if isinstance(bad, torch.dtype) else "out of range") in warnings[0]
+    assert run.labels is None and len(warnings) == 1  # said once
+    # sampling does not need the labels
+    assert run.generate(20, seed=0).shape == (20, 2)
+

@@ -17,6 +17,7 @@ from core import report  # noqa: E402
 from core.api import sample, train  # noqa: E402
 from core.errors import CheckpointError, UsageError  # noqa: E402
 from core.plugins import get_host  # noqa: E402
+from cli_helpers import resign_checkpoint  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GREEN = (0x2C, 0xA0, 0x2C)  # matplotlib tab:green (covered modes)
@@ -297,6 +298,67 @@ def test_partitioned_image_run(tmp_path):
     _check_png(paths[1])
     # rows of generated images per condition beside the real images of each partition
     assert grid.width > 1.5 * grid.height
+
+
+HAVE_KMEANS = {"kmeans"} <= _components("partitioner") and {"onehot"} <= _components("conditioner")
+
+
+@pytest.fixture(scope="module")
+def kmeans_run(tmp_path_factory) -> Path:
+    """A run partitioned by k-means into 5 parts (at steps 10, 20 and 30)."""
+    if not HAVE_KMEANS:
+        pytest.skip("the kmeans partitioner or onehot conditioner is not installed")
+    out = tmp_path_factory.mktemp("kmeans") / "k"
+    return _train({"dataset": "grid25", "steps": 30, "seed": 0, "device": "cpu", "out": str(out), "threads": 1,
+                   "log_every": 10, "eval_every": 0, "checkpoint_every": 10, "partitioner": "kmeans",
+                   "conditioner": "onehot", "options": {"dataset": {"n": 500},
+                                                        "partitioner": {"every": 10, "k": 5}}})
+
+
+def _forge_first_label(run: Path, value: int) -> str:
+    """The newest checkpoint with its first partition label set to ``value``, still a valid checkpoint."""
+    from safetensors.torch import load
+
+    from core import checkpoint as ckpt_io
+
+    step, jpath = ckpt_io.list_checkpoints(run / "checkpoints")[-1]
+    tensors = load(jpath.with_suffix(".safetensors").read_bytes())
+    tensors["train/labels"][0] = value
+    resign_checkpoint(jpath, tensors)
+    assert ckpt_io.read(jpath).step == step == 30  # still the run's good newest checkpoint
+    return jpath.name
+
+
+def _capacity(run: Path) -> int:
+    from core import checkpoint as ckpt_io
+
+    return int(ckpt_io.read(ckpt_io.list_checkpoints(run / "checkpoints")[-1][1]).tensors["train/prior"].shape[0])
+
+
+@pytest.mark.parametrize("value", [2**62, "capacity", -1])
+def test_out_of_range_partition_labels_draw_no_partition_panel_and_say_why(tmp_path, kmeans_run, value):
+    """An edited checkpoint whose partition labels are outside [0, conditions): the report draws
+    the samples without the partition panel and warns once, instead of crashing (2**62: an
+    allocation overflow in bincount) or drawing a partition that does not exist."""
+    import shutil
+
+    from cli_helpers import invoke
+
+    good = report.write_report(kmeans_run, n=50)[0]
+    assert _check_png(good).width > 1000  # the unedited run: two panels (samples, partitions)
+    run = tmp_path / "k"
+    shutil.copytree(kmeans_run, run, ignore=shutil.ignore_patterns(report.PICTURES))
+    value = _capacity(run) if value == "capacity" else value
+    name = _forge_first_label(run, value)
+    res = invoke(["report", str(run), "--n", "50"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    warnings = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 1, res.stderr
+    assert warnings[0].startswith("warning: ") and name in warnings[0] and "partition labels out of range" \
+        in warnings[0], warnings
+    samples, curves = (run / report.PICTURES / f for f in ("samples.png", "curves.png"))
+    assert _check_png(samples).width < 1000  # one panel: no partition picture
+    _check_png(curves)
 
 
 # --------------------------------------------------------------------------- errors

@@ -1,0 +1,129 @@
+"""Paths that cannot even be looked at (a component longer than the file system allows, an I/O error
+while stat-ing them): every command says so in one line and exits 2, no traceback, nothing created."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+import core.rundir as rundir
+from core import api
+from core.errors import UsageError
+from cli_helpers import assert_clean_error, invoke
+
+LONG = "x" * 256  # one component past NAME_MAX (255 on Linux and macOS file systems)
+TOO_LONG = os.strerror(errno.ENAMETOOLONG)  # "File name too long"
+
+
+@pytest.fixture(autouse=True)
+def _no_pictures(monkeypatch):
+    monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny finished run with one checkpoint."""
+    out = tmp_path_factory.mktemp("paths") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DYNGAN_NO_PICTURES", "1")
+        api.train({"dataset": "grid25", "steps": 5, "seed": 0, "device": "cpu", "threads": 1, "log_every": 5,
+                   "eval_every": 0, "checkpoint_every": 5, "options": {"dataset": {"n": 500}}, "out": str(out)},
+                  quiet=True)
+    return out
+
+
+def _clean_exit_2(res, *needles):
+    return assert_clean_error(res, 2, *needles)
+
+
+TRAIN = ["--device", "cpu", "--steps", "5", "-q", "-o", "dataset.n=500"]
+COMMANDS = {
+    "sample": lambda p, tmp: ["sample", p, "--n", "5", "--out", str(tmp / "s.npy")],
+    "evaluate": lambda p, tmp: ["evaluate", p],
+    "report": lambda p, tmp: ["report", p],
+    "train": lambda p, tmp: ["train", "--out", p, *TRAIN],
+    "train --resume": lambda p, tmp: ["train", "--out", p, "--resume"],
+    "train --dry-run": lambda p, tmp: ["train", "--out", p, "--dry-run", *TRAIN],
+}
+
+
+@pytest.mark.parametrize("where", ["relative", "inside"])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_name_too_long_is_exit_2_for_every_command(tmp_path, monkeypatch, command, where):
+    monkeypatch.chdir(tmp_path)
+    path = LONG if where == "relative" else str(tmp_path / LONG / "run")
+    err = _clean_exit_2(invoke(COMMANDS[command](path, tmp_path)), f"cannot use {path!r}", TOO_LONG)
+    assert len(err) < len(path) + 100
+    assert sorted(os.listdir(tmp_path)) == []  # no run directory, no samples file
+
+
+def test_a_name_too_long_leaves_no_run_directory_beside_a_saved_run(tmp_path, monkeypatch, run):
+    # the run next door is untouched by the refused commands
+    saved = tmp_path / "saved"
+    shutil.copytree(run, saved)
+    before = {p: p.read_bytes() for p in sorted(saved.rglob("*")) if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    for command in COMMANDS.values():
+        _clean_exit_2(invoke(command(str(saved / LONG), tmp_path)), TOO_LONG)
+    assert {p: p.read_bytes() for p in sorted(saved.rglob("*")) if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["saved"]
+
+
+@pytest.fixture
+def unreadable(tmp_path, monkeypatch):
+    """A folder whose entries cannot be stat-ed: every stat below it fails with EIO, an error pathlib's
+    exists() / is_dir() / is_file() pass on (not only a name too long: any OSError)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    real_stat = pathlib.Path.stat
+
+    def stat(self, *args, **kwargs):
+        if str(self).startswith(str(bad) + os.sep):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    return bad
+
+
+def test_any_os_error_on_a_user_path_is_a_usage_error(unreadable):
+    io_error = os.strerror(errno.EIO)
+    path = unreadable / "run"
+    for check in (rundir.read_config, rundir.check_new, rundir.is_run):
+        with pytest.raises(UsageError, match=f"cannot use '{path}': {io_error}"):
+            check(path)
+    with pytest.raises(UsageError, match=io_error):
+        rundir.create(path)
+    assert os.listdir(unreadable) == []
+
+
+def test_any_os_error_on_a_user_path_is_exit_2_from_the_cli(tmp_path, unreadable):
+    path = str(unreadable / "run")
+    for command in COMMANDS.values():
+        _clean_exit_2(invoke(command(path, tmp_path)), f"cannot use {path!r}", os.strerror(errno.EIO))
+    assert os.listdir(unreadable) == []
+
+
+def test_the_runs_root_that_cannot_be_listed_is_a_usage_error(unreadable):
+    with pytest.raises(UsageError, match=f"cannot use '{unreadable / 'runs'}'"):
+        rundir.create(None, unreadable / "runs")
+
+
+def test_os_errors_are_usage_errors_and_paths_that_can_be_looked_at_are_unchanged(tmp_path, run, unreadable):
+    with pytest.raises(UsageError, match=f"cannot use '{unreadable / 'run'}'"):
+        rundir.check_new(unreadable / "run")
+    # the usual messages still come for paths that stat fine (or do not exist)
+    with pytest.raises(UsageError, match=r"is not a run directory \(it does not exist\)"):
+        rundir.read_config(tmp_path / "nope")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UsageError, match="exists and is not a directory"):
+        rundir.check_new(tmp_path / "f")
+    with pytest.raises(UsageError, match="already holds a run"):
+        rundir.check_new(Path(run))
+    assert rundir.is_run(Path(run)) and not rundir.is_run(tmp_path)
+    assert rundir.read_config(Path(run))["dataset"] == "grid25"
