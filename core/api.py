@@ -397,6 +397,9 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
         if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
             raise CheckpointError(f"{ck.path.name}: bad data_shape {shape!r}")
         has_ema = any(k.startswith(EMA_PREFIX) for k in ck.tensors)
+        if not has_ema and float(cfg.get("g_ema") or 0) > 0:  # every checkpoint of such a run has them
+            raise CheckpointError(f"{ck.path.name}: no weights of the generator's average (G_ema), which "
+                                  f"this run keeps (g_ema {cfg['g_ema']})")
         if generator == "ema" and not has_ema:
             raise UsageError(f"the run in {str(run_dir)!r} keeps no weight average of its generator "
                              "(it was trained without --g-ema); use --generator raw")
@@ -420,7 +423,8 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
             G.load_state_dict(saved_g)
             prior = ck.tensors["train/prior"].float()
         except (RuntimeError, KeyError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = " ".join(str(e).split()) or type(e).__name__  # torch lists the keys after its first line
+            msg = msg if len(msg) <= 300 else msg[:297] + "..."
             raise CheckpointError(f"{ck.path.name} does not fit this run's networks: {msg}") from None
         if not valid_prior(prior, spec.capacity):
             raise CheckpointError(f"{ck.path.name}: bad condition prior")

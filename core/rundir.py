@@ -140,8 +140,8 @@ def read_config(path: Path) -> dict[str, Any]:
         if not path.is_dir():
             why = "it is a file" if path.is_file() else "it is not a directory" if path.exists() \
                 else "it does not exist"
-        elif not f.is_file():
-            why = f"no {CONFIG}"
+        elif not f.is_file():  # a FIFO or a link to a device is there, but no configuration
+            why = f"its {CONFIG} is not a regular file" if f.exists() else f"no {CONFIG}"
     except OSError as e:  # a name too long, a folder without search permission: exit 2, not a traceback
         raise path_error(path, e) from None
     if why is not None:

@@ -416,6 +416,16 @@ def test_metrics_jsonl_that_is_not_a_regular_file_is_exit_2(tmp_path, runs, make
 # ----------------------------------------------------------------------- paths that are not run directories
 
 
+@pytest.mark.parametrize("make", [_metrics_folder, _metrics_fifo], ids=["folder", "fifo"])
+def test_a_config_json_that_is_not_a_regular_file_is_named_as_such(tmp_path, runs, make):
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    make(out / "config.json")
+    for args in (["sample", str(out), "--n", "3", "--out", str(tmp_path / "s.npy")], ["evaluate", str(out)],
+                 ["train", "--resume", "--out", str(out), "-q"]):
+        assert_clean_error(invoke(args), 2, "config.json is not a regular file")
+
+
 def test_a_file_given_as_run_directory_says_it_is_a_file(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("hello")

@@ -168,3 +168,24 @@ def test_partition_labels_out_of_range_are_unusable_and_said_so(partitioned, tmp
     # sampling does not need the labels
     assert run.generate(20, seed=0).shape == (20, 2)
 
+
+
+def test_a_checkpoint_without_the_weight_average_of_a_run_that_keeps_one_is_skipped(tmp_path):
+    """Every checkpoint of a --g-ema run holds G_ema: one without it (edited) is skipped with a warning,
+    not sampled from its raw G as if the run kept no average."""
+    from safetensors.torch import load
+
+    from core import checkpoint as ckpt_io
+
+    out = tmp_path / "ema"
+    api.train({"out": str(out), "dataset": "grid25", "steps": 20, "checkpoint_every": 10, "log_every": 10,
+               "eval_every": 0, "device": "cpu", "g_ema": 0.9, "options": {"dataset": {"n": 500}}}, quiet=True)
+    step, jpath = ckpt_io.list_checkpoints(out / "checkpoints")[-1]
+    tensors = {k: v for k, v in load(jpath.with_suffix(".safetensors").read_bytes()).items()
+               if not k.startswith("G_ema/")}
+    resign_checkpoint(jpath, tensors)
+    warnings = []
+    for generator in ("auto", "ema"):
+        run = api.load_run(out, generator=generator, warn=warnings.append)
+        assert run.step == 10 and run.weights == "ema"
+    assert len(warnings) == 2 and all("no weights of the generator's average" in w for w in warnings), warnings
