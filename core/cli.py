@@ -204,6 +204,18 @@ def _opt(*names: str, **kw: Any):
 #: ``--seed`` of ``sample`` / ``evaluate`` / ``report``; the bound is core.config.MAX_SEED, written
 #: out so that `dyngan --help` does not import the config machinery (tests/test_config.py checks them)
 _seed_option = click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+
+
+def _run_dir(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """RUN_DIR, refused when empty (an unset shell variable): Path("") is the current directory."""
+    if not value.strip():
+        from .errors import UsageError
+
+        raise UsageError("RUN_DIR is empty: name a run directory (the --out of `dyngan train`)")
+    return value
+
+
+_run_dir_argument = click.argument("run_dir", type=click.Path(), callback=_run_dir)
 #: which weights ``sample`` / ``evaluate`` use (the choices of ``core.api.GENERATORS``)
 _generator_option = click.option(
     "--generator", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
@@ -276,7 +288,7 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@_run_dir_argument
 @click.option("--n", "n", type=int, required=True, help="Number of samples.")
 @click.option("--out", "out", type=click.Path(), required=True, help="Output .npy file.")
 @_seed_option
@@ -319,7 +331,7 @@ def _save_npy(path: Any, arr: Any) -> None:
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@_run_dir_argument
 @click.option("--n", "n", type=int, default=None, help="Samples to score (default: the run's eval_samples, by "
               "default the dataset's, e.g. 2500).")
 @_seed_option
@@ -346,7 +358,7 @@ def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool,
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@_run_dir_argument
 @click.option("--n", "n", type=int, default=2500, show_default=True, help="Samples to draw.")
 @_seed_option
 def report(run_dir: str, n: int, seed: int) -> None:

@@ -437,6 +437,14 @@ def test_a_file_given_as_run_directory_says_it_is_a_file(tmp_path):
     assert_clean_error(invoke(["evaluate", str(tmp_path / "nope")]), 2, "(it does not exist)")
 
 
+def test_an_empty_run_directory_argument_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # would have said "'.' is not a run directory (no config.json)"
+    for args in (["sample", "", "--n", "3", "--out", "x.npy"], ["evaluate", " "], ["report", ""]):
+        err = assert_clean_error(invoke(args), 2, "RUN_DIR is empty")
+        assert "'.'" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------- --device of sample / evaluate / report
 
 
