@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 from . import __version__, rundir
 from .config import DEFAULTS, MAX_SEED, SLOTS, _none, flat_metric_options, read_toml, resolve
 from .errors import (CheckpointError, ComponentFailure, DataError, DynganError, OptionError,
-                     UnknownComponentError, UsageError, is_out_of_memory, out_of_memory)
+                     UnknownComponentError, UsageError, is_out_of_memory, one_line, out_of_memory)
 from .plugins import PluginHost, get_host
 
 #: keys of a saved config that are records, not settings
@@ -423,9 +423,8 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
             G.load_state_dict(saved_g)
             prior = ck.tensors["train/prior"].float()
         except (RuntimeError, KeyError) as e:
-            msg = " ".join(str(e).split()) or type(e).__name__  # torch lists the keys after its first line
-            msg = msg if len(msg) <= 300 else msg[:297] + "..."
-            raise CheckpointError(f"{ck.path.name} does not fit this run's networks: {msg}") from None
+            # torch lists the keys after its first line
+            raise CheckpointError(f"{ck.path.name} does not fit this run's networks: {one_line(e, 300)}") from None
         if not valid_prior(prior, spec.capacity):
             raise CheckpointError(f"{ck.path.name}: bad condition prior")
         holder.update(G=G.to(dev), prior=(prior / prior.sum()).to(dev), shape=tuple(shape),
@@ -433,21 +432,6 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
 
     ck = ckpt_io.load_latest(run_dir / rundir.CHECKPOINTS, apply, warn)
     return LoadedRun(cfg, comps, holder["G"], holder["prior"], dev, ck.step, holder["weights"])
-
-
-def labels_problem(labels: Any, n: int, capacity: int) -> str | None:
-    """Why ``labels`` cannot be the partition of ``n`` training samples into ``capacity`` conditions
-    (the length of the condition prior), or None when they can: one integer label per sample, each
-    in [0, capacity), the rule a resume applies to a checkpoint's labels (core.training)."""
-    import torch
-
-    if labels.dim() != 1 or labels.shape[0] != n:
-        return f"do not fit the training data (shape {tuple(labels.shape)} for {n} samples)"
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        return f"are not integers (dtype {labels.dtype})"
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= capacity):
-        return f"out of range (not all in [0, {capacity}))"
-    return None
 
 
 class Run:
@@ -492,6 +476,8 @@ class Run:
                 return None  # pruned or replaced meanwhile: no partitions to show
             if not isinstance(lab, torch.Tensor):
                 return None
+            from .training import labels_problem
+
             problem = labels_problem(lab, self.real.shape[0], int(self.prior.shape[0]))
             if problem is None:
                 return lab.long()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from .errors import CheckpointError, RunFailure
+from .errors import CheckpointError, RunFailure, one_line
 
 FORMAT = "dyngan-checkpoint/1"
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
@@ -187,7 +187,7 @@ def read(json_path: Path) -> Checkpoint:
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{json_path.name}: unreadable metadata ({_short(e)})") from None
+        raise CheckpointError(f"{json_path.name}: unreadable metadata ({one_line(e)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path.name}: not a {FORMAT} checkpoint")
     step = meta.get("step")
@@ -218,11 +218,6 @@ def read(json_path: Path) -> Checkpoint:
         if name.startswith(NETWORK_PREFIXES) and t.is_floating_point() and not bool(t.isfinite().all()):
             raise CheckpointError(f"{tname}: {name} holds NaN or inf weights")
     return Checkpoint(step=step, tensors=tensors, meta=meta, path=json_path)
-
-
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _check_regular(path: Path, limit: int | None) -> int:

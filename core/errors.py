@@ -53,6 +53,13 @@ class OutOfMemory(UsageError):
     """The settings ask for more memory than the machine or GPU has (batch size, sample count)."""
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """``error``'s message on one line (torch and others spread theirs over several, the first often
+    ending in a colon), at most ``limit`` characters; its type's name when it has no message."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure: Python's MemoryError, CUDA's OutOfMemoryError or
     the CPU allocator's RuntimeError (torch raises no dedicated class for the latter)."""

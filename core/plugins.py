@@ -19,7 +19,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -41,8 +40,7 @@ class MalformedEntryPoint(PluginError):
 
 #: what importlib.metadata accepts as an entry point's value (it fails on anything else with an
 #: AttributeError about ``NoneType`` and ``group``)
-_ENTRY_POINT_VALUE = getattr(metadata.EntryPoint, "pattern", None) or re.compile(
-    r"(?P<module>[\w.]+)\s*(:\s*(?P<attr>[\w.]+)\s*)?((?P<extras>\[.*\])\s*)?$")
+_ENTRY_POINT_VALUE = metadata.EntryPoint.pattern
 
 
 def _entry_point_loader(ep: metadata.EntryPoint, dist: str | None) -> Callable[[], Any]:

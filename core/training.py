@@ -49,6 +49,7 @@ from .errors import (
     RunFailure,
     UsageError,
     is_out_of_memory,
+    one_line,
     out_of_memory,
 )
 from .networks import build_networks
@@ -286,6 +287,20 @@ def valid_prior(prior: torch.Tensor, capacity: int) -> bool:
     do not all vanish (sampling draws conditions from it)."""
     return (prior.shape == (capacity,) and bool(torch.isfinite(prior).all()) and not bool((prior < 0).any())
             and float(prior.sum()) > 0)
+
+
+def labels_problem(labels: torch.Tensor, n: int, capacity: int) -> str | None:
+    """Why ``labels`` cannot be the partition of ``n`` training samples into ``capacity`` conditions
+    (the length of the condition prior), or None when they can: one integer label per sample, each
+    in [0, capacity). A resume skips a checkpoint with such labels; sample, evaluate and report
+    (core.api's ``Run.labels``) ignore them."""
+    if labels.dim() != 1 or labels.shape[0] != n:
+        return f"do not fit the training data (shape {tuple(labels.shape)} for {n} samples)"
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return f"are not integers (dtype {labels.dtype})"
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= capacity):
+        return f"out of range (not all in [0, {capacity}))"
+    return None
 
 
 def _short_of_memory(need: int, device: torch.device, share: float = 1.0) -> int | None:
@@ -710,8 +725,9 @@ class Trainer:
             labels, prior = t["train/labels"], t["train/prior"]
             if labels.shape != self.labels.shape or not valid_prior(prior, self.capacity):
                 raise ValueError("partition labels or prior do not match this run")
-            if int(labels.min()) < 0 or int(labels.max()) >= self.capacity:
-                raise ValueError("partition labels out of range")
+            problem = labels_problem(labels, self.N, self.capacity)
+            if problem is not None:
+                raise ValueError(f"partition labels {problem}")
             self.labels.copy_(labels)
             self.prior.copy_(prior)
             torch.set_rng_state(t["rng/cpu"])
@@ -739,9 +755,7 @@ class Trainer:
                       for slot in self.comps.stateful()}
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
             # torch's load_state_dict puts the missing and unexpected keys on the lines after its first
-            msg = " ".join(str(e).split()) or type(e).__name__
-            msg = msg if len(msg) <= 300 else msg[:297] + "..."
-            raise CheckpointError(f"{ck.path.name} does not fit this run: {msg}") from None
+            raise CheckpointError(f"{ck.path.name} does not fit this run: {one_line(e, 300)}") from None
         for slot, comp in self.comps.stateful().items():
             try:
                 call_component(comp, "load_state_dict", states[slot])

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from core import hookimpl
 from core.components import Dataset, Option
-from core.errors import DataError, UsageError
+from core.errors import DataError, UsageError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -80,11 +80,6 @@ class _PathOption:
         return opts
 
 
-def _short_error(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 # --------------------------------------------------------------------------- tensor-file
 
 
@@ -97,20 +92,9 @@ def _mode(path: Path) -> int | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
-        raise DataError(f"cannot use {str(path)!r}: {e.strerror or _short_error(e)}") from None
+        raise DataError(f"cannot use {str(path)!r}: {e.strerror or one_line(e)}") from None
     except ValueError as e:  # an embedded NUL byte
-        raise DataError(f"cannot use {str(path)!r}: {_short_error(e)}") from None
-
-
-def _check_regular_file(path: Path) -> None:
-    """Refuse, before opening it, anything but a regular file (after symlinks): a FIFO would block
-    the read forever, a device never end."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or _short_error(e)})") from None
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{path}: not a regular file (a FIFO, socket or device); save the data to a file")
+        raise DataError(f"cannot use {str(path)!r}: {one_line(e)}") from None
 
 
 def _npy_dtype_problem(dtype) -> str | None:
@@ -151,7 +135,7 @@ def _read_npy(path: Path) -> "Tensor":
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path}: not a readable .npy file ({_short_error(e)})") from None
+        raise DataError(f"{path}: not a readable .npy file ({one_line(e)})") from None
     problem = _npy_dtype_problem(dtype)
     if problem:
         raise DataError(f"{path}: {problem}")
@@ -164,7 +148,7 @@ def _read_npy(path: Path) -> "Tensor":
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise DataError(f"{path}: cannot read the .npy data, truncated or corrupt? ({_short_error(e)})") from None
+        raise DataError(f"{path}: cannot read the .npy data, truncated or corrupt? ({one_line(e)})") from None
     if not isinstance(arr, np.ndarray):  # e.g. a .npz archive renamed to .npy
         raise DataError(f"{path}: not a single .npy array")
     problem = _npy_dtype_problem(arr.dtype)
@@ -209,7 +193,7 @@ def _read_safetensors(path: Path, key: str | None) -> "Tensor":
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path}: not a readable .safetensors file ({_short_error(e)})") from None
+        raise DataError(f"{path}: not a readable .safetensors file ({one_line(e)})") from None
     if t.is_complex():
         raise DataError(f"{path}: tensor {key!r} has complex dtype {t.dtype}; save real-valued data")
     if t.dtype == torch.bool:
@@ -319,7 +303,8 @@ class TensorFile(_PathOption, Dataset):
             raise DataError(f"{path}: no such file")
         if stat.S_ISDIR(mode):
             raise DataError(f"{path}: is a folder, not a file (for images use --dataset image-folder)")
-        _check_regular_file(path)
+        if not stat.S_ISREG(mode):  # refused before opening it: a FIFO would block the read forever, a device never end
+            raise DataError(f"{path}: not a regular file (a FIFO, socket or device); save the data to a file")
         suffix = path.suffix.lower()
         if suffix == ".npy":
             if self.opts.key is not None:
@@ -410,7 +395,7 @@ class ImageFolder(_PathOption, Dataset):
         try:
             files = _find_images(root)
         except OSError as e:  # a subfolder that cannot be listed (an I/O error, a vanished folder)
-            raise DataError(f"{root}: cannot list the images ({e.strerror or _short_error(e)}"
+            raise DataError(f"{root}: cannot list the images ({e.strerror or one_line(e)}"
                             + (f": {e.filename}" if e.filename else "") + ")") from None
         if not files:
             raise DataError(f"{root}: no .png, .jpg or .jpeg images in this folder or its subfolders")
@@ -420,7 +405,7 @@ class ImageFolder(_PathOption, Dataset):
             try:
                 out[i] = _image_array(p, size, channels, Image, ImageOps)
             except Exception as e:
-                raise DataError(f"{p}: cannot read this image ({_short_error(e)})") from None
+                raise DataError(f"{p}: cannot read this image ({one_line(e)})") from None
         x = torch.from_numpy(out).mul_(2.0).sub_(1.0)  # [0, 1] -> [-1, 1]
         return x
 
