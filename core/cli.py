@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from typing import Any
 
 import click
 
 from . import __version__
-from .errors import DynganError
+from .errors import DynganError, format_traceback, traceback_wanted
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def fail(error: DynganError) -> "click.exceptions.Exit":
-    """Print a library error as one line and exit with its code."""
+    """Print a library error as one line (after its traceback with ``DYNGAN_TRACEBACK=1``) and exit
+    with its code."""
+    if traceback_wanted():
+        click.echo(format_traceback(error), err=True)
     click.echo(f"Error: {error}", err=True)
     return click.exceptions.Exit(error.exit_code)
 
@@ -66,6 +70,8 @@ class DynganGroup(click.Group):
             if which is None:
                 raise  # a core command: a bug of dyngan's own, shown in full
             # a runtime failure of the plugin's code, not bad input: one line naming it, exit code 1
+            if traceback_wanted():
+                click.echo(format_traceback(e), err=True)
             lines = str(e).strip().splitlines()
             why = f"{type(e).__name__}: {lines[0]}{' ...' if len(lines) > 1 else ''}" if lines else type(e).__name__
             click.echo(f"Error: {which} failed: {why}", err=True)
@@ -120,10 +126,12 @@ def plugins(as_json: bool, show_options: bool) -> None:
         if nothing:
             click.echo(nothing, err=True)  # stdout stays JSON
         return
-    for p in data:
+    for info, p in zip(host.plugins.values(), data):  # report() lists host.plugins in order
         dist = f" [{p['distribution']} {p['version']}]" if p["distribution"] else ""
         if p["error"]:
             click.echo(f"{p['name']}{dist}  FAILED: {p['error']}")
+            if info.traceback and traceback_wanted():
+                click.echo(textwrap.indent(info.traceback.rstrip("\n"), "  "))
             continue
         click.echo(f"{p['name']}{dist}  ({p['module']})")
         if p["hooks"]:

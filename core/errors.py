@@ -2,10 +2,27 @@
 
 The library raises these; only the CLI turns them into messages and exit codes
 (``UsageError`` -> 2, ``RunFailure`` -> 1). A user never sees a traceback for a
-mistake of theirs.
+mistake of theirs, unless they ask for it with ``DYNGAN_TRACEBACK=1``.
 """
 
 from __future__ import annotations
+
+import os
+
+#: set to 1 to see the Python traceback behind an error message (a plugin author's debugging aid)
+TRACEBACK_ENV = "DYNGAN_TRACEBACK"
+
+
+def traceback_wanted() -> bool:
+    """Whether ``DYNGAN_TRACEBACK`` asks for tracebacks (any value but empty, 0, false, no, off)."""
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def format_traceback(error: BaseException) -> str:
+    """``error``'s traceback with the exceptions it was raised from, as Python prints them."""
+    import traceback
+
+    return "".join(traceback.format_exception(error)).rstrip("\n")
 
 
 class DynganError(Exception):

@@ -72,6 +72,7 @@ class PluginInfo:
     #: commands its ``register_commands`` added to the CLI (known once the CLI has asked)
     commands: list[str] = field(default_factory=list)
     error: str | None = None
+    #: the Python traceback of the failure, when an exception caused it (``DYNGAN_TRACEBACK=1`` shows it)
     traceback: str | None = None
     #: kind -> every name it tried to register, kept when it fails (an unknown name it offers names it)
     offered: dict[str, list[str]] = field(default_factory=dict)
@@ -181,6 +182,7 @@ class PluginHost:
             if self.pm.get_plugin(name) is not None:
                 self.pm.unregister(name=name)
             info.error = f"invalid plugin: {type(e).__name__}: {e}"
+            info.traceback = traceback.format_exc()
             return info
         try:
             unknown = self._unknown_hooks(name)
@@ -201,6 +203,7 @@ class PluginHost:
             self.pm.unregister(name=name)
             msg = str(e) if isinstance(e, DynganError) else f"{type(e).__name__}: {e}"
             info.error = f"failed while registering: {msg}"
+            info.traceback = traceback.format_exc()
             info.components = {}
             info.options = {}
         return info
@@ -266,6 +269,7 @@ class PluginHost:
             except Exception as e:  # noqa: BLE001
                 if info is not None:
                     info.error = f"failed in register_commands: {type(e).__name__}: {e}"
+                    info.traceback = traceback.format_exc()
                 continue
             after = getattr(cli, "commands", {})
             taken = sorted(n for n, c in after.items() if n in keep and n in before and c is not before[n])

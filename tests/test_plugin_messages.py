@@ -392,3 +392,85 @@ def test_a_plugin_command_raising_is_a_one_line_error_naming_it_with_exit_1():
     assert res.exit_code == 1, res.output
     assert res.stderr == "Error: command 'explode' of plugin 'exploder' failed: ValueError: the plugin's own bug ...\n"
     assert "Traceback" not in res.output
+
+
+# --------------------------------------------------------------------------- DYNGAN_TRACEBACK
+
+
+@pytest.mark.parametrize("value, wanted", [("", False), ("0", False), ("false", False), (" Off ", False),
+                                           ("no", False), ("1", True), ("yes", True), ("TRUE", True)])
+def test_dyngan_traceback_is_read_at_call_time(monkeypatch, value, wanted):
+    from core.errors import traceback_wanted
+
+    monkeypatch.setenv("DYNGAN_TRACEBACK", value)
+    assert traceback_wanted() is wanted
+    monkeypatch.delenv("DYNGAN_TRACEBACK")
+    assert traceback_wanted() is False
+
+
+def test_dyngan_traceback_shows_where_a_plugin_command_raised(monkeypatch):
+    def register_commands(cli):
+        @cli.command(name="explode")
+        def explode():
+            raise ValueError("the plugin's own bug")
+
+    monkeypatch.setenv("DYNGAN_TRACEBACK", "1")
+    with plugin_host(make_plugin("exploder", register_commands=register_commands), builtins=False):
+        res = invoke(["explode"])
+    assert res.exit_code == 1, res.output
+    lines = res.stderr.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert 'raise ValueError("the plugin\'s own bug")' in res.stderr  # the plugin's source line
+    assert lines[-2] == "ValueError: the plugin's own bug"
+    assert lines[-1] == "Error: command 'explode' of plugin 'exploder' failed: ValueError: the plugin's own bug"
+
+
+def test_dyngan_traceback_shows_the_plugin_code_behind_a_component_failure(tmp_path, monkeypatch):
+    class Broken(Loss):
+        name = "broken-loss"
+
+        def d_loss(self, ctx):
+            return ctx.real_logits.mean() / undefined_name  # noqa: F821 - the plugin's bug
+
+        def g_loss(self, ctx):
+            return ctx.fake_logits.mean()
+
+    args = ["train", "--dataset", "grid25", "--loss", "broken-loss", "--steps", "3", "--device", "cpu", "-q"]
+    with plugin_host(make_plugin("brk", register_losses=lambda register: register(Broken))):
+        plain = invoke([*args, "--out", str(tmp_path / "plain")])
+        assert plain.exit_code == 1 and "Traceback" not in plain.output
+        monkeypatch.setenv("DYNGAN_TRACEBACK", "1")
+        traced = invoke([*args, "--out", str(tmp_path / "traced")])
+    assert traced.exit_code == 1
+    message = "Error: loss 'broken-loss' (plugin 'brk') raised in d_loss(): NameError: name 'undefined_name' is not defined"
+    assert plain.stderr.strip() == message
+    assert traced.stderr.startswith("Traceback (most recent call last):")
+    assert "in d_loss\n" in traced.stderr and "undefined_name" in traced.stderr
+    assert "The above exception was the direct cause of the following exception" in traced.stderr
+    assert traced.stderr.rstrip().endswith(message)
+
+
+def test_dyngan_traceback_shows_why_a_plugin_failed_to_load(monkeypatch):
+    def register_losses(register):
+        raise RuntimeError("broken registration")
+
+    with plugin_host(make_plugin("brokenreg", register_losses=register_losses), builtins=False):
+        plain = invoke(["plugins"]).stdout
+        monkeypatch.setenv("DYNGAN_TRACEBACK", "1")
+        traced = invoke(["plugins"]).stdout
+        as_json = invoke(["plugins", "--json"]).stdout
+    failed = "brokenreg  FAILED: failed while registering: RuntimeError: broken registration"
+    assert failed in plain and "Traceback" not in plain
+    after = traced.split(failed + "\n", 1)[1].splitlines()
+    assert after[0] == "  Traceback (most recent call last):"
+    assert '  RuntimeError: broken registration' in after
+    assert 'raise RuntimeError("broken registration")' in traced
+    assert "Traceback" not in as_json  # the JSON stays what tools parse
+
+
+def test_dyngan_traceback_keeps_bad_input_exit_2(monkeypatch):
+    monkeypatch.setenv("DYNGAN_TRACEBACK", "1")
+    res = invoke(["train", "--dry-run", "--loss", "no-such-loss"])
+    assert res.exit_code == 2
+    assert "Traceback (most recent call last):" in res.stderr
+    assert res.stderr.rstrip().splitlines()[-1].startswith("Error: unknown loss 'no-such-loss'")
