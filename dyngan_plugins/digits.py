@@ -172,17 +172,19 @@ def _train() -> "nn.Module":
     # on a busy 2-core machine, 2 threads were 6x slower than 1.
     threads = torch.get_num_threads()
     torch.set_num_threads(RECIPE["threads"])
+    # the first use is often inside a metric, which the trainer calls under no_grad
     try:
-        net.train()
-        for _ in range(epochs):
-            order = train_idx[torch.randperm(train_idx.numel(), generator=gen)]
-            for start in range(0, order.numel(), batch):
-                b = order[start : start + batch]
-                loss = F.cross_entropy(net(_shift(images[b], gen)), labels[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+        with torch.enable_grad():
+            net.train()
+            for _ in range(epochs):
+                order = train_idx[torch.randperm(train_idx.numel(), generator=gen)]
+                for start in range(0, order.numel(), batch):
+                    b = order[start : start + batch]
+                    loss = F.cross_entropy(net(_shift(images[b], gen)), labels[b])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
     finally:
         torch.set_num_threads(threads)
     return net.eval()

@@ -131,6 +131,25 @@ def test_classifier_held_out_accuracy(cache):
     clf.require_accurate()  # does not raise
 
 
+def test_first_use_inside_a_metric_trains_under_no_grad_to_the_same_weights(cache, tmp_path, monkeypatch):
+    # the trainer computes metrics under no_grad, and on a machine with no cache the first
+    # stacked-modes score trains the classifier there: it failed ("does not require grad")
+    from dyngan_plugins.digits import StackedDigits, StackedModes
+
+    monkeypatch.setenv("DYNGAN_CACHE", str(tmp_path))
+    images = dg._digits()[0][:30]
+    fake = images.reshape(10, 3, 8, 8)
+    with torch.no_grad():
+        out = StackedModes().compute(fake, fake, StackedDigits())
+    assert out["stacked-modes/modes"] >= 1
+    fresh = dg.digit_classifier()  # from memory: the one the metric trained
+    assert fresh.source == "trained" and fresh.path is not None and fresh.path.parent == tmp_path
+    _, clf = cache
+    assert fresh.accuracy == clf.accuracy
+    theirs = clf.net.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in fresh.net.state_dict().items())
+
+
 def test_classifier_cache_round_trip(cache):
     d, clf = cache
     weights, meta = dg.cache_paths(d)
