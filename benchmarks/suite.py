@@ -428,6 +428,21 @@ _variant("stacked-digits-20k-fix", "stacked-digits-20k",
          methods={m: (spec | {"-o": spec["-o"] + ["detector.reset_relabelled=true"]} if "-o" in spec else spec)
                   for m, spec in LONGSD["methods"].items()},
          published=[])
+# the image code's own detector mechanics (2026-12-06 audit): it averages D's logits from 0 (not
+# probabilities from 0), splits on the samples D's latest pass flags, and resets relabelled samples;
+# a logit average crosses -log(delta) after fewer detections when D is confident, so it can fire
+# within the 5,000 steps where the probability average could not
+_IMAGE_CODE = ["detector.average=logit", "partitioner.split_on=fresh", "detector.reset_relabelled=true"]
+_variant("stacked-digits-logit", "stacked-digits",
+         title="Stacked digits, the image code's detector mechanics",
+         protocol=TABLES["stacked-digits"]["protocol"] + " dyngan-logit: the same DynGAN with the image "
+                  "code's mechanics (-o " + " -o ".join(_IMAGE_CODE) + "): the score averages D's logits "
+                  "from 0 and is compared with -log(delta), and a split moves the samples of D's latest pass; "
+                  "ns and dyngan rerun beside it on the same CPU.",
+         methods={"ns": TABLES["stacked-digits"]["methods"]["ns"],
+                  "dyngan": TABLES["stacked-digits"]["methods"]["dyngan"],
+                  "dyngan-logit": _with_options(TABLES["stacked-digits"]["methods"]["dyngan"], _IMAGE_CODE)},
+         published=[])
 
 
 def train_command(table: str, method: str, seed: int, steps: int | None, out: Path, device: str = "cpu") -> list[str]:

@@ -5,6 +5,11 @@ under its own condition; ``score = (1 - lam) * score + lam * sigmoid(D(x_i, labe
 A sample is collapsed when ``score > 1 / (1 + delta)``: with the optimal
 discriminator D* = p_data / (p_data + p_g) that is ``p_g(x) < delta * p_data(x)``
 (equivalently logit > -log(delta)), a real sample the generator under-produces.
+With ``average = logit`` (the authors' image code) the moving average is taken
+of D's logits instead, starting at logit 0 (probability 0.5), and compared with
+-log(delta): one confident pass then counts for more than on the probability
+scale, which saturates at 1. A reset (``reset_relabelled``) sets the average to
+0 on either scale, as each of the authors' codes does.
 
 Partitioner ``dyngan``: when the collapsed fraction is at least ``tau`` and a
 condition slot is free, every partition holding collapsed samples gets a new
@@ -64,9 +69,12 @@ from core.components import (
 
 @dataclass
 class DynGANDetection(Detection):
-    """A Detection that also names the scored subset (None: every sample)."""
+    """A Detection that also names the scored subset (None: every sample) and the samples whose
+    logit in this detection's own D pass (not the average) exceeds -log(delta): ``fresh``, what the
+    authors' image code splits on (``partitioner.split_on = fresh``)."""
 
     subset: Any = None
+    fresh: Any = None
 
 
 class DynGANDetector(CollapseDetector):
@@ -87,6 +95,13 @@ class DynGANDetector(CollapseDetector):
         "batch_size": Option(8192, "samples per discriminator pass while scoring", min=1),
         "reset_relabelled": Option(
             False, "reset the score of samples whose label changed since the last detection (image code)"
+        ),
+        "average": Option(
+            "probability",
+            "what the moving average averages: probability (D's probabilities from 0, compared with "
+            "1/(1+delta); the 2D code) or logit (D's logits from 0, i.e. 0.5, compared with -log(delta); "
+            "the image code)",
+            choices=("probability", "logit"),
         ),
     }
 
@@ -159,20 +174,27 @@ class DynGANDetector(CollapseDetector):
         # the same D and labels, instead of every detection copying (N, F) floats
         logits, _ = discriminator_pass(ctx, labels, idx, int(self.opts.batch_size), with_features=False)
         lam = float(self.opts.lam)
-        self.score = (1.0 - lam) * self.score + lam * torch.sigmoid(logits)
+        on_logits = self.opts.average == "logit"
+        new = logits.float() if on_logits else torch.sigmoid(logits)
+        self.score = (1.0 - lam) * self.score + lam * new
         self.updates += 1
 
-        hit = self.score > self.threshold
+        hit = self.score > (self.logit_threshold if on_logits else self.threshold)
+        fresh_hit = logits.float() > self.logit_threshold
         fraction = hit.float().mean()
+        # on the probability scale for the partitioner's weighting and the report, whatever is averaged
+        prob = torch.sigmoid(self.score) if on_logits else self.score
         if idx is None:
-            collapsed, score, features = hit, self.score.clone(), None
+            collapsed, fresh, score, features = hit, fresh_hit, prob.clone(), None
         else:
             collapsed = torch.zeros(n, dtype=torch.bool, device=ctx.device).index_fill_(0, idx[hit], True)
-            score = torch.zeros(n, device=ctx.device).index_copy_(0, idx, self.score)
+            fresh = torch.zeros(n, dtype=torch.bool, device=ctx.device).index_fill_(0, idx[fresh_hit], True)
+            score = torch.zeros(n, device=ctx.device).index_copy_(0, idx, prob)
             features = None  # the partitioner recomputes features of every sample
         ctx.report("collapse/fraction", fraction)
-        ctx.report("collapse/score_mean", self.score.mean())
-        return DynGANDetection(collapsed=collapsed, fraction=fraction, score=score, features=features, subset=idx)
+        ctx.report("collapse/score_mean", prob.mean())
+        return DynGANDetection(collapsed=collapsed, fraction=fraction, score=score, features=features, subset=idx,
+                               fresh=fresh)
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -224,6 +246,14 @@ class DynGANPartitioner(Partitioner):
             nullable=True,
         ),
         "batch_size": Option(8192, "samples per discriminator pass when features must be recomputed", min=1),
+        "split_on": Option(
+            "average",
+            "which samples a split moves: average (those the detector flags, whose moving-average score "
+            "crosses the threshold; the 2D code) or fresh (those whose logit in the last detection's D pass "
+            "exceeds -log(delta), the average only gating the partition; the image code; needs the dyngan "
+            "detector)",
+            choices=("average", "fresh"),
+        ),
     }
 
     def __init__(self, **options: Any) -> None:
@@ -255,7 +285,14 @@ class DynGANPartitioner(Partitioner):
             return None
 
         # ---- split: one new condition per partition holding collapsed samples
-        collapsed = detection.collapsed.to(ctx.device).bool()
+        collapsed = detection.collapsed
+        if self.opts.split_on == "fresh":
+            collapsed = getattr(detection, "fresh", None)
+            if collapsed is None:
+                raise ValueError(
+                    f"split_on 'fresh' needs a detector that reports each sample's last logit test (detector "
+                    f"'dyngan'); this detection ({type(detection).__name__}) has none: use split_on 'average'")
+        collapsed = collapsed.to(ctx.device).bool()
         hit = torch.bincount(labels[collapsed], minlength=cap)
         # a partition whose scored samples are all collapsed cannot be split (moving them would
         # only rename it; with a detector subset, the k-NN vote would then carry the rest along)
@@ -269,6 +306,8 @@ class DynGANPartitioner(Partitioner):
         chosen = order[: cap - k_now]
         if chosen.numel() == 0:
             self.skip_reason = (
+                "no sample's logit in the last detection's D pass exceeds -log(delta) (split_on 'fresh')"
+                if self.opts.split_on == "fresh" and not bool(hit.any()) else
                 "every partition that holds collapsed samples is collapsed as a whole, so a split would "
                 "only rename it (D scores all its real samples above 1/(1+delta): see collapse/score_mean; "
                 "a smaller detector.delta flags fewer)")
@@ -370,7 +409,10 @@ class DynGANImagePreset(Preset):
     conditions from the real batch), delta 0.1, tau 0.05, score weight 0.2, detection every
     1,000 steps on a fixed subset of 25,000 images (every image when there are fewer), scores of
     relabelled images reset, a partition check every 20,000 steps, plain k-means (the image code
-    comments out the score weighting of the 2D code), R1 gamma 0.01, Adam 1e-4 with betas
+    comments out the score weighting of the 2D code), the score averaged on D's logits and the
+    split made on the samples D's latest pass flags, as the image code does (``average = logit``,
+    ``split_on = fresh``), an R1 penalty of 0.01 E||grad D||^2 as the image code's trainer
+    computes it (no 1/2: ``r1_gamma`` 0.02 in this library's gamma/2 convention), Adam 1e-4 with betas
     (0, 0.99), batch 64, and a 0.999 moving average of G's weights (``take_model_average`` in the
     authors' default config). The model stays the dataset's default and the length is yours:
     the authors train 250 epochs, about 195,000 steps of 64 on CIFAR-10's 50,000 images; with the
@@ -389,9 +431,10 @@ class DynGANImagePreset(Preset):
         "batch_size": 64,
         "g_ema": 0.999,
         "options": {
-            "loss": {"r1_gamma": 0.01},
-            "detector": {"every": 1000, "delta": 0.1, "lam": 0.2, "subset": 25000, "reset_relabelled": True},
-            "partitioner": {"every": 20000, "tau": 0.05, "weighted": False},
+            "loss": {"r1_gamma": 0.02},
+            "detector": {"every": 1000, "delta": 0.1, "lam": 0.2, "subset": 25000, "reset_relabelled": True,
+                         "average": "logit"},
+            "partitioner": {"every": 20000, "tau": 0.05, "weighted": False, "split_on": "fresh"},
             "conditioner": {"capacity": 20},
         },
     }

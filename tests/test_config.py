@@ -386,17 +386,18 @@ def test_image_preset_has_the_image_code_settings_and_yields_to_swapped_componen
     assert (cfg["lr_g"], cfg["lr_d"], cfg["betas"], cfg["batch_size"], cfg["g_ema"]) == \
         (1e-4, 1e-4, [0.0, 0.99], 64, 0.999)
     o = cfg["options"]
-    assert o["loss"]["r1_gamma"] == 0.01
-    assert {k: o["detector"][k] for k in ("every", "delta", "lam", "subset", "reset_relabelled")} == \
-        {"every": 1000, "delta": 0.1, "lam": 0.2, "subset": 25000, "reset_relabelled": True}
-    assert (o["partitioner"]["every"], o["partitioner"]["tau"], o["partitioner"]["weighted"]) == (20000, 0.05, False)
+    assert o["loss"]["r1_gamma"] == 0.02  # the image code's 0.01 E|grad|^2 (no 1/2) in our gamma/2 convention
+    assert {k: o["detector"][k] for k in ("every", "delta", "lam", "subset", "reset_relabelled", "average")} == \
+        {"every": 1000, "delta": 0.1, "lam": 0.2, "subset": 25000, "reset_relabelled": True, "average": "logit"}
+    assert (o["partitioner"]["every"], o["partitioner"]["tau"], o["partitioner"]["weighted"],
+            o["partitioner"]["split_on"]) == (20000, 0.05, False, "fresh")
     assert (o["conditioner"]["capacity"], o["conditioner"]["dim"], o["conditioner"]["fake_conditions"]) == \
         (20, 256, "real")
     # a swapped loss without r1_gamma: the preset's r1_gamma is dropped, not an error ...
     cfg = resolve_settings({"preset": "dyngan-image", "loss": "wgan-gp"})
     assert cfg["loss"] == "wgan-gp" and "r1_gamma" not in cfg["options"]["loss"]
     # ... a swapped loss that has it keeps it, and the user's own unknown option is still refused
-    assert resolve_settings({"preset": "dyngan-image", "loss": "hinge"})["options"]["loss"]["r1_gamma"] == 0.01
+    assert resolve_settings({"preset": "dyngan-image", "loss": "hinge"})["options"]["loss"]["r1_gamma"] == 0.02
     with pytest.raises(UsageError, match="r1_gamma"):
         resolve_settings({"preset": "dyngan-image", "loss": "wgan-gp", "options": {"loss": {"r1_gamma": 1}}})
     res = _dry_run(["--preset", "dyngan-image", "--loss", "wgan-gp", "-o", "loss.r1_gamma=1"])

@@ -527,3 +527,92 @@ def test_the_partitioner_says_why_it_made_no_partition():
     part = DynGANPartitioner(refine=False)
     part.skip_reason = "stale"
     assert part.partition(ctx, detection(mask(4, [1]))) is not None and part.skip_reason is None
+
+
+# ---------------------------------------------------------------- the image code's variants
+
+
+def test_logit_average_against_a_hand_computed_case():
+    # delta 0.1: -log(0.1) = 2.3026; lam 0.2; the average of a constant logit L after n detections
+    # is L * (1 - 0.8**n) from 0 (probability 0.5): L = 3 gives 0.6, 1.08, 1.46, 1.77, 2.02, 2.21,
+    # 2.37 -> collapsed from the 7th; L = 2 never crosses. On the probability scale the same
+    # sample (p 0.9526) needs p * (1 - 0.8**n) > 1/1.1, i.e. n >= 14.
+    D = FakeD([3.0, 2.0, -1.0])
+    ctx, rep = make_ctx(D, [0, 0, 0])
+    ctx_p, _ = make_ctx(D, [0, 0, 0])
+    on_logits, on_probs = DynGANDetector(delta=0.1, lam=0.2, average="logit"), DynGANDetector(delta=0.1, lam=0.2)
+    first_logit = first_prob = None
+    for n in range(1, 16):
+        out, ref = on_logits.detect(ctx), on_probs.detect(ctx_p)
+        avg = D.logits * (1 - 0.8 ** n)
+        assert torch.allclose(on_logits.score, avg, atol=1e-5)
+        assert torch.allclose(out.score, torch.sigmoid(avg), atol=1e-6)  # handed on as a probability
+        assert float(rep["collapse/score_mean"]) == pytest.approx(float(torch.sigmoid(avg).mean()), abs=1e-6)
+        assert out.collapsed[1:].sum() == 0 and ref.collapsed[1:].sum() == 0
+        if out.collapsed[0] and first_logit is None:
+            first_logit = n
+        if ref.collapsed[0] and first_prob is None:
+            first_prob = n
+        # fresh: this pass's logit alone against -log(delta), the same on both scales
+        assert out.fresh.tolist() == ref.fresh.tolist() == [True, False, False]
+    assert (first_logit, first_prob) == (7, 14)
+
+
+def test_logit_average_resets_relabelled_samples_to_logit_zero():
+    D = FakeD([3.0, 3.0])
+    ctx, _ = make_ctx(D, [0, 0])
+    det = DynGANDetector(lam=0.5, average="logit", reset_relabelled=True)
+    det.detect(ctx)
+    ctx.labels = torch.tensor([0, 1])
+    out = det.detect(ctx)
+    # sample 0: 3 * (1 - 0.25) = 2.25; sample 1 reset to 0 then averaged once: 1.5
+    assert torch.allclose(det.score, torch.tensor([2.25, 1.5]))
+    assert torch.allclose(out.score, torch.sigmoid(torch.tensor([2.25, 1.5])))
+
+
+def fresh_detection(averaged, fresh):
+    c = torch.as_tensor(averaged, dtype=torch.bool)
+    return DynGANDetection(collapsed=c, fraction=c.float().mean(), fresh=torch.as_tensor(fresh, dtype=torch.bool))
+
+
+def test_split_on_fresh_moves_the_samples_of_the_last_pass_and_the_average_gates():
+    labels = [0] * 10
+    det = fresh_detection(mask(10, [1, 2]), mask(10, [2, 3, 4]))
+    ctx, rep = make_ctx(FakeD(torch.zeros(10)), labels)
+    upd = DynGANPartitioner(refine=False, split_on="fresh").partition(ctx, det)
+    assert upd.labels.tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert float(rep["partition/moved"]) == 3
+    ctx, _ = make_ctx(FakeD(torch.zeros(10)), labels)
+    assert DynGANPartitioner(refine=False).partition(ctx, det).labels.tolist() == [0, 1, 1] + [0] * 7
+    # the gate is the average's fraction: none flagged on average, no partition, whatever the last pass says
+    quiet = fresh_detection(mask(10, []), mask(10, [2, 3]))
+    part = DynGANPartitioner(refine=False, split_on="fresh", tau=0.05)
+    assert part.partition(make_ctx(FakeD(torch.zeros(10)), labels)[0], quiet) is None
+    assert "below tau" in part.skip_reason
+    # flagged on average, but no sample in the last pass: nothing to move, and it says so
+    part = DynGANPartitioner(refine=False, split_on="fresh")
+    assert part.partition(make_ctx(FakeD(torch.zeros(10)), labels)[0], fresh_detection(mask(10, [1]), mask(10, []))) is None
+    assert "no sample's logit in the last detection's D pass exceeds -log(delta)" in part.skip_reason
+
+
+def test_split_on_fresh_needs_a_detection_that_has_it():
+    ctx, _ = make_ctx(FakeD(torch.zeros(4)), [0] * 4)
+    with pytest.raises(ValueError, match="split_on 'fresh' needs .* use split_on 'average'"):
+        DynGANPartitioner(refine=False, split_on="fresh").partition(ctx, detection(mask(4, [1])))
+
+
+def test_fresh_survives_the_checkpoint():
+    from core import checkpoint as ckpt_io
+
+    D = FakeD([3.0, -1.0, 4.0, 0.0])
+    ctx, _ = make_ctx(D, [0] * 4)
+    det = DynGANDetector(delta=0.1, subset=3)
+    out = det.detect(ctx)
+    tensors = {}
+    js = json.loads(json.dumps(ckpt_io.split_detection(out, tensors)))
+    back = ckpt_io.join_detection(js, tensors, DynGANDetector, torch.device("cpu"))
+    assert isinstance(back, DynGANDetection)
+    assert torch.equal(back.fresh, out.fresh) and torch.equal(back.subset, out.subset)
+    # only scored samples can be fresh: the subset's, with logit > -log(0.1)
+    want = [i for i in out.subset.tolist() if float(D.logits[i]) > -math.log(0.1)]
+    assert torch.nonzero(out.fresh).flatten().tolist() == sorted(want)
