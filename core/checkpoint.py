@@ -136,9 +136,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _prune(directory: Path, keep: int, written: int) -> None:
-    """Keep the newest ``keep`` checkpoints up to step ``written`` (the one just saved). One with a
-    later step is one a resume skipped (unreadable, or not fitting the run): it neither counts
-    toward ``keep`` nor is deleted, so the good checkpoints are never pruned in its favour."""
+    """Keep the newest ``keep`` checkpoints up to step ``written`` (the one just saved). A resume
+    moves the checkpoints it skipped out of the way (``move_aside``); one with a later step still
+    here is one it could not move: it neither counts toward ``keep`` nor is deleted, so the good
+    checkpoints are never pruned in its favour."""
     entries = [e for e in list_checkpoints(directory) if e[0] <= written]
     for step, json_path in entries[:-keep] if keep > 0 else []:
         for p in (json_path, json_path.with_suffix(".safetensors")):
@@ -163,6 +164,30 @@ def _prune(directory: Path, keep: int, written: int) -> None:
                 (directory / name).unlink()
             except OSError:
                 pass
+
+
+#: where a resume moves the checkpoints it had to skip: kept for inspection, never listed again
+DAMAGED = "damaged"
+
+
+def move_aside(directory: Path, json_paths: list[Path]) -> list[str]:
+    """Move each checkpoint (its JSON and tensor file) into ``directory/damaged/``; the names
+    moved. A resume does this with the checkpoints newer than the one it loaded: none of them can
+    continue the run, and left in place they would count toward ``keep`` once the resumed run
+    passes their step. A file the system refuses to move stays where it is."""
+    moved = []
+    target = directory / DAMAGED
+    for json_path in json_paths:
+        for p in (json_path.with_suffix(".safetensors"), json_path):
+            try:
+                if not p.exists():
+                    continue
+                target.mkdir(exist_ok=True)
+                os.replace(p, target / p.name)
+                moved.append(p.name)
+            except OSError:
+                pass
+    return moved
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:

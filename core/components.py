@@ -31,6 +31,7 @@ ReportFn = Callable[[str, "Tensor | float"], None]
 __all__ = [
     "Component",
     "Option",
+    "OptionError",
     "Dataset",
     "Model",
     "ConditioningSpec",

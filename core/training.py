@@ -808,7 +808,17 @@ class Trainer:
             sync_start(list(self.named_networks().values()), [self.labels, self.prior], self.gen)
 
     def load_latest(self) -> int:
-        ck = ckpt_io.load_latest(self.run_dir / rundir.CHECKPOINTS, self._apply, self.progress.warn)
+        directory = self.run_dir / rundir.CHECKPOINTS
+        notes: list[str] = []
+        ck = ckpt_io.load_latest(directory, self._apply, notes.append)
+        if notes:
+            note = notes[0]
+            if self.is_main:  # the run's one writer: the newer, unusable checkpoints go aside
+                newer = [p for step, p in ckpt_io.list_checkpoints(directory) if step > ck.step]
+                if ckpt_io.move_aside(directory, newer):
+                    note += (f"; moved to {rundir.CHECKPOINTS}/{ckpt_io.DAMAGED}/ (kept for inspection; "
+                             "never loaded again nor counted by --keep-checkpoints)")
+            self.progress.warn(note)
         self._saved_step = ck.step
         return ck.step
 
@@ -963,6 +973,8 @@ class Trainer:
                 if self.step >= cfg["steps"]:
                     self.progress.message(f"the run is already at step {self.step} of --steps {cfg['steps']}: "
                                           "nothing to train (a larger --steps extends it)")
+                    if self.is_main:  # a new interval or metric setting still holds for the next --resume
+                        rundir.record_schedule(self.run_dir, {k: v for k, v in cfg.items() if k != "steps"})
                 elif self.is_main:  # the checkpoint loaded: keep a new --steps for the next plain --resume
                     rundir.record_schedule(self.run_dir, cfg)
             self._sync_ranks()

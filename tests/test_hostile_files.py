@@ -319,9 +319,28 @@ def test_pruning_never_keeps_an_unreadable_newer_checkpoint_instead_of_the_good_
     res = invoke(["train", "--resume", "--out", str(out), "--steps", "15", "--checkpoint-every", "5",
                   "--keep-checkpoints", "1", "-q"])
     assert res.exit_code == 0, res.output
-    assert ckpt_steps(out) == [15, 20]  # step 10 pruned; the skipped step-20 file neither counted nor deleted
+    assert ckpt_steps(out) == [15]  # step 10 pruned; the skipped step-20 file moved aside, not counted
+    assert "moved to checkpoints/damaged/" in res.stderr
+    damaged = out / "checkpoints" / "damaged"
+    assert sorted(p.name for p in damaged.iterdir()) == ["step-00000020.json", "step-00000020.safetensors"]
+    assert len((damaged / "step-00000020.safetensors").read_bytes()) == 1000  # kept as it was
     res = invoke(["sample", str(out), "--n", "3", "--out", str(tmp_path / "s.npy")])
-    assert res.exit_code == 0 and "using step 15" in res.stderr, res.output
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+
+
+def test_a_resume_past_a_skipped_checkpoint_keeps_the_good_ones(tmp_path, runs):
+    """Once the resumed run checkpoints past the step of a checkpoint it skipped, that file counted
+    toward --keep-checkpoints: a good checkpoint was pruned and the corrupt one kept."""
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    corrupt_truncated(out / "checkpoints", runs)
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "45", "--checkpoint-every", "15",
+                  "--keep-checkpoints", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert ckpt_steps(out) == [15, 30, 45]  # the newest three, all good (was 20 (corrupt), 30, 45)
+    for step in (15, 30, 45):
+        ckpt_io.read(out / "checkpoints" / f"step-{step:08d}.json")  # each verifies
+    assert (out / "checkpoints" / "damaged" / "step-00000020.safetensors").exists()
 
 
 def _truncated_newest(tmp_path, runs):

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from core import api, hookimpl
 from core import checkpoint as ckpt_io
+from core import rundir
 from cli_helpers import invoke
 from core.components import Loss, Metric
 from dyngan_plugins.dyngan import DynGANDetector
@@ -636,7 +637,24 @@ def test_resume_to_fewer_steps_than_done_says_there_is_nothing_to_train(run60, t
     result = api.train({"out": str(out), "steps": 40}, resume=True, quiet=False, stream=stream)
     assert result.step == 60 and ckpt_steps(out) == [30, 60]
     assert "already at step 60 of --steps 40: nothing to train" in stream.getvalue()
-    assert json.loads((out / "config.json").read_text())["steps"] == 60  # a no-op resume records nothing
+    assert json.loads((out / "config.json").read_text())["steps"] == 60  # a no-op resume keeps the length
+
+
+def test_a_resume_with_nothing_to_train_still_records_new_intervals_and_metric_settings(run60_copy):
+    out = run60_copy
+    before = json.loads((out / "config.json").read_text())
+    res = invoke(["train", "--resume", "--out", str(out), "--keep-checkpoints", "1", "--eval-every", "7",
+                  "-o", "metric.hq_sigmas=2", "-q"])
+    assert res.exit_code == 0 and res.stderr == "", res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["keep_checkpoints"], cfg["eval_every"], cfg["options"]["metric"]["mixture"]["hq_sigmas"]) == (1, 7, 2.0)
+    assert cfg["steps"] == before["steps"] == 60 and ckpt_steps(out) == [30, 60]
+    # ... and the next plain resume uses them
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "70", "--checkpoint-every", "5", "-q"])
+    assert res.exit_code == 0, res.output
+    assert ckpt_steps(out) == [70]
+    evals = [r for r in rundir.read_metrics(out) if r.get("event") == "eval" and r["step"] > 60]
+    assert [r["step"] for r in evals] == [63, 70]
 
 
 def test_a_second_process_cannot_train_in_a_run_directory_in_use(run60, tmp_path):
