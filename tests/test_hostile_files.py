@@ -310,15 +310,20 @@ def test_a_nonsense_process_count_in_a_checkpoint_is_not_reported(tmp_path, runs
     assert same_final_networks(runs / "straight30", out)
 
 
+def _resume_past_truncated(tmp_path, runs, steps, every, keep):
+    """run20 with its step-20 checkpoint truncated, resumed to ``steps`` (checkpoints every ``every``,
+    ``keep`` kept): the run directory and the CLI result."""
+    out = _truncated_newest(tmp_path, runs)
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", str(steps), "--checkpoint-every", str(every),
+                  "--keep-checkpoints", str(keep), "-q"])
+    assert res.exit_code == 0, res.output
+    return out, res
+
+
 def test_pruning_never_keeps_an_unreadable_newer_checkpoint_instead_of_the_good_ones(tmp_path, runs):
     """A resume that skipped a corrupt newest checkpoint and stops before its step with a smaller
     --keep-checkpoints must keep what it wrote (it kept only the corrupt file, so the run was lost)."""
-    out = tmp_path / "r"
-    shutil.copytree(runs / "run20", out)
-    corrupt_truncated(out / "checkpoints", runs)
-    res = invoke(["train", "--resume", "--out", str(out), "--steps", "15", "--checkpoint-every", "5",
-                  "--keep-checkpoints", "1", "-q"])
-    assert res.exit_code == 0, res.output
+    out, res = _resume_past_truncated(tmp_path, runs, steps=15, every=5, keep=1)
     assert ckpt_steps(out) == [15]  # step 10 pruned; the skipped step-20 file moved aside, not counted
     assert "moved to checkpoints/damaged/" in res.stderr
     damaged = out / "checkpoints" / "damaged"
@@ -331,12 +336,7 @@ def test_pruning_never_keeps_an_unreadable_newer_checkpoint_instead_of_the_good_
 def test_a_resume_past_a_skipped_checkpoint_keeps_the_good_ones(tmp_path, runs):
     """Once the resumed run checkpoints past the step of a checkpoint it skipped, that file counted
     toward --keep-checkpoints: a good checkpoint was pruned and the corrupt one kept."""
-    out = tmp_path / "r"
-    shutil.copytree(runs / "run20", out)
-    corrupt_truncated(out / "checkpoints", runs)
-    res = invoke(["train", "--resume", "--out", str(out), "--steps", "45", "--checkpoint-every", "15",
-                  "--keep-checkpoints", "3", "-q"])
-    assert res.exit_code == 0, res.output
+    out, _ = _resume_past_truncated(tmp_path, runs, steps=45, every=15, keep=3)
     assert ckpt_steps(out) == [15, 30, 45]  # the newest three, all good (was 20 (corrupt), 30, 45)
     for step in (15, 30, 45):
         ckpt_io.read(out / "checkpoints" / f"step-{step:08d}.json")  # each verifies
