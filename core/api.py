@@ -60,8 +60,15 @@ def resolve_settings(settings: Mapping[str, Any], host: PluginHost | None = None
 def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A run's config.json as saved, and re-resolved against the installed plugins."""
     saved = rundir.read_config(run_dir)
+    layer = _settings_only(saved)
+    # without its preset: the saved settings already hold everything the preset set, and an option
+    # the run's version did not have must take the component's default (the behaviour it trained
+    # with), not what a newer preset sets it to
+    preset = layer.pop("preset", None)
     try:
-        return saved, resolve(host.registry, [_settings_only(saved)])
+        cfg = resolve(host.registry, [layer])
+        cfg["preset"] = None if _none(preset) else preset
+        return saved, cfg
     except UnknownComponentError as e:  # a plugin that is not installed (or no longer has the component)
         # name the plugin the run used and why it is missing, not a near name ("did you mean 'hinge'?")
         why = host.missing_plugins(e.kind, e.name, saved.get("plugins")) if e.name is not None else None

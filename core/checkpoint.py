@@ -170,24 +170,37 @@ def _prune(directory: Path, keep: int, written: int) -> None:
 DAMAGED = "damaged"
 
 
-def move_aside(directory: Path, json_paths: list[Path]) -> list[str]:
-    """Move each checkpoint (its JSON and tensor file) into ``directory/damaged/``; the names
-    moved. A resume does this with the checkpoints newer than the one it loaded: none of them can
-    continue the run, and left in place they would count toward ``keep`` once the resumed run
-    passes their step. A file the system refuses to move stays where it is."""
-    moved = []
+def move_aside(directory: Path, json_paths: list[Path]) -> tuple[list[str], list[str]]:
+    """Move each checkpoint (its JSON and tensor file) into ``directory/damaged/``: ``(moved, failed)``,
+    the names moved and, for what the system refused to move, ``NAME: reason``. A resume does this with
+    the checkpoints newer than the one it loaded: none of them can continue the run, and left in place
+    they would count toward ``keep`` once the resumed run passes their step. A name already taken
+    in ``damaged/`` (an earlier resume's) gets a numbered one (``step-00000020.1.json``): nothing
+    there is overwritten."""
+    moved: list[str] = []
+    failed: list[str] = []
     target = directory / DAMAGED
     for json_path in json_paths:
-        for p in (json_path.with_suffix(".safetensors"), json_path):
+        pair = [p for p in (json_path.with_suffix(".safetensors"), json_path) if os.path.lexists(p)]
+        n = 0
+        while any(os.path.lexists(target / _numbered(p.name, n)) for p in pair):
+            n += 1
+        for p in pair:
             try:
-                if not p.exists():
-                    continue
                 target.mkdir(exist_ok=True)
-                os.replace(p, target / p.name)
+                os.replace(p, target / _numbered(p.name, n))
                 moved.append(p.name)
-            except OSError:
-                pass
-    return moved
+            except OSError as e:
+                failed.append(f"{p.name}: {e.strerror or e}")
+    return moved, failed
+
+
+def _numbered(name: str, n: int) -> str:
+    """``step-00000020.json`` -> ``step-00000020.N.json`` (``n`` = 0: unchanged)."""
+    if n == 0:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.{n}.{ext}" if dot else f"{name}.{n}"
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:

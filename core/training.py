@@ -815,9 +815,14 @@ class Trainer:
             note = notes[0]
             if self.is_main:  # the run's one writer: the newer, unusable checkpoints go aside
                 newer = [p for step, p in ckpt_io.list_checkpoints(directory) if step > ck.step]
-                if ckpt_io.move_aside(directory, newer):
+                moved, failed = ckpt_io.move_aside(directory, newer)
+                if moved:
                     note += (f"; moved to {rundir.CHECKPOINTS}/{ckpt_io.DAMAGED}/ (kept for inspection; "
                              "never loaded again nor counted by --keep-checkpoints)")
+                if failed:
+                    note += (f"; could not move {'; '.join(failed)} to {rundir.CHECKPOINTS}/{ckpt_io.DAMAGED}/: "
+                             "left in place, it is skipped again by a later resume and counts toward "
+                             "--keep-checkpoints once the run passes its step")
             self.progress.warn(note)
         self._saved_step = ck.step
         return ck.step

@@ -250,8 +250,8 @@ class DynGANPartitioner(Partitioner):
             "average",
             "which samples a split moves: average (those the detector flags, whose moving-average score "
             "crosses the threshold; the 2D code) or fresh (those whose logit in the last detection's D pass "
-            "exceeds -log(delta), the average only gating the partition; the image code; needs the dyngan "
-            "detector)",
+            "exceeds -log(delta), the average only gating the partition; the image code; with a detector "
+            "other than dyngan, its collapsed set)",
             choices=("average", "fresh"),
         ),
     }
@@ -285,14 +285,11 @@ class DynGANPartitioner(Partitioner):
             return None
 
         # ---- split: one new condition per partition holding collapsed samples
-        collapsed = detection.collapsed
-        if self.opts.split_on == "fresh":
-            collapsed = getattr(detection, "fresh", None)
-            if collapsed is None:
-                raise ValueError(
-                    f"split_on 'fresh' needs a detector that reports each sample's last logit test (detector "
-                    f"'dyngan'); this detection ({type(detection).__name__}) has none: use split_on 'average'")
-        collapsed = collapsed.to(ctx.device).bool()
+        # split_on fresh: the last pass's own verdict, when the detector gives one (another detector's
+        # collapsed set is its only verdict, so that is what moves)
+        fresh = getattr(detection, "fresh", None) if self.opts.split_on == "fresh" else None
+        on_fresh = fresh is not None
+        collapsed = (fresh if on_fresh else detection.collapsed).to(ctx.device).bool()
         hit = torch.bincount(labels[collapsed], minlength=cap)
         # a partition whose scored samples are all collapsed cannot be split (moving them would
         # only rename it; with a detector subset, the k-NN vote would then carry the rest along)
@@ -306,8 +303,11 @@ class DynGANPartitioner(Partitioner):
         chosen = order[: cap - k_now]
         if chosen.numel() == 0:
             self.skip_reason = (
-                "no sample's logit in the last detection's D pass exceeds -log(delta) (split_on 'fresh')"
-                if self.opts.split_on == "fresh" and not bool(hit.any()) else
+                ("no sample's logit in the last detection's D pass exceeds -log(delta) (split_on 'fresh')"
+                 if not bool(hit.any()) else
+                 "every partition that holds samples the last detection's D pass flags is flagged as a whole "
+                 "(split_on 'fresh'), so a split would only rename it")
+                if on_fresh else
                 "every partition that holds collapsed samples is collapsed as a whole, so a split would "
                 "only rename it (D scores all its real samples above 1/(1+delta): see collapse/score_mean; "
                 "a smaller detector.delta flags fewer)")

@@ -595,10 +595,24 @@ def test_split_on_fresh_moves_the_samples_of_the_last_pass_and_the_average_gates
     assert "no sample's logit in the last detection's D pass exceeds -log(delta)" in part.skip_reason
 
 
-def test_split_on_fresh_needs_a_detection_that_has_it():
+def test_split_on_fresh_with_another_detector_moves_its_collapsed_set():
+    # a plain Detection (another detector, e.g. --preset dyngan-image --detector knn-coverage) has no
+    # last-pass verdict: its collapsed set is what moves (this raised, at the first partition check)
     ctx, _ = make_ctx(FakeD(torch.zeros(4)), [0] * 4)
-    with pytest.raises(ValueError, match="split_on 'fresh' needs .* use split_on 'average'"):
-        DynGANPartitioner(refine=False, split_on="fresh").partition(ctx, detection(mask(4, [1])))
+    upd = DynGANPartitioner(refine=False, split_on="fresh").partition(ctx, detection(mask(4, [1])))
+    assert upd.labels.tolist() == [0, 1, 0, 0]
+    part = DynGANPartitioner(refine=False, split_on="fresh")
+    assert part.partition(make_ctx(FakeD(torch.zeros(3)), [0] * 3)[0], detection(mask(3, [0, 1, 2]))) is None
+    assert "collapsed as a whole" in part.skip_reason and "split_on" not in part.skip_reason
+
+
+def test_split_on_fresh_names_a_partition_flagged_whole_by_the_last_pass():
+    part = DynGANPartitioner(refine=False, split_on="fresh")
+    det = fresh_detection(mask(4, [1]), mask(4, [0, 1, 2, 3]))
+    assert part.partition(make_ctx(FakeD(torch.zeros(4)), [0] * 4)[0], det) is None
+    assert part.skip_reason.startswith("every partition that holds samples the last detection's D pass flags is "
+                                       "flagged as a whole (split_on 'fresh')")
+    assert "score_mean" not in part.skip_reason
 
 
 def test_fresh_survives_the_checkpoint():

@@ -333,6 +333,27 @@ def test_pruning_never_keeps_an_unreadable_newer_checkpoint_instead_of_the_good_
     assert res.exit_code == 0 and "warning" not in res.stderr, res.output
 
 
+def test_moving_a_skipped_checkpoint_aside_never_overwrites_and_says_when_it_cannot(tmp_path, runs):
+    out = _truncated_newest(tmp_path, runs)
+    damaged = out / "checkpoints" / "damaged"
+    damaged.mkdir()
+    (damaged / "step-00000020.json").write_text("an earlier resume's")
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "15", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (damaged / "step-00000020.json").read_text() == "an earlier resume's"
+    assert sorted(p.name for p in damaged.iterdir()) == [
+        "step-00000020.1.json", "step-00000020.1.safetensors", "step-00000020.json"]
+    # damaged/ is a file: nothing moves, and the warning says so
+    out = _truncated_newest(tmp_path / "b", runs)
+    (out / "checkpoints" / "damaged").write_text("not a folder")
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "15", "-q"])
+    assert res.exit_code == 0, res.output
+    warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warning) == 1 and "could not move step-00000020.safetensors: " in warning[0], res.stderr
+    assert "left in place" in warning[0] and "moved to" not in warning[0]
+    assert ckpt_steps(out) == [10, 15, 20]
+
+
 def test_a_resume_past_a_skipped_checkpoint_keeps_the_good_ones(tmp_path, runs):
     """Once the resumed run checkpoints past the step of a checkpoint it skipped, that file counted
     toward --keep-checkpoints: a good checkpoint was pruned and the corrupt one kept."""
