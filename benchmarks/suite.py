@@ -443,6 +443,25 @@ _variant("stacked-digits-logit", "stacked-digits",
                   "dyngan": TABLES["stacked-digits"]["methods"]["dyngan"],
                   "dyngan-logit": _with_options(TABLES["stacked-digits"]["methods"]["dyngan"], _IMAGE_CODE)},
          published=[])
+# at 5,000 steps neither average fired; at 20,000 the probability average did (from step 18,000):
+# does the logit average fire earlier? (the -20k-fix table's rows are the probability average)
+_variant("stacked-digits-20k-logit", "stacked-digits-20k-fix",
+         title="Stacked digits, 20,000 steps, the image code's detector mechanics",
+         protocol=TABLES["stacked-digits-20k-fix"]["protocol"] + " dyngan-logit adds -o detector.average=logit "
+                  "-o partitioner.split_on=fresh to that table's dyngan (which resets relabelled scores already).",
+         methods={"dyngan-logit": _with_options(TABLES["stacked-digits-20k-fix"]["methods"]["dyngan"],
+                                                _IMAGE_CODE[:2])},
+         published=[])
+# the -20k-fix runs were on another AMD model (family 25 model 1), which gives other trajectories here
+# (seed 0: NS KL 0.148 against 0.164): ns and dyngan again on the -20k-logit table's CPU, so that
+# dyngan-logit has its baselines from the same machine
+_variant("stacked-digits-20k-fix-1206", "stacked-digits-20k-fix",
+         title="Stacked digits, 20,000 steps, after the subset-split fix, rerun on the 2026-12-06 machine",
+         protocol=TABLES["stacked-digits-20k-fix"]["protocol"] + " Rerun of ns and dyngan on the CPU of the "
+                  "-20k-logit table (AMD EPYC family 25 model 17; the -20k-fix table's was model 1, whose runs "
+                  "differ), as the baselines of its dyngan-logit rows.",
+         methods={m: TABLES["stacked-digits-20k-fix"]["methods"][m] for m in ("ns", "dyngan")},
+         published=[])
 
 
 def train_command(table: str, method: str, seed: int, steps: int | None, out: Path, device: str = "cpu") -> list[str]:
