@@ -378,6 +378,21 @@ _variants_1206("r1", "both with an R1 penalty",
                "methods without it, on the same CPU and seeds: that table's rows.",
                lambda ema: {"ns-r1": _with_options(TABLES[ema]["methods"]["ns"], R1),
                             "dyngan-r1": _with_options(TABLES[ema]["methods"]["dyngan"], R1)})
+# the image code's detector mechanics (detector.average=logit, partitioner.split_on=fresh) on the 2D
+# grids: the 2D preset keeps the 2D code's, but does the other rule change the targets' picture?
+_variants_1206("logit", "the image code's detector mechanics",
+               "dyngan-logit is the dyngan preset with -o detector.average=logit -o partitioner.split_on=fresh (the "
+               "score averages D's logits from 0 and is compared with -log(delta); a split moves the samples of D's "
+               "latest pass), as the authors' image code does, on {machine}; the preset on the same CPU and seeds: "
+               "that table's dyngan rows.",
+               lambda ema: {"dyngan-logit": _with_options(TABLES[ema]["methods"]["dyngan"],
+                                                          ["detector.average=logit", "partitioner.split_on=fresh"])})
+_variant("dyngan-code-ring8-logit-1206", "dyngan-code-ring8-ema",
+         title=f"{TABLES['dyngan-code-ring8-ema']['title']}, the image code's detector mechanics, 2026-12-06 machine",
+         protocol=f"as '{TABLES['dyngan-code-ring8-ema']['title']}'; dyngan-logit as in the grid's -logit-1206 tables, "
+                  f"on {MACHINE_1206}; the preset on the same CPU and seeds: that table's dyngan rows.",
+         methods={"dyngan-logit": _with_options(TABLES["dyngan-code-ring8-ema"]["methods"]["dyngan"],
+                                                ["detector.average=logit", "partitioner.split_on=fresh"])})
 # DynGAN with the authors' k-means weighting rule instead of ours (partitioner option `weighting`)
 REFW = "dyngan-refw"
 REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=reference: the authors' rule "
