@@ -387,6 +387,14 @@ _variants_1206("logit", "the image code's detector mechanics",
                "that table's dyngan rows.",
                lambda ema: {"dyngan-logit": _with_options(TABLES[ema]["methods"]["dyngan"],
                                                           ["detector.average=logit", "partitioner.split_on=fresh"])})
+# which of the two does it: each alone, PacGAN grid, seeds 0-9 on the same CPU
+_variants_1206("logit-ablation", "the image code's detector mechanics one at a time",
+               "dyngan-avg-logit is the dyngan preset with -o detector.average=logit only, dyngan-split-fresh with "
+               "-o partitioner.split_on=fresh only, on {machine}; both together: the -logit-1206 table.",
+               lambda ema: {"dyngan-avg-logit": _with_options(TABLES[ema]["methods"]["dyngan"],
+                                                              ["detector.average=logit"]),
+                            "dyngan-split-fresh": _with_options(TABLES[ema]["methods"]["dyngan"],
+                                                                ["partitioner.split_on=fresh"])})
 _variant("dyngan-code-ring8-logit-1206", "dyngan-code-ring8-ema",
          title=f"{TABLES['dyngan-code-ring8-ema']['title']}, the image code's detector mechanics, 2026-12-06 machine",
          protocol=f"as '{TABLES['dyngan-code-ring8-ema']['title']}'; dyngan-logit as in the grid's -logit-1206 tables, "
