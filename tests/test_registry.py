@@ -164,6 +164,17 @@ def test_class_without_a_valid_name_is_an_error(reg, name):
         reg.add("loss", cls, "sloppy")
 
 
+def _assert_refused(reg, kind, base, cls_name, name, attrs, says):
+    """A ``base`` subclass with ``attrs`` is refused by ``reg`` with a message naming plugin, kind,
+    class and name and holding ``says``, and nothing is registered under ``name``."""
+    cls = type(cls_name, (base,), {"name": name, **attrs})
+    with pytest.raises(PluginError) as exc:
+        reg.add(kind, cls, "sloppy")
+    assert str(exc.value).startswith(f"plugin 'sloppy' registered {kind} class {cls_name} ('{name}'), which ")
+    assert says in str(exc.value)
+    assert name not in reg.names(kind)
+
+
 @pytest.mark.parametrize("options, says", [
     (5, "has `options` = 5, not a mapping of option names to Options"),
     ({"margin": 5}, "has option 'margin' = 5, which is not an Option"),
@@ -178,12 +189,7 @@ def test_class_without_a_valid_name_is_an_error(reg, name):
     ({3: Option(1, "m")}, "has an option key 3, which is not a string"),
 ])
 def test_a_class_with_a_malformed_options_schema_is_refused_when_it_registers(reg, options, says):
-    cls = type("BadOpts", (Loss,), {"name": "bad-opts", "options": options})
-    with pytest.raises(PluginError) as exc:
-        reg.add("loss", cls, "sloppy")
-    assert str(exc.value).startswith("plugin 'sloppy' registered loss class BadOpts ('bad-opts'), which ")
-    assert says in str(exc.value)
-    assert "bad-opts" not in reg.names("loss")
+    _assert_refused(reg, "loss", Loss, "BadOpts", "bad-opts", {"options": options}, says)
 
 
 @pytest.mark.parametrize("settings, says", [
@@ -193,11 +199,7 @@ def test_a_class_with_a_malformed_options_schema_is_refused_when_it_registers(re
     ({"options": {"loss": [1]}}, "has `settings['options']['loss']` = [1], not a mapping of option names to values"),
 ])
 def test_a_preset_whose_settings_are_not_a_mapping_is_refused_when_it_registers(reg, settings, says):
-    cls = type("BadPreset", (Preset,), {"name": "bad-preset", "settings": settings})
-    with pytest.raises(PluginError) as exc:
-        reg.add("preset", cls, "sloppy")
-    assert str(exc.value).startswith("plugin 'sloppy' registered preset class BadPreset ('bad-preset'), which ")
-    assert says in str(exc.value)
+    _assert_refused(reg, "preset", Preset, "BadPreset", "bad-preset", {"settings": settings}, says)
     assert reg.names("preset") == []
 
 
