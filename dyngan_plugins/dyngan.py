@@ -175,20 +175,23 @@ class DynGANDetector(CollapseDetector):
         logits, _ = discriminator_pass(ctx, labels, idx, int(self.opts.batch_size), with_features=False)
         lam = float(self.opts.lam)
         on_logits = self.opts.average == "logit"
-        new = logits.float() if on_logits else torch.sigmoid(logits)
+        logits = logits.float()
+        new = logits if on_logits else torch.sigmoid(logits)
         self.score = (1.0 - lam) * self.score + lam * new
         self.updates += 1
 
         hit = self.score > (self.logit_threshold if on_logits else self.threshold)
-        fresh_hit = logits.float() > self.logit_threshold
+        fresh_hit = logits > self.logit_threshold
         fraction = hit.float().mean()
         # on the probability scale for the partitioner's weighting and the report, whatever is averaged
         prob = torch.sigmoid(self.score) if on_logits else self.score
         if idx is None:
             collapsed, fresh, score, features = hit, fresh_hit, prob.clone(), None
         else:
-            collapsed = torch.zeros(n, dtype=torch.bool, device=ctx.device).index_fill_(0, idx[hit], True)
-            fresh = torch.zeros(n, dtype=torch.bool, device=ctx.device).index_fill_(0, idx[fresh_hit], True)
+            def on_all(mask):  # a mask over the subset, as one over every sample (False outside it)
+                return torch.zeros(n, dtype=torch.bool, device=ctx.device).index_fill_(0, idx[mask], True)
+
+            collapsed, fresh = on_all(hit), on_all(fresh_hit)
             score = torch.zeros(n, device=ctx.device).index_copy_(0, idx, prob)
             features = None  # the partitioner recomputes features of every sample
         ctx.report("collapse/fraction", fraction)
