@@ -485,6 +485,26 @@ _variant("stacked-digits-20k-fix-1206", "stacked-digits-20k-fix",
                   "differ), as the baselines of its dyngan-logit rows.",
          methods={m: TABLES["stacked-digits-20k-fix"]["methods"][m] for m in ("ns", "dyngan")},
          published=[])
+# 2026-12-07: the dyngan preset takes the authors' image-code detector rule (the score averages D's
+# logits, a split moves the samples D's latest pass flags). Every table above ran the preset's former
+# rule, the 2D code's; train_command gives their dyngan-preset runs FORMER_RULE first, so that a rerun
+# of them reproduces their rows (a method's own -o options come after it and win)
+FORMER_RULE = ["detector.average=probability", "partitioner.split_on=average"]
+FORMER_RULE_TABLES = frozenset(TABLES)
+# the three target tables with the preset as it is now, NS-GAN beside it in the same run, on the CPU
+# and seeds of the -1206 tables
+for _name, _ema, _seeds in (("dyngan-grid25-1207", "dyngan-grid25-ema", "0-19"),
+                            ("dyngan-code-grid25-1207", "dyngan-code-grid25-ema", "0-9"),
+                            ("dyngan-code-ring8-1207", "dyngan-code-ring8-ema", "0-9")):
+    _variant(_name, _ema, title=f"{TABLES[_ema]['title']}, the preset's 2026-12-07 detector rule",
+             protocol=f"as '{TABLES[_ema]['title']}' (seeds {_seeds}), with the dyngan preset as of 2026-12-07: "
+                      "the score averages D's logits from 0 and is compared with -log(delta), and a split "
+                      "moves the samples whose logit in the latest detection pass exceeds -log(delta), as the "
+                      "authors' image code does (the tables above ran the 2D code's rule: probabilities "
+                      f"averaged, the averaged set split). On {MACHINE_1206}.",
+             methods={m: TABLES[_ema]["methods"][m] for m in ("ns", "dyngan")})
+for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
+    TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 
 
 def train_command(table: str, method: str, seed: int, steps: int | None, out: Path, device: str = "cpu") -> list[str]:
@@ -492,7 +512,9 @@ def train_command(table: str, method: str, seed: int, steps: int | None, out: Pa
     spec = TABLES[table]
     settings = dict(spec["data"])
     settings_m = spec["methods"][method]
-    opts = list(settings.pop("-o", [])) + list(settings_m.get("-o", []))
+    # a table run before the preset's rule changed keeps the former rule (a method's -o comes after)
+    pin = FORMER_RULE if table in FORMER_RULE_TABLES and settings_m.get("preset") == "dyngan" else []
+    opts = list(settings.pop("-o", [])) + pin + list(settings_m.get("-o", []))
     cmd = [sys.executable, "-m", "core", "train", "--out", str(out), "--seed", str(seed), "--device", device,
            "--threads", "1", "--quiet", "--steps", str(steps or spec["steps"])]
     for k, v in settings.items():
@@ -676,9 +698,14 @@ def render() -> str:
         first = min(rows, key=lambda r: r["seed"])  # the first run of the lowest seed
         ev = " --generator ema` and `... --generator raw" if generators != [None] else ""
         n_eval = f" --n {spec['eval_samples']}" if spec.get("eval_samples") else ""
+        former = ""
+        if table in FORMER_RULE_TABLES and any(m.get("preset") == "dyngan" for m in spec["methods"].values()):
+            former = (" Its dyngan-preset runs used the preset's former detector rule (before 2026-12-07): the "
+                      "same runs now need `-o " + " -o ".join(FORMER_RULE) + "` before a method's own -o "
+                      "options (benchmarks/suite.py adds them).")
         lines += ["", f"Command (one run): `{first['command']}`, then `dyngan evaluate RUN --json{n_eval}{ev}`. "
                       f"Machine: {first['machine']}. Dates: {min(r['date'] for r in rows)} to "
-                      f"{max(r['date'] for r in rows)}.", ""]
+                      f"{max(r['date'] for r in rows)}.{former}", ""]
     lines.append(END)
     return "\n".join(lines)
 

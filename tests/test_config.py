@@ -563,16 +563,18 @@ def test_cli_numeric_flags_still_work():
         1.0, 0.5, 64, 5, [0.5, 0.9])
 
 
-def test_a_saved_run_takes_defaults_not_a_newer_presets_values_for_options_it_did_not_have(tmp_path, monkeypatch):
-    """A dyngan-image run made before the preset set detector.average=logit and partitioner.split_on=fresh
-    has neither in its config.json: resumed, it must keep the behaviour it trained with (the options'
-    defaults), not switch to the preset's new mechanics (it did, and then could not be resumed past
-    the first partition check)."""
+@pytest.mark.parametrize("preset", ["dyngan-image", "dyngan"])
+def test_a_saved_run_takes_defaults_not_a_newer_presets_values_for_options_it_did_not_have(tmp_path, monkeypatch,
+                                                                                         preset):
+    """A run made before its preset set detector.average=logit and partitioner.split_on=fresh (dyngan-image
+    before 2026-12-06, dyngan before 2026-12-07) has neither in its config.json: resumed, it must keep the
+    behaviour it trained with (the options' defaults), not switch to the preset's new mechanics (it did,
+    and then could not be resumed past the first partition check)."""
     from core import api
 
     monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
     out = tmp_path / "r"
-    api.train({"preset": "dyngan-image", "dataset": "grid25", "steps": 10, "checkpoint_every": 10, "eval_every": 0,
+    api.train({"preset": preset, "dataset": "grid25", "steps": 10, "checkpoint_every": 10, "eval_every": 0,
                "device": "cpu", "threads": 1, "out": str(out),
                "options": {"detector": {"every": 5, "subset": None}, "partitioner": {"every": 10}}}, quiet=True)
     path = out / "config.json"
@@ -584,9 +586,13 @@ def test_a_saved_run_takes_defaults_not_a_newer_presets_values_for_options_it_di
     assert res.exit_code == 0, res.output
     cfg = json.loads(res.stdout)
     assert (cfg["options"]["detector"]["average"], cfg["options"]["partitioner"]["split_on"]) == ("probability", "average")
-    assert cfg["preset"] == "dyngan-image" and cfg["options"]["loss"]["r1_gamma"] == 0.02  # the rest as saved
+    assert cfg["preset"] == preset
+    if preset == "dyngan-image":
+        assert cfg["options"]["loss"]["r1_gamma"] == 0.02  # the rest as saved
+    else:
+        assert (cfg["options"]["detector"]["delta"], cfg["options"]["partitioner"]["tau"]) == (0.2, 0.01)
     # giving the preset again is not a change
-    assert CliRunner().invoke(cli, ["train", "--resume", "--out", str(out), "--preset", "dyngan-image",
+    assert CliRunner().invoke(cli, ["train", "--resume", "--out", str(out), "--preset", preset,
                                     "--dry-run"]).exit_code == 0
     # and it trains on with them
     result = api.train({"out": str(out), "steps": 20, "device": "cpu", "threads": 1}, resume=True, quiet=True)

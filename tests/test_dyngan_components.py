@@ -218,8 +218,9 @@ def test_registered_with_the_2d_defaults():
     s = preset.settings
     assert (s["detector"], s["partitioner"], s["conditioner"], s["loss"]) == ("dyngan", "dyngan", "onehot", "ns")
     assert (s["lr_g"], s["lr_d"], s["betas"], s["batch_size"], s["steps"]) == (1e-3, 1e-3, [0.5, 0.999], 128, 30000)
-    assert s["options"]["detector"] == {"every": 500, "delta": 0.2, "lam": 0.1}
-    assert s["options"]["partitioner"] == {"every": 3000, "tau": 0.01}
+    # the authors' image-code rule (logit average, split on D's latest pass): a setting of ours for the 2D code
+    assert s["options"]["detector"] == {"every": 500, "delta": 0.2, "lam": 0.1, "average": "logit"}
+    assert s["options"]["partitioner"] == {"every": 3000, "tau": 0.01, "split_on": "fresh"}
     assert s["options"]["conditioner"] == {"capacity": 30}
     assert s["g_ema"] == 0.99  # ours, not the reference code's; --g-ema 0 turns it off
     json.dumps(s)

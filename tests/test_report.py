@@ -260,10 +260,11 @@ def test_image_run_draws_a_sample_grid(tmp_path):
 
 @pytest.mark.skipif(not HAVE_DYNGAN, reason="the DynGAN detector/partitioner/onehot conditioner are not installed")
 def test_partitioned_2d_run(tmp_path, run2d_pictures):
-    # a delta this large calls nearly everything collapsed, so the run partitions at step 30
+    # delta 2 (collapsed where D's logit exceeds -log 2) flags part of the data this early, so the
+    # run partitions at step 30 (delta 10 flags all of it in D's latest pass: no split)
     run = _train({"dataset": "grid25", "preset": "dyngan", "steps": 60, "seed": 0, "device": "cpu",
                   "out": str(tmp_path / "d"), "log_every": 10, "eval_every": 30,
-                  "options": {"dataset": {"n": 2000}, "detector": {"every": 15, "delta": 10.0},
+                  "options": {"dataset": {"n": 2000}, "detector": {"every": 15, "delta": 2.0},
                               "partitioner": {"every": 30}}})
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     parts = [e for e in events if e.get("event") == "partition"]
@@ -282,11 +283,14 @@ def test_partitioned_2d_run(tmp_path, run2d_pictures):
 @pytest.mark.skipif(not (HAVE_DYNGAN and HAVE_DIGITS), reason="DynGAN plugins or stacked-digits missing")
 def test_partitioned_image_run(tmp_path):
     pytest.importorskip("sklearn")
-    # partitions at step 10, when part (not all) of the data is called collapsed
+    # partitions at step 10, when part (not all) of the data is called collapsed: with the 2D code's
+    # rule (probability average, split on it), as D's latest pass at step 10 scores every image
+    # alike and flags all or none of them
     run = _train({"dataset": "stacked-digits", "preset": "dyngan", "steps": 20, "seed": 0, "device": "cpu",
                   "out": str(tmp_path / "di"), "log_every": 10, "eval_every": 0, "metrics": [], "batch_size": 32,
-                  "options": {"dataset": {"n": 500}, "detector": {"every": 10, "delta": 10.0},
-                              "partitioner": {"every": 10}}})
+                  "options": {"dataset": {"n": 500},
+                              "detector": {"every": 10, "delta": 10.0, "average": "probability"},
+                              "partitioner": {"every": 10, "split_on": "average"}}})
     from core import checkpoint as ckpt_io
 
     step, path = ckpt_io.list_checkpoints(run / "checkpoints")[-1]
