@@ -500,7 +500,7 @@ for _name, _ema, _seeds in (("dyngan-grid25-1207", "dyngan-grid25-ema", "0-19"),
              protocol=f"as '{TABLES[_ema]['title']}' (seeds {_seeds}), with the dyngan preset as of 2026-12-07: "
                       "the score averages D's logits from 0 and is compared with -log(delta), and a split "
                       "moves the samples whose logit in the latest detection pass exceeds -log(delta), as the "
-                      "authors' image code does (the tables above ran the 2D code's rule: probabilities "
+                      "authors' image code does (the tables from before it ran the 2D code's rule: probabilities "
                       f"averaged, the averaged set split). On {MACHINE_1206}.",
              methods={m: TABLES[_ema]["methods"][m] for m in ("ns", "dyngan")})
 # the image code also resets the score of relabelled samples (detector.reset_relabelled): the last
