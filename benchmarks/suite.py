@@ -380,13 +380,14 @@ _variants_1206("r1", "both with an R1 penalty",
                             "dyngan-r1": _with_options(TABLES[ema]["methods"]["dyngan"], R1)})
 # the image code's detector mechanics (detector.average=logit, partitioner.split_on=fresh) on the 2D
 # grids: the 2D preset keeps the 2D code's, but does the other rule change the targets' picture?
+IMAGE_RULE = ["detector.average=logit", "partitioner.split_on=fresh"]
 _variants_1206("logit", "the image code's detector mechanics",
                "dyngan-logit is the dyngan preset with -o detector.average=logit -o partitioner.split_on=fresh (the "
                "score averages D's logits from 0 and is compared with -log(delta); a split moves the samples of D's "
                "latest pass), as the authors' image code does, on {machine}; the preset on the same CPU and seeds: "
                "that table's dyngan rows.",
                lambda ema: {"dyngan-logit": _with_options(TABLES[ema]["methods"]["dyngan"],
-                                                          ["detector.average=logit", "partitioner.split_on=fresh"])})
+                                                          IMAGE_RULE)})
 # which of the two does it: each alone, PacGAN grid, seeds 0-9 on the same CPU
 _variants_1206("logit-ablation", "the image code's detector mechanics one at a time",
                "dyngan-avg-logit is the dyngan preset with -o detector.average=logit only, dyngan-split-fresh with "
@@ -400,7 +401,7 @@ _variant("dyngan-code-ring8-logit-1206", "dyngan-code-ring8-ema",
          protocol=f"as '{TABLES['dyngan-code-ring8-ema']['title']}'; dyngan-logit as in the grid's -logit-1206 tables, "
                   f"on {MACHINE_1206}; the preset on the same CPU and seeds: that table's dyngan rows.",
          methods={"dyngan-logit": _with_options(TABLES["dyngan-code-ring8-ema"]["methods"]["dyngan"],
-                                                ["detector.average=logit", "partitioner.split_on=fresh"])})
+                                                IMAGE_RULE)})
 # DynGAN with the authors' k-means weighting rule instead of ours (partitioner option `weighting`)
 REFW = "dyngan-refw"
 REFW_NOTE = (" dyngan-refw = the same preset with -o partitioner.weighting=reference: the authors' rule "
@@ -455,7 +456,7 @@ _variant("stacked-digits-20k-fix", "stacked-digits-20k",
 # probabilities from 0), splits on the samples D's latest pass flags, and resets relabelled samples;
 # a logit average crosses -log(delta) after fewer detections when D is confident, so it can fire
 # within the 5,000 steps where the probability average could not
-_IMAGE_CODE = ["detector.average=logit", "partitioner.split_on=fresh", "detector.reset_relabelled=true"]
+_IMAGE_CODE = IMAGE_RULE + ["detector.reset_relabelled=true"]
 _variant("stacked-digits-logit", "stacked-digits",
          title="Stacked digits, the image code's detector mechanics",
          protocol=TABLES["stacked-digits"]["protocol"] + " dyngan-logit: the same DynGAN with the image "
@@ -473,7 +474,7 @@ _variant("stacked-digits-20k-logit", "stacked-digits-20k-fix",
          protocol=TABLES["stacked-digits-20k-fix"]["protocol"] + " dyngan-logit adds -o detector.average=logit "
                   "-o partitioner.split_on=fresh to that table's dyngan (which resets relabelled scores already).",
          methods={"dyngan-logit": _with_options(TABLES["stacked-digits-20k-fix"]["methods"]["dyngan"],
-                                                _IMAGE_CODE[:2])},
+                                                IMAGE_RULE)},
          published=[])
 # the -20k-fix runs were on another AMD model (family 25 model 1), which gives other trajectories here
 # (seed 0: NS KL 0.148 against 0.164): ns and dyngan again on the -20k-logit table's CPU, so that
@@ -491,11 +492,19 @@ _variant("stacked-digits-20k-fix-1206", "stacked-digits-20k-fix",
 # of them reproduces their rows (a method's own -o options come after it and win)
 FORMER_RULE = ["detector.average=probability", "partitioner.split_on=average"]
 FORMER_RULE_TABLES = frozenset(TABLES)
+
+
+def _keeps_former_rule(table: str, method: dict) -> bool:
+    """Whether ``method`` of ``table`` is a dyngan-preset run from before the rule changed."""
+    return table in FORMER_RULE_TABLES and method.get("preset") == "dyngan"
+
+
 # the three target tables with the preset as it is now, NS-GAN beside it in the same run, on the CPU
 # and seeds of the -1206 tables
-for _name, _ema, _seeds in (("dyngan-grid25-1207", "dyngan-grid25-ema", "0-29"),
-                            ("dyngan-code-grid25-1207", "dyngan-code-grid25-ema", "0-9"),
-                            ("dyngan-code-ring8-1207", "dyngan-code-ring8-ema", "0-9")):
+CURRENT_TARGETS = {"dyngan-grid25-1207": ("dyngan-grid25-ema", "0-29"),
+                   "dyngan-code-grid25-1207": ("dyngan-code-grid25-ema", "0-9"),
+                   "dyngan-code-ring8-1207": ("dyngan-code-ring8-ema", "0-9")}
+for _name, (_ema, _seeds) in CURRENT_TARGETS.items():
     _variant(_name, _ema, title=f"{TABLES[_ema]['title']}, the preset's 2026-12-07 detector rule",
              protocol=f"as '{TABLES[_ema]['title']}' (seeds {_seeds}), with the dyngan preset as of 2026-12-07: "
                       "the score averages D's logits from 0 and is compared with -log(delta), and a split "
@@ -522,7 +531,7 @@ _variant("dyngan-code-grid25-60k-1207", "dyngan-code-grid25-1207",
 for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
     TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 # the preset as it is now first: the three target tables of the 2026-12-07 rule, then the rest in order
-for _t in [t for t in TABLES if t not in ("dyngan-grid25-1207", "dyngan-code-grid25-1207", "dyngan-code-ring8-1207")]:
+for _t in [t for t in TABLES if t not in CURRENT_TARGETS]:
     TABLES[_t] = TABLES.pop(_t)
 
 
@@ -532,7 +541,7 @@ def train_command(table: str, method: str, seed: int, steps: int | None, out: Pa
     settings = dict(spec["data"])
     settings_m = spec["methods"][method]
     # a table run before the preset's rule changed keeps the former rule (a method's -o comes after)
-    pin = FORMER_RULE if table in FORMER_RULE_TABLES and settings_m.get("preset") == "dyngan" else []
+    pin = FORMER_RULE if _keeps_former_rule(table, settings_m) else []
     opts = list(settings.pop("-o", [])) + pin + list(settings_m.get("-o", []))
     cmd = [sys.executable, "-m", "core", "train", "--out", str(out), "--seed", str(seed), "--device", device,
            "--threads", "1", "--quiet", "--steps", str(steps or spec["steps"])]
@@ -718,7 +727,7 @@ def render() -> str:
         ev = " --generator ema` and `... --generator raw" if generators != [None] else ""
         n_eval = f" --n {spec['eval_samples']}" if spec.get("eval_samples") else ""
         former = ""
-        if table in FORMER_RULE_TABLES and any(m.get("preset") == "dyngan" for m in spec["methods"].values()):
+        if any(_keeps_former_rule(table, m) for m in spec["methods"].values()):
             former = (" Its dyngan-preset runs used the preset's former detector rule (before 2026-12-07): the "
                       "same runs now need `-o " + " -o ".join(FORMER_RULE) + "` before a method's own -o "
                       "options (benchmarks/suite.py adds them).")
