@@ -223,8 +223,12 @@ def read(json_path: Path) -> Checkpoint:
     # a FIFO, device or huge file under a checkpoint's name is refused before it is read
     _check_regular(json_path, MAX_JSON_BYTES)
     try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raw = json_path.read_bytes()
+    except OSError as e:
+        raise _cannot_read(json_path.name, e) from None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{json_path.name}: unreadable metadata ({one_line(e)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path.name}: not a {FORMAT} checkpoint")
@@ -245,7 +249,7 @@ def read(json_path: Path) -> Checkpoint:
     try:
         blob = tpath.read_bytes()
     except OSError as e:
-        raise CheckpointError(f"{tname}: cannot read ({e.strerror or e})") from None
+        raise _cannot_read(tname, e) from None
     if len(blob) != size or hashlib.sha256(blob).hexdigest() != digest:
         raise CheckpointError(f"{tname}: contents do not match the recorded checksum (truncated or edited)")
     try:
@@ -258,6 +262,20 @@ def read(json_path: Path) -> Checkpoint:
     return Checkpoint(step=step, tensors=tensors, meta=meta, path=json_path)
 
 
+class CheckpointUnreadable(CheckpointError):
+    """The system refused to read a checkpoint's file (permission, I/O or network file-system
+    error): its contents may well be intact, so a resume must not skip it as damaged."""
+
+
+#: errors that say the file is not there as a checkpoint, i.e. damage rather than access
+_ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def _cannot_read(name: str, error: OSError) -> CheckpointError:
+    cls = CheckpointError if isinstance(error, _ABSENT) else CheckpointUnreadable
+    return cls(f"{name}: cannot read ({error.strerror or error})")
+
+
 def _check_regular(path: Path, limit: int | None) -> int:
     """The size of ``path``, a regular file (no FIFO or device), at most ``limit`` bytes."""
     import stat
@@ -265,7 +283,7 @@ def _check_regular(path: Path, limit: int | None) -> int:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise CheckpointError(f"{path.name}: cannot read ({e.strerror or e})") from None
+        raise _cannot_read(path.name, e) from None
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{path.name}: not a regular file")
     if limit is not None and st.st_size > limit:
@@ -277,11 +295,16 @@ def load_latest(
     directory: Path,
     apply: Callable[[Checkpoint], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    *,
+    skip_unreadable: bool = True,
 ) -> Checkpoint:
     """The newest checkpoint that reads, verifies and (with ``apply``) loads.
 
     Falls back to older ones with a warning; raises CheckpointError if none works.
     ``apply`` should raise CheckpointError when a checkpoint does not fit the run.
+    With ``skip_unreadable`` False (a resume, which moves what it skips aside and trains on from
+    an older step), a checkpoint the system refuses to read (``CheckpointUnreadable``) stops the
+    search instead: the file may be intact once its access is fixed.
     """
     entries = list_checkpoints(directory)
     if not entries:
@@ -295,6 +318,13 @@ def load_latest(
             if problems and warn is not None:
                 warn(f"skipped newer checkpoint(s): {'; '.join(problems)}; using step {ckpt.step}")
             return ckpt
+        except CheckpointUnreadable as e:
+            if not skip_unreadable:
+                raise CheckpointUnreadable(
+                    f"cannot resume from {directory}: {e}. The file may be intact, so it is neither skipped "
+                    "nor moved: fix its access and resume again (or, to train on from the checkpoint "
+                    f"before it, move {json_path.name} and its .safetensors file out of that folder)") from None
+            problems.append(str(e))
         except CheckpointError as e:
             problems.append(str(e))
     raise CheckpointError("no usable checkpoint in " + str(directory) + ": " + "; ".join(problems))

@@ -810,7 +810,7 @@ class Trainer:
     def load_latest(self) -> int:
         directory = self.run_dir / rundir.CHECKPOINTS
         notes: list[str] = []
-        ck = ckpt_io.load_latest(directory, self._apply, notes.append)
+        ck = ckpt_io.load_latest(directory, self._apply, notes.append, skip_unreadable=False)
         if notes:
             note = notes[0]
             if self.is_main:  # the run's one writer: the newer, unusable checkpoints go aside

@@ -364,6 +364,57 @@ def test_a_resume_past_a_skipped_checkpoint_keeps_the_good_ones(tmp_path, runs):
     assert (out / "checkpoints" / "damaged" / "step-00000020.safetensors").exists()
 
 
+
+def _refuse_reading(monkeypatch, victim: Path, error: OSError) -> None:
+    """Reading ``victim`` raises ``error`` (faked: the tests may run as root, who reads anything)."""
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(self):
+        if self == victim:
+            raise error
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+@pytest.mark.parametrize("which", ["safetensors", "json"])
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(5, "Input/output error")],
+                         ids=["denied", "io-error"])
+def test_a_resume_stops_at_a_checkpoint_it_may_not_read_and_moves_nothing(tmp_path, runs, monkeypatch, which, error):
+    """A checkpoint the system refuses to read (permissions, a network file system's hiccup) may be
+    intact: a resume that skipped it would train on from the step before and move it to damaged/.
+    It stops instead, names the file and the fix, and leaves the run as it was."""
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    before = all_bytes(out)
+    _refuse_reading(monkeypatch, out / "checkpoints" / f"step-00000020.{which}", error)
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "30", "-q"])
+    err = assert_clean_error(res, 2, f"step-00000020.{which}: cannot read ({error.strerror})",
+                             "neither skipped nor moved", "move step-00000020.json and its .safetensors file")
+    assert "moved to" not in err
+    # read-only uses still fall back to the step before, with the usual warning
+    res = invoke(["evaluate", str(out), "--n", "50"])
+    assert res.exit_code == 0 and "skipped newer checkpoint(s): step-00000020" in res.stderr, res.output
+    monkeypatch.undo()  # access restored
+    assert all_bytes(out) == before  # nothing moved, pruned, trained or logged
+    # the resume now uses step 20 and gives the uninterrupted run's networks
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "30", "-q"])
+    assert res.exit_code == 0 and "skipped" not in res.stderr, res.output
+    assert same_final_networks(runs / "straight30", out)
+
+
+def test_a_missing_tensor_file_is_damage_and_is_still_skipped(tmp_path, runs):
+    """A JSON whose tensor file is gone cannot become readable: it is skipped and moved aside."""
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    (out / "checkpoints" / "step-00000020.safetensors").unlink()
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "15", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "step-00000020.safetensors: cannot read (No such file or directory)" in res.stderr
+    assert "moved to checkpoints/damaged/" in res.stderr
+    assert (out / "checkpoints" / "damaged" / "step-00000020.json").exists()
+    assert ckpt_steps(out) == [10, 15]
+
 def _truncated_newest(tmp_path, runs):
     out = tmp_path / "r"
     shutil.copytree(runs / "run20", out)
