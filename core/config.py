@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -81,6 +82,38 @@ _CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}
 MAX_CONFIG_BYTES = 2**20
 
 
+def _read_bounded(p: Path) -> bytes:
+    """Up to MAX_CONFIG_BYTES + 1 bytes of ``p``. A pipe (``--config <(...)``) is read as long as
+    a process writes to it; a named FIFO that no process has open for writing is refused instead of
+    waiting forever for one."""
+    import fcntl
+    import stat
+
+    if not stat.S_ISFIFO(os.stat(p).st_mode):
+        with open(p, "rb") as f:
+            return f.read(MAX_CONFIG_BYTES + 1)
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)  # does not wait for a writer
+    try:
+        try:
+            first = os.read(fd, MAX_CONFIG_BYTES + 1)
+        except BlockingIOError:  # a writer holds it open and has not written yet
+            first = None
+        if first == b"":
+            raise UsageError(f"config file {str(p)!r} is a FIFO that no process writes to: give a regular file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        chunks = [first] if first else []
+        size = len(first or b"")
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A config file: the same keys as the flags (``steps = 1000``, ``[options.detector]``)."""
     try:
@@ -89,8 +122,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         import tomli as tomllib  # type: ignore[no-redef]
     p = Path(path)
     try:
-        with open(p, "rb") as f:  # bounded: /dev/zero or a huge file is refused, not read forever
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        raw = _read_bounded(p)  # bounded: /dev/zero or a huge file is refused, not read forever
         if len(raw) > MAX_CONFIG_BYTES:
             raise UsageError(f"config file {str(p)!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: "
                              "not a dyngan config")

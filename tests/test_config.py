@@ -438,6 +438,41 @@ def test_metric_options_go_to_every_chosen_metric_that_has_them():
     assert cfg["options"]["metric"]["mixture"]["chunk_size"] == 64
 
 
+
+def test_a_fifo_nobody_writes_to_is_refused_and_a_pipe_is_read(tmp_path):
+    """A named FIFO with no writer used to block the open forever; a pipe a process writes to
+    (what ``--config <(...)`` gives) is read like a file."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    res = _dry_run(["--config", str(fifo)])  # returns at once: nothing waits for a writer
+    assert res.exit_code == 2 and "is a FIFO that no process writes to" in res.stderr, res.output
+    r, w = os.pipe()
+    try:
+        os.write(w, b"steps = 123\nbatch_size = 64\n")
+        os.close(w)
+        cfg = resolve_settings({"config": f"/dev/fd/{r}"})
+    finally:
+        os.close(r)
+    assert (cfg["steps"], cfg["batch_size"]) == (123, 64)
+    # a pipe whose writer is still to write: read until it closes
+    r, w = os.pipe()
+    try:
+        import threading
+
+        def late():
+            import time
+
+            time.sleep(0.3)
+            os.write(w, b"steps = 45\n")
+            os.close(w)
+        t = threading.Thread(target=late)
+        t.start()
+        cfg = resolve_settings({"config": f"/dev/fd/{r}"})
+        t.join()
+    finally:
+        os.close(r)
+    assert cfg["steps"] == 45
+
 def test_metric_options_from_a_config_file_subtable(tmp_path):
     path = _write_toml(tmp_path / "run.toml", 'metrics = "mixture,prdc"\n[options.metric]\nhq_sigmas = 2.5\n'
                                               '[options.metric.prdc]\nk = 7\n')
