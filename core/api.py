@@ -93,6 +93,11 @@ def _flat_options(options: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _shown(name: Any) -> str:
+    """A component name as a user writes it: ``'dyngan'``, or ``none`` for no component."""
+    return "none" if name is None else repr(name)
+
+
 def _component_name(value: Any) -> Any:
     return None if _none(value) else str(value).strip()
 
@@ -120,7 +125,7 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
     for k in (*SLOTS, "preset"):
         if k in fixed and _component_name(fixed[k]) != cfg.get(k):
             raise UsageError(f"--resume continues the run as it was configured: the {k} cannot change; "
-                             f"it was {cfg.get(k)!r}, not {_component_name(fixed[k])!r} ({only})")
+                             f"it was {_shown(cfg.get(k))}, not {_shown(_component_name(fixed[k]))} ({only})")
     if fixed:
         # settings given again must resolve to what the run already has
         trial = resolve(host.registry, [_settings_only(saved), fixed])
@@ -169,8 +174,10 @@ def _resolve_new_evaluation(host: PluginHost, saved: Mapping[str, Any], cfg: Map
 
 
 #: a run directory whose training stopped before its first checkpoint: neither resumable nor new
-_NO_CHECKPOINT = ("{run!r} holds a run that stopped before its first checkpoint (see its metrics.jsonl), so "
-                  "there is nothing to resume; delete that directory or choose another --out to train again")
+def _no_checkpoint(run_dir: Path) -> str:
+    see = f" (see its {rundir.METRICS})" if (run_dir / rundir.METRICS).is_file() else ""
+    return (f"{str(run_dir)!r} holds a run that stopped before its first checkpoint{see}, so there is nothing "
+            "to resume; delete that directory or choose another --out to train again")
 
 
 def _not_in_use(run_dir: Path) -> None:
@@ -180,9 +187,14 @@ def _not_in_use(run_dir: Path) -> None:
 
 
 def _never_checkpointed(run_dir: Path) -> bool:
-    """No checkpoint file was ever written in ``run_dir`` (its checkpoints/ is missing or empty)."""
+    """No checkpoint file was ever written in ``run_dir`` (its checkpoints/ is missing or empty).
+    A checkpoints entry that is not a folder is a CheckpointError: the run's checkpoints are not
+    where they belong, which is no reason to delete the run."""
     ck = run_dir / rundir.CHECKPOINTS
     try:
+        if os.path.lexists(ck) and not ck.is_dir():
+            raise CheckpointError(f"{str(ck)!r} is not a folder, so the run's checkpoints are not where dyngan "
+                                  "keeps them; if they were moved, put the folder back there")
         return not ck.is_dir() or not any(ck.iterdir())
     except OSError:
         return False
@@ -209,6 +221,8 @@ def dry_run(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
         out = _out(settings)
         cfg = resolve_settings(settings, host)
         if out is not None:
+            if rundir.is_run(Path(out)) and _never_checkpointed(Path(out)):
+                raise UsageError(_no_checkpoint(Path(out)))  # as train says it
             rundir.check_new(Path(out))
     check_amp(cfg, resolve_device(cfg["device"]))
     return cfg
@@ -226,11 +240,11 @@ def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
         cfg = _resume_config(run_dir, settings, host)
         if _never_checkpointed(run_dir):
             _not_in_use(run_dir)  # a run still before its first checkpoint is not a stopped one
-            raise CheckpointError(_NO_CHECKPOINT.format(run=str(run_dir)))
+            raise CheckpointError(_no_checkpoint(run_dir))
         return cfg, run_dir
     if out is not None and rundir.is_run(Path(out)) and _never_checkpointed(Path(out)):
         _not_in_use(Path(out))
-        raise UsageError(_NO_CHECKPOINT.format(run=str(out)))
+        raise UsageError(_no_checkpoint(Path(out)))
     cfg = resolve_settings(settings, host)
     cfg["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     run_dir = rundir.create(Path(out) if out is not None else None, runs_root)
@@ -252,6 +266,7 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
         cfg = (_resume_config(run_dir, settings, host) if resume
                else resolve_settings(settings, host))
     else:
+        run_dir = None
         try:
             cfg, run_dir = prepare(settings, resume=resume, host=host)
             if not resume:
@@ -260,6 +275,8 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
                 except OSError as e:
                     raise UsageError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}") from None
         except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) and run_dir is not None and not resume:
+                rundir.discard_unstarted(run_dir)
             if share is not None:
                 share((None, str(e) or type(e).__name__))
             raise
@@ -267,8 +284,13 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
             share((str(run_dir), None))
     # one process trains in a run directory at a time (rank 0 writes for all ranks)
     main = comm is None or comm.rank == 0
-    with rundir.RunLock(run_dir) if main else contextlib.nullcontext():
-        return _train_locked(cfg, run_dir, host, resume, quiet, stream, comm)
+    try:
+        with rundir.RunLock(run_dir) if main else contextlib.nullcontext():
+            return _train_locked(cfg, run_dir, host, resume, quiet, stream, comm)
+    except KeyboardInterrupt:  # Ctrl-C before training began: a new run leaves nothing behind
+        if main and not resume:
+            rundir.discard_unstarted(run_dir)
+        raise
 
 
 def _saved_data_error(error: DataError, run_dir: Path | str, cfg: Mapping[str, Any]) -> DataError:
@@ -292,9 +314,9 @@ def _load_saved_data(comps: Any, cfg: Mapping[str, Any], run_dir: Path | str) ->
 
 def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: bool, quiet: bool,
                   stream: Any, comm: Any):
-    from .training import Trainer
-
     try:
+        from .training import Aborted, Trainer  # imports torch: seconds, in which a Ctrl-C may come
+
         trainer = Trainer(cfg, host.registry, run_dir, resume=resume, quiet=quiet, comm=comm, stream=stream)
     except BaseException as e:
         # bad data or a broken component, before the first step: do not leave a run that
@@ -315,6 +337,11 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
             + ")")
     try:
         result = trainer.run()
+    except Aborted as e:
+        # stopped before its first step: a new run leaves nothing behind, as one whose setup failed
+        if e.before_start and not resume and (comm is None or comm.rank == 0) and rundir.discard_unstarted(run_dir):
+            raise Aborted(e.signum, e.step, run_dir, before_start=True, discarded=True) from None
+        raise
     except Exception as e:
         if not is_out_of_memory(e):
             raise

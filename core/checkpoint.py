@@ -306,6 +306,9 @@ def load_latest(
     an older step), a checkpoint the system refuses to read (``CheckpointUnreadable``) stops the
     search instead: the file may be intact once its access is fixed.
     """
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a folder, so the run's checkpoints are not where dyngan keeps "
+                              "them; if they were moved, put the folder back there")
     entries = list_checkpoints(directory)
     if not entries:
         raise CheckpointError(f"no checkpoint in {directory}")

@@ -63,6 +63,9 @@ class DynganGroup(click.Group):
             return super().invoke(ctx)
         except DynganError as e:
             raise fail(e) from None
+        except KeyboardInterrupt:  # click would say "Aborted!" and exit 1; training handles its own
+            click.echo("Error: interrupted by Ctrl-C", err=True)
+            raise click.exceptions.Exit(130) from None
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:  # noqa: BLE001 - a plugin's command may raise anything

@@ -87,19 +87,27 @@ def check_new(path: Path) -> None:
         )
 
 
-def discard_unstarted(path: Path) -> None:
-    """Remove the config.json of a run that failed before training began (no checkpoints,
-    no metrics), and the directory if that leaves it empty; anything else is left alone."""
+def discard_unstarted(path: Path) -> bool:
+    """Remove the config.json of a run that failed or was interrupted before training began (no
+    checkpoints, no metrics but an empty metrics.jsonl), and the directory if that leaves it empty;
+    anything else is left alone. Whether the run is gone (its config.json removed)."""
+    metrics = path / METRICS
     try:
-        if list_checkpoints(path / CHECKPOINTS) or (path / METRICS).exists() or (path / CHECKPOINTS).exists():
-            return
+        if list_checkpoints(path / CHECKPOINTS) or (path / CHECKPOINTS).exists() or \
+                (metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0)):
+            return False
     except OSError:  # cannot tell: leave it alone (and do not mask the error that brought us here)
-        return
+        return False
     try:
+        metrics.unlink(missing_ok=True)
         (path / CONFIG).unlink(missing_ok=True)
+    except OSError:
+        return False
+    try:
         path.rmdir()
     except OSError:
         pass
+    return True
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:

@@ -74,13 +74,21 @@ class Interrupted(DynganError):
 
 
 class Aborted(DynganError):
-    """A second Ctrl-C / SIGTERM while stopping: training ended at once, without a new checkpoint."""
+    """A second Ctrl-C / SIGTERM while stopping: training ended at once, without a new checkpoint.
+    With ``before_start``, the first one, before the training loop began (loading, setting up)."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
-        self.signum, self.step, self.run_dir = signum, step, run_dir
+    def __init__(self, signum: int, step: int, run_dir: Path, before_start: bool = False,
+                 discarded: bool = False) -> None:
+        self.signum, self.step, self.run_dir, self.before_start = signum, step, run_dir, before_start
         self.exit_code = 128 + signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         saved = rundir.list_checkpoints(Path(run_dir) / rundir.CHECKPOINTS)
+        if before_start:
+            then = ("nothing was trained and the new run was removed" if discarded else
+                    f"the run is as it was; continue with: dyngan train --out {run_dir} --resume" if saved else
+                    f"nothing was trained; delete {str(run_dir)!r} to train there again")
+            super().__init__(f"interrupted by {name} before the first training step (step {step}): {then}")
+            return
         then = (f"the ones already written are intact); continue with: dyngan train --out {run_dir} --resume"
                 if saved else
                 f"and none was written before it), so the run cannot be resumed: delete {str(run_dir)!r} "
@@ -986,7 +994,7 @@ class Trainer:
             self._setup_components()
             for note in self.notes:
                 self.progress.message(note)
-            if log is not None:  # wall-clock time of the first step, for start-up measurements
+            if log is not None and self.step < cfg["steps"]:  # wall-clock time of the first step (start-up)
                 log.write({"step": self.step, "event": "start", "time": time.time(), "processes": self.world_size})
             rollbacks = 0
             with _SignalFlag() as flag:
@@ -1007,7 +1015,7 @@ class Trainer:
             return TrainResult(self.run_dir, self.step, rundir.read_metrics(self.run_dir), cfg)
         except KeyboardInterrupt:  # a second signal (or Ctrl-C before the loop): exit 128 + signal
             signum = (sigflag.second if sigflag is not None else None) or signal.SIGINT
-            raise Aborted(signum, self.step, self.run_dir) from None
+            raise Aborted(signum, self.step, self.run_dir, before_start=sigflag is None) from None
         finally:
             if log is not None:
                 log.close()

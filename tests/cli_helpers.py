@@ -45,3 +45,19 @@ def resign_checkpoint(jpath, tensors=None, blob=None, **meta_changes):
         meta.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
     meta.update(meta_changes)
     jpath.write_text(json.dumps(meta))
+
+
+def tiny_run(out, steps, n=500, **settings):
+    """Train a tiny grid25 run into ``out`` (CPU, one thread, no pictures, one checkpoint at the
+    end unless ``settings`` say otherwise); returns ``out``."""
+    import pytest
+
+    from core import api
+
+    cfg = {"dataset": "grid25", "steps": steps, "seed": 0, "device": "cpu", "threads": 1, "log_every": steps,
+           "eval_every": 0, "checkpoint_every": steps, "options": {"dataset": {"n": n}}, "out": str(out)}
+    cfg.update(settings)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DYNGAN_NO_PICTURES", "1")
+        api.train(cfg, quiet=True)
+    return out

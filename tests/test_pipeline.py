@@ -638,6 +638,9 @@ def test_resume_to_fewer_steps_than_done_says_there_is_nothing_to_train(run60, t
     assert result.step == 60 and ckpt_steps(out) == [30, 60]
     assert "already at step 60 of --steps 40: nothing to train" in stream.getvalue()
     assert json.loads((out / "config.json").read_text())["steps"] == 60  # a no-op resume keeps the length
+    # no step ran, so no "start" record (README: the wall-clock time of a process's first step)
+    starts = [r for r in rundir.read_metrics(out) if r.get("event") == "start"]
+    assert len(starts) == 1 and starts[0]["step"] == 0
 
 
 def test_a_resume_with_nothing_to_train_still_records_new_intervals_and_metric_settings(run60_copy):
@@ -752,6 +755,9 @@ def test_resume_says_the_dataset_cannot_change_not_that_an_option_is_unknown(run
     assert "unknown option" not in res.stderr
     res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "--dataset", "grid25", "--metrics", "mixture"])
     assert res.exit_code == 0, res.output
+    # no component is written as TOML and the CLI write it, not as Python's None
+    res = invoke(["train", "--resume", "--dry-run", "--out", str(src), "--loss", "none"])
+    assert res.exit_code == 2 and "the loss cannot change; it was 'ns', not none (" in res.stderr, res.output
 
 
 def test_resume_names_only_the_changed_options(run60, tmp_path):

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 import core.rundir as rundir
-from core import api
 from core.errors import UsageError
-from cli_helpers import assert_clean_error, invoke
+from cli_helpers import assert_clean_error, invoke, tiny_run
 
 LONG = "x" * 256  # one component past NAME_MAX (255 on Linux and macOS file systems)
 TOO_LONG = os.strerror(errno.ENAMETOOLONG)  # "File name too long"
@@ -28,13 +27,7 @@ def _no_pictures(monkeypatch):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny finished run with one checkpoint."""
-    out = tmp_path_factory.mktemp("paths") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DYNGAN_NO_PICTURES", "1")
-        api.train({"dataset": "grid25", "steps": 5, "seed": 0, "device": "cpu", "threads": 1, "log_every": 5,
-                   "eval_every": 0, "checkpoint_every": 5, "options": {"dataset": {"n": 500}}, "out": str(out)},
-                  quiet=True)
-    return out
+    return tiny_run(tmp_path_factory.mktemp("paths") / "run", 5)
 
 
 def _clean_exit_2(res, *needles):

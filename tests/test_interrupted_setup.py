@@ -1,0 +1,105 @@
+"""Ctrl-C before the first training step, and run directories whose layout is broken: exit 130 or 2
+with one line, a new run leaves nothing behind, a saved run is left as it was."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from core import training as training_mod
+from cli_helpers import assert_clean_error, invoke, tiny_run
+
+BASE = ["--dataset", "grid25", "-o", "dataset.n=2000", "--device", "cpu", "--threads", "1", "-q"]
+
+
+@pytest.fixture(autouse=True)
+def _no_pictures(monkeypatch):
+    monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
+
+
+@pytest.fixture(scope="module")
+def run10(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("saved") / "run10", 10, n=2000)
+
+
+def all_bytes(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _interrupt(monkeypatch, where: str) -> None:
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    if where == "setup":  # building the data and networks
+        monkeypatch.setattr(training_mod.Trainer, "__init__", ctrl_c)
+    else:  # in Trainer.run, before the loop (loading a checkpoint, setting up components)
+        monkeypatch.setattr(training_mod.Trainer, "_setup_components", ctrl_c)
+
+
+@pytest.mark.parametrize("where", ["setup", "run"])
+def test_ctrl_c_before_the_first_step_of_a_new_run_exits_130_and_leaves_no_run(tmp_path, monkeypatch, where):
+    """It used to print click's "Aborted!" with exit 1 and leave a config.json that blocked the same
+    --out, whose advice then pointed to a metrics.jsonl that did not exist."""
+    out = tmp_path / "new"
+    _interrupt(monkeypatch, where)
+    res = invoke(["train", "--out", str(out), "--steps", "20", *BASE])
+    err = assert_clean_error(res, 130, "interrupted by Ctrl-C")
+    if where == "run":
+        assert "before the first training step" in err and "the new run was removed" in err
+    assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    res = invoke(["train", "--out", str(out), "--steps", "20", *BASE])  # the same command now trains
+    assert res.exit_code == 0, res.output
+    assert (out / "checkpoints" / "step-00000020.json").exists()
+
+
+@pytest.mark.parametrize("where", ["setup", "run"])
+def test_ctrl_c_before_the_first_step_of_a_resume_leaves_the_run_as_it_was(tmp_path, monkeypatch, run10, where):
+    out = tmp_path / "r"
+    shutil.copytree(run10, out)
+    before = all_bytes(out)
+    _interrupt(monkeypatch, where)
+    res = invoke(["train", "--resume", "--out", str(out), "--steps", "20", "-q"])
+    err = assert_clean_error(res, 130, "interrupted by Ctrl-C")
+    if where == "run":
+        assert "the run is as it was" in err and "--resume" in err
+    after = all_bytes(out)
+    # a resume records a new --steps once its checkpoint loaded (for the next plain --resume): the rest is untouched
+    assert {k: v for k, v in after.items() if k != "config.json"} == {k: v for k, v in before.items()
+                                                                       if k != "config.json"}
+
+
+def test_a_run_that_never_checkpointed_gets_the_same_advice_from_dry_run_and_train(tmp_path):
+    out = tmp_path / "stopped"
+    out.mkdir()
+    res = invoke(["train", "--out", str(out), "--steps", "20", *BASE, "--dry-run"])
+    assert res.exit_code == 0, res.output  # an empty folder is a fine --out
+    # a run directory holding only its config.json (a run stopped before its first checkpoint)
+    res = invoke(["train", "--out", str(tmp_path / "full"), "--steps", "10", "--checkpoint-every", "10", *BASE])
+    assert res.exit_code == 0, res.output
+    shutil.copy(tmp_path / "full" / "config.json", out / "config.json")
+    for args in (["train", "--out", str(out), "--steps", "20", *BASE],
+                 ["train", "--out", str(out), "--steps", "20", *BASE, "--dry-run"],
+                 ["train", "--out", str(out), "--resume", "-q"],
+                 ["train", "--out", str(out), "--resume", "--dry-run"]):
+        err = assert_clean_error(invoke(args), 2, "stopped before its first checkpoint", "delete that directory")
+        assert "metrics.jsonl" not in err  # there is none to see
+    (out / "metrics.jsonl").write_text('{"step": 0, "event": "start"}\n')
+    assert_clean_error(invoke(["train", "--out", str(out), "--resume", "-q"]), 2, "(see its metrics.jsonl)")
+    assert (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("args", [["train", "--resume", "-q", "--out"], ["train", "--resume", "--dry-run", "--out"],
+                                  ["evaluate", "--n", "50"], ["sample", "--n", "5", "--out", "SAMPLES"]])
+def test_a_checkpoints_entry_that_is_a_file_is_named_not_called_an_unstarted_run(tmp_path, run10, args):
+    out = tmp_path / "r"
+    shutil.copytree(run10, out)
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").write_text("not a folder")
+    before = all_bytes(out)
+    args = [str(tmp_path / "s.npy") if a == "SAMPLES" else a for a in args]
+    argv = args + [str(out)] if args[-1] == "--out" else [args[0], str(out), *args[1:]]
+    err = assert_clean_error(invoke(argv), 2, "checkpoints", "is not a folder", "put the folder back")
+    assert "delete" not in err and "stopped before its first checkpoint" not in err
+    assert all_bytes(out) == before
