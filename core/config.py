@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import UsageError
-from .options import _exact_int
+from .errors import OptionError, UsageError
+from .options import Option, _exact_int, toml_type_problem
 from .registry import Registry
 
 #: the component slots of a run and the kind each one takes
@@ -114,7 +114,16 @@ def _read_bounded(p: Path) -> bytes:
         os.close(fd)
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+class ConfigFile(dict):
+    """A config file's settings (``read_toml``) and its ``path``: ``resolve`` checks the TOML types of its
+    component options once the components, and so the options' types, are known."""
+
+    def __init__(self, data: Mapping[str, Any], path: Path) -> None:
+        super().__init__(data)
+        self.path = path
+
+
+def read_toml(path: str | Path) -> ConfigFile:
     """A config file: the same keys as the flags (``steps = 1000``, ``[options.detector]``)."""
     try:
         import tomllib  # type: ignore[import-not-found]
@@ -137,12 +146,17 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"config file {str(p)!r} nests arrays or tables too deeply to be a dyngan "
                          "config") from None
     _check_file_types(data, p)
-    return data
+    return ConfigFile(data, p)
 
 
 #: train's flags that say how to run, not what to train: a config file cannot hold them
 _FLAG_ONLY = {"out": "--out DIR", "resume": "--resume", "quiet": "--quiet", "dry_run": "--dry-run",
               "config": "--config: one file, not nested"}
+
+
+def _toml_repr(v: Any) -> str:
+    """A config file's value for a message, as TOML writes it (``true``, not ``True``)."""
+    return str(v).lower() if isinstance(v, bool) else repr(v)
 
 
 def _check_file_types(data: Mapping[str, Any], path: Path) -> None:
@@ -152,24 +166,39 @@ def _check_file_types(data: Mapping[str, Any], path: Path) -> None:
     writes no int/float distinction a user could rely on, e.g. 1000.0.)
     """
     where = f"config file {str(path)!r}"
-
-    def shown(v: Any) -> str:
-        return str(v).lower() if isinstance(v, bool) else repr(v)  # as TOML writes it
     for key in data:
         if key in _FLAG_ONLY:
             raise UsageError(f"{where}: {key!r} is a command-line flag only ({_FLAG_ONLY[key]}), "
                              "not a setting a config file holds")
         if key not in DEFAULTS:
             raise _unknown_setting(key, f"{where}: ", " (`dyngan train --dry-run` prints every setting)")
-    for key in _INT_KEYS:
+    count, number = Option(0), Option(0.0)  # the TOML types of the settings, as if they were options
+    for key, opt in [*((k, count) for k in _INT_KEYS), *((k, number) for k in (*_FLOAT_KEYS, "g_ema"))]:
         v = data.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise UsageError(f"{where}: setting {key!r} must be an integer (no quotes, no decimal point), "
-                             f"got {shown(v)}")
-    for key in (*_FLOAT_KEYS, "g_ema"):
-        v = data.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise UsageError(f"{where}: setting {key!r} must be a number (no quotes), got {shown(v)}")
+        problem = None if v is None else toml_type_problem(v, opt)
+        if problem is not None:
+            raise UsageError(f"{where}: setting {key!r} must be {problem}, got {_toml_repr(v)}")
+
+
+def _check_file_option_types(files: list[ConfigFile], kind: str,
+                             schemas: Mapping[str, Mapping[str, Option]]) -> None:
+    """The config files' ``[options.KIND]`` values have their options' TOML types (``_check_file_types``
+    for component options). ``schemas``: ``{"": options}`` for a slot's component, ``{name: options}``
+    of the chosen metrics for ``metric`` (``KEY`` goes to each that has it, ``NAME.KEY`` to NAME).
+    A key no schema has is left to ``resolve_options`` to name."""
+    for f in files:
+        opts = f.get("options")
+        table = opts.get(kind) if isinstance(opts, Mapping) else None
+        if not isinstance(table, Mapping):
+            continue
+        for key, value in (flat_metric_options(table) if kind == "metric" else table).items():
+            name, _, opt_key = str(key).rpartition(".") if kind == "metric" else ("", "", key)
+            for owner, schema in schemas.items():
+                problem = (toml_type_problem(value, schema[opt_key])
+                           if name in ("", owner) and opt_key in schema else None)
+                if problem is not None:
+                    raise OptionError(f"config file {str(f.path)!r}: option {f'{kind}.{key}'!r} must be "
+                                      f"{problem}, got {_toml_repr(value)}")
 
 
 def parse_option_flags(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -359,6 +388,7 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
 
     Raises UsageError (unknown names, bad values) before anything is built.
     """
+    files = [layer for layer in layers if isinstance(layer, ConfigFile)]
     user: dict[str, Any] = {}
     for layer in layers:
         user = _merge(user, layer)
@@ -411,6 +441,7 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
             for key in (preset_settings.get("options") or {}).get(slot, {}):
                 if key not in cls.options and key not in mine:
                     slot_opts.pop(key, None)
+        _check_file_option_types(files, slot, {"": cls.options})
         resolved_opts[slot] = cls.resolve_options(slot_opts)
     cfg["options"] = resolved_opts
 
@@ -434,6 +465,7 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
         metrics = list(dataset_cls.default_metrics)
     metric_classes = {m: registry.get("metric", m) for m in metrics}
     cfg["metrics"] = [cls.name for cls in metric_classes.values()]
+    _check_file_option_types(files, "metric", {m: cls.options for m, cls in metric_classes.items()})
     resolved_opts["metric"] = _metric_options(metric_classes, opts_in.get("metric") or {})
     if cfg.get("eval_samples") is None:
         cfg["eval_samples"] = int(getattr(dataset_cls, "eval_samples", 2500))

@@ -154,6 +154,33 @@ def _coerce(value: Any, opt: Option) -> Any:
     return value
 
 
+#: the TOML types a config file's value of an option of each type may have, and how to say so
+_TOML_TYPES: dict[type, tuple[tuple[type, ...], str]] = {
+    int: ((int,), "an integer (no quotes, no decimal point)"),
+    float: ((int, float), "a number (no quotes)"),
+    bool: ((bool,), "true or false (no quotes)"),
+    str: ((str,), "a string (in quotes)"),
+}
+
+
+def toml_type_problem(value: Any, opt: Option) -> str | None:
+    """What a config file's ``value`` for ``opt`` must be, when TOML typed it otherwise (None: fine).
+
+    TOML types its values, so a quoted number, a float for a count or a string for a boolean is a
+    mistake there, whereas ``-o`` gives strings and JSON has one number type (``_coerce`` takes
+    those). ``"none"`` stays the spelling of None for a nullable option: TOML has no null.
+    """
+    t = opt.value_type
+    if t not in _TOML_TYPES:
+        return None
+    if opt.nullable and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        return None
+    types, want = _TOML_TYPES[t]
+    if isinstance(value, types) and (t is bool or not isinstance(value, bool)):
+        return None
+    return want + (' or "none"' if opt.nullable else "")
+
+
 def check_value(where: str, key: str, value: Any, opt: Option) -> Any:
     """Validate one option value; ``where`` names the component (e.g. ``detector 'dyngan'``)."""
     try:

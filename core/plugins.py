@@ -134,6 +134,8 @@ class PluginHost:
         self.load_nothing = False
         #: installed plugins the switches skipped -> why
         self.skipped: dict[str, str] = {}
+        #: those DYNGAN_BLOCK_PLUGINS skipped -> their distribution (an unknown name may be theirs)
+        self.blocked: dict[str, str | None] = {}
         self.registry.explain = self._explain_unknown
 
     # ------------------------------------------------------------------ loading
@@ -296,17 +298,26 @@ class PluginHost:
         return [p.to_json() for p in self.plugins.values()]
 
     def _explain_unknown(self, kind: str, name: str) -> tuple[str, bool] | None:
-        """The registry's note for an unknown name while some plugin failed to load: the failed
-        plugin that offers that name (then ``offered`` is True), else every failed plugin, briefly."""
+        """The registry's note for an unknown name while some plugin failed to load or is blocked: the
+        failed plugin that offers that name (then ``offered`` is True), else every failed plugin, briefly;
+        and the plugins DYNGAN_BLOCK_PLUGINS skips, which may offer it (what a plugin registers is only
+        known by importing it, which a blocked one must not be)."""
+        notes, offered = [], False
         failed = self.failed
-        if not failed:
-            return None
         offering = [p for p in failed if name in p.offered.get(kind, ()) or f"{kind} {name!r}" in (p.error or "")]
         if offering:
             why = "; ".join(f"plugin {p.name!r} failed to load ({p.error})" for p in offering)
-            return f"note: {why}; see `dyngan plugins`", True
-        names = ", ".join(repr(p.name) for p in failed)
-        return f"note: plugin{'s' if len(failed) > 1 else ''} {names} failed to load; see `dyngan plugins`", False
+            notes.append(f"note: {why}; see `dyngan plugins`")
+            offered = True
+        elif failed:
+            names = ", ".join(repr(p.name) for p in failed)
+            notes.append(f"note: plugin{'s' if len(failed) > 1 else ''} {names} failed to load; see `dyngan plugins`")
+        if self.blocked:
+            several = len(self.blocked) > 1
+            names = ", ".join(f"{p!r}" + (f" (distribution {d})" if d else "") for p, d in self.blocked.items())
+            notes.append(f"note: plugin{'s' if several else ''} {names} {'are' if several else 'is'} installed but "
+                         f"blocked by DYNGAN_BLOCK_PLUGINS and may provide {kind} {name!r}")
+        return ("; ".join(notes), offered) if notes else None
 
     def missing_plugins(self, kind: str, name: str, record: Any) -> str | None:
         """Why a saved run's ``kind`` ``name`` is unknown, from its config.json ``plugins`` record
@@ -400,6 +411,8 @@ def load_plugins(env: Mapping[str, str] | None = None) -> PluginHost:
         skipped = _skipped(ep.name, dist, allow, block, plugin_names)
         if skipped is not None:
             host.skipped[ep.name] = skipped
+            if skipped.startswith("DYNGAN_BLOCK_PLUGINS"):
+                host.blocked[ep.name] = dist
             continue
         version = ep.dist.version if ep.dist is not None else None
         host.add_plugin(ep.name, _entry_point_loader(ep, dist), module=ep.value, distribution=dist, version=version)

@@ -598,6 +598,73 @@ def test_cli_numeric_flags_still_work():
         1.0, 0.5, 64, 5, [0.5, 0.9])
 
 
+_INT = "must be an integer (no quotes, no decimal point)"
+
+
+@pytest.mark.parametrize("table, line, needle", [
+    ("detector", 'every = "500"', f"option 'detector.every' {_INT}, got '500'"),
+    ("detector", "every = 1.0", f"option 'detector.every' {_INT}, got 1.0"),
+    ("detector", "every = 1e3", f"option 'detector.every' {_INT}, got 1000.0"),
+    ("detector", "every = true", f"option 'detector.every' {_INT}, got true"),
+    ("detector", 'delta = "0.3"', "option 'detector.delta' must be a number (no quotes), got '0.3'"),
+    ("detector", "delta = false", "option 'detector.delta' must be a number (no quotes), got false"),
+    ("partitioner", 'refine = "false"', "option 'partitioner.refine' must be true or false (no quotes), got 'false'"),
+    ("partitioner", "refine = 0", "option 'partitioner.refine' must be true or false (no quotes), got 0"),
+    ("detector", "average = 1", "option 'detector.average' must be a string (in quotes), got 1"),
+    ("metric", 'hq_sigmas = "2"', "option 'metric.hq_sigmas' must be a number (no quotes), got '2'"),
+    ("metric.mixture", "hq_sigmas = true", "option 'metric.mixture.hq_sigmas' must be a number (no quotes), got true"),
+    ("metric", 'chunk_size = "500"', f"option 'metric.chunk_size' {_INT} or \"none\", got '500'"),
+])
+def test_config_file_option_values_must_have_the_options_type(tmp_path, table, line, needle):
+    """TOML types its values: an option's value in a config file must already be of the option's type,
+    as the top-level settings must (a quoted number, a float count or a quoted boolean is a mistake)."""
+    path = _write_toml(tmp_path / "c.toml", f"[options.{table}]\n{line}\n")
+    res = _dry_run(["--preset", "dyngan", "--config", path])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert res.stderr.strip() == f"Error: config file {path!r}: {needle}"
+    with pytest.raises(OptionError):  # the library reads a file the same way
+        resolve_settings({"preset": "dyngan", "config": path})
+
+
+@pytest.mark.parametrize("table, line, where, want", [
+    ("detector", "every = 400", ("detector", "every"), 400),
+    ("detector", "delta = 1", ("detector", "delta"), 1.0),  # an integer is a number
+    ("detector", "delta = 0.3", ("detector", "delta"), 0.3),
+    ("partitioner", "refine = false", ("partitioner", "refine"), False),
+    ("detector", 'average = "logit"', ("detector", "average"), "logit"),
+    ("metric", 'chunk_size = "none"', ("metric", "mixture", "chunk_size"), None),  # TOML has no null
+    ("metric", "chunk_size = 500", ("metric", "mixture", "chunk_size"), 500),
+    ("metric.mixture", "hq_sigmas = 2", ("metric", "mixture", "hq_sigmas"), 2.0),
+])
+def test_config_file_option_values_of_the_right_type_are_accepted(tmp_path, table, line, where, want):
+    path = _write_toml(tmp_path / "c.toml", f"[options.{table}]\n{line}\n")
+    res = _dry_run(["--preset", "dyngan", "--config", path])
+    assert res.exit_code == 0, res.output
+    value = json.loads(res.stdout)["options"]
+    for key in where:
+        value = value[key]
+    assert value == want and type(value) is type(want)
+
+
+def test_option_flags_the_api_and_saved_configs_still_parse_loosely(tmp_path):
+    """-o gives strings, and the library's dicts and a run's config.json are JSON-like (1000.0 for a
+    count): they keep being parsed; only a config file's TOML types are held to the option's type."""
+    res = _dry_run(["--preset", "dyngan", "-o", "detector.every=500", "-o", "detector.delta=0.3",
+                    "-o", "partitioner.refine=false"])
+    assert res.exit_code == 0, res.output
+    opts = json.loads(res.stdout)["options"]
+    assert (opts["detector"]["every"], opts["detector"]["delta"], opts["partitioner"]["refine"]) == (500, 0.3, False)
+    path = _write_toml(tmp_path / "c.toml", "[options.detector]\nevery = 400\n")
+    res = _dry_run(["--preset", "dyngan", "--config", path, "-o", "detector.every=600"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["options"]["detector"]["every"] == 600
+    cfg = resolve_settings({"preset": "dyngan", "options": {"detector": {"every": "500", "delta": "0.3"},
+                                                            "partitioner": {"refine": "false", "every": 3000.0}}})
+    assert (cfg["options"]["detector"]["every"], cfg["options"]["detector"]["delta"],
+            cfg["options"]["partitioner"]["refine"], cfg["options"]["partitioner"]["every"]) == (500, 0.3, False, 3000)
+
+
 @pytest.mark.parametrize("preset", ["dyngan-image", "dyngan"])
 def test_a_saved_run_takes_defaults_not_a_newer_presets_values_for_options_it_did_not_have(tmp_path, monkeypatch,
                                                                                          preset):

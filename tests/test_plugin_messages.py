@@ -239,6 +239,26 @@ def test_a_block_list_name_matching_nothing_is_warned_about():
     assert "unknown loss 'nope'" in msg and want in msg and len(msg.strip().splitlines()) == 1
 
 
+def test_an_unknown_name_says_which_plugins_are_blocked_without_importing_them(fake_dist):
+    """DYNGAN_BLOCK_PLUGINS=dyngan-softhinge --loss soft-hinge must not read as a misspelt name: the error
+    names the blocked plugin, which may provide it (which names it registers needs an import to know)."""
+    site = fake_dist("dyngan-softhinge", "softhinge", SOFT_HINGE)
+    with plugin_host(env={"DYNGAN_BLOCK_PLUGINS": "dyngan-softhinge"}):
+        msg = error_of(invoke(["train", "--dry-run", "--loss", "soft-hinge"]))
+    assert msg.startswith("Error: unknown loss 'soft-hinge'")
+    assert msg.strip().endswith("; note: plugin 'softhinge' (distribution dyngan-softhinge) is installed but "
+                                "blocked by DYNGAN_BLOCK_PLUGINS and may provide loss 'soft-hinge'")
+    assert len(msg.strip().splitlines()) == 1
+    assert not set(sys.modules) & {p.stem for p in site.glob("*.py")}  # a blocked plugin is never imported
+    with plugin_host(env={"DYNGAN_BLOCK_PLUGINS": "dyngan-softhinge,mmnsat"}):
+        msg = error_of(invoke(["train", "--dry-run", "--loss", "soft-hinge"]))
+    assert "note: plugins 'mmnsat' (distribution dyngan), 'softhinge' (distribution dyngan-softhinge) are installed " \
+           "but blocked by DYNGAN_BLOCK_PLUGINS and may provide loss 'soft-hinge'" in msg
+    with plugin_host(env={}):  # nothing blocked: no note, and the plugin's loss is there
+        assert "DYNGAN_BLOCK_PLUGINS" not in error_of(invoke(["train", "--dry-run", "--loss", "soft-hinj"]))
+        assert invoke(["train", "--dry-run", "--loss", "soft-hinge"]).exit_code == 0
+
+
 def test_an_empty_allow_list_is_visible():
     with plugin_host(env={"DYNGAN_LOAD_PLUGINS": ""}):
         listing = invoke(["plugins"])
