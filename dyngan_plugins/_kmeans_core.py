@@ -36,6 +36,8 @@ def assign(
     chunk: int = DEFAULT_CHUNK,
     x_sq: Tensor | None = None,
     exact: bool = False,
+    home: Tensor | None = None,
+    open_to_all: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Nearest centre of every row of ``x``.
 
@@ -43,6 +45,9 @@ def assign(
     (``(n,)``), the squared distance of row i to its own centre ``own[i]`` is
     multiplied by ``own_weight[i]`` before the argmin (distances to the other centres are
     left as they are): DynGAN's score-weighted refinement.
+
+    With ``home`` (``(n,)`` long) and ``open_to_all`` (``(k,)`` bool), row i may only join
+    cluster ``home[i]`` or a cluster open to all.
 
     Returns ``(labels (n,) long, dist (n,))``: dist is the plain (unweighted)
     squared distance to the chosen centre, recomputed directly from the
@@ -55,13 +60,15 @@ def assign(
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         d = sq_dists(x[s:e], centres, None if x_sq is None else x_sq[s:e])
+        dw = d
         if own is not None and own_weight is not None:
             o = own[s:e, None]
             w = d.gather(1, o) * own_weight[s:e, None].to(d.dtype)
             dw = d.scatter(1, o, w)
-            lab = dw.argmin(1)
-        else:
-            lab = d.argmin(1)
+        if home is not None and open_to_all is not None:
+            allowed = open_to_all[None, :].expand_as(dw).scatter(1, home[s:e, None], True)
+            dw = dw.masked_fill(~allowed, float("inf"))
+        lab = dw.argmin(1)
         labels[s:e] = lab
         if exact:
             dist[s:e] = (x[s:e] - centres[lab]).pow(2).sum(1)
@@ -106,6 +113,8 @@ def lloyd(
     tol: float = 1e-4,
     max_iter: int = 100,
     chunk: int = DEFAULT_CHUNK,
+    home: Tensor | None = None,
+    open_to_all: Tensor | None = None,
 ) -> KMeansResult:
     """Lloyd iterations from ``centres`` until no centre moves by ``tol`` or more.
 
@@ -117,6 +126,8 @@ def lloyd(
       of the previous iteration (at first: ``labels``);
     - ``reference``: as the authors' 2D code, the Euclidean distance to the
       centre of the sample's cluster in ``labels``, fixed for all iterations.
+
+    ``home`` and ``open_to_all`` restrict where a sample may go (see ``assign``).
 
     Empty clusters keep their old centre. The convergence test reads one
     number per iteration (a host sync): this runs every few thousand training
@@ -139,7 +150,8 @@ def lloyd(
     own = labels if weighted else None  # the "own" clusters; the reference rule never moves them
     it = 0
     for it in range(1, max_iter + 1):
-        labels, _ = assign(x, centres, own=own, own_weight=sq_weight, chunk=chunk, x_sq=x_sq)
+        labels, _ = assign(x, centres, own=own, own_weight=sq_weight, chunk=chunk, x_sq=x_sq, home=home,
+                           open_to_all=open_to_all)
         if weighted and not reference:
             own = labels
         new, _ = centres_of(x, labels, k, fallback=centres)
@@ -148,7 +160,8 @@ def lloyd(
         if float(shift) < tol:
             break
     # final assignment consistent with the final centres
-    labels, dist = assign(x, centres, own=own, own_weight=sq_weight, chunk=chunk, x_sq=x_sq, exact=True)
+    labels, dist = assign(x, centres, own=own, own_weight=sq_weight, chunk=chunk, x_sq=x_sq, exact=True,
+                          home=home, open_to_all=open_to_all)
     return KMeansResult(labels=labels, centres=centres + mu, inertia=dist.sum(), iterations=it)
 
 

@@ -239,6 +239,12 @@ class DynGANPartitioner(Partitioner):
             choices=("squared", "reference"),
         ),
         "refine": Option(True, "refine the split with k-means in D's feature space"),
+        "refine_moves": Option(
+            "any",
+            "where the k-means may move a sample: any (any condition; the 2D code) or new (only into a "
+            "condition opened at this check, or back to its own: the old conditions never trade samples)",
+            choices=("any", "new"),
+        ),
         "knn": Option(5, "neighbours voting for samples outside the detector's subset", min=1),
         "knn_dim": Option(
             None,
@@ -342,9 +348,16 @@ class DynGANPartitioner(Partitioner):
                 weight = None
                 if self.opts.weighted and detection.score is not None:
                     weight = detection.score.to(ctx.device).float()[rows]
+                home = open_to_all = None
+                if self.opts.refine_moves == "new":
+                    home = compact[labels[rows]]  # each sample's condition before the split
+                    open_to_all = torch.zeros(k, dtype=torch.bool, device=ctx.device)
+                    opened = compact[new_ids]
+                    open_to_all[opened[opened >= 0]] = True
                 res = km.lloyd(
                     x, centres, labels=lab, own_weight=weight, weighting=str(self.opts.weighting),
-                    tol=float(self.opts.tol), max_iter=int(self.opts.max_iter),
+                    tol=float(self.opts.tol), max_iter=int(self.opts.max_iter), home=home,
+                    open_to_all=open_to_all,
                 )
                 lab = res.labels
             new[rows] = ids[lab]

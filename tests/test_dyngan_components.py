@@ -363,6 +363,40 @@ def test_weighting_rules_differ_on_a_moderately_fit_group(weighting, m_stays):
     assert labels[20:30].tolist() == ([0] * 10 if m_stays else [1] * 10)
 
 
+
+@pytest.mark.parametrize("moves", ["any", "new"])
+def test_refine_moves_new_keeps_the_old_conditions_from_trading_samples(moves):
+    """Partition 0: A (10 at 0) and G (10 at 8); partition 1: B (10 at 10) and C (10 at 20, collapsed);
+    A, B and G are fit (score 0.5). The split opens condition 2 for C. G is nearer B's centre (10)
+    than half its squared distance to its own (4): k-means moves the whole group from one old
+    condition to the other, where the generator has not learnt it (seen on the PacGAN grid);
+    refine_moves=new lets samples go only into condition 2, so G stays and C still goes."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.cat([torch.zeros(10), torch.full((10,), 8.0), torch.full((10,), 10.0), torch.full((10,), 20.0)])
+    feats = (pos + 0.01 * torch.randn(40, generator=g))[:, None]
+    score = torch.cat([torch.full((30,), 0.5), torch.full((10,), 0.95)])
+    collapsed = score > 1 / 1.2
+    labels = [0] * 20 + [1] * 20
+    ctx, _ = make_ctx(FakeD(torch.zeros(40), feats), labels)
+    det = Detection(collapsed=collapsed, fraction=collapsed.float().mean(), score=score, features=feats)
+    new = DynGANPartitioner(refine_moves=moves).partition(ctx, det).labels
+    assert new[:10].tolist() == [0] * 10 and new[20:30].tolist() == [1] * 10 and new[30:].tolist() == [2] * 10
+    assert new[10:20].tolist() == ([1] * 10 if moves == "any" else [0] * 10)
+
+
+def test_refine_moves_new_still_lets_samples_join_the_new_condition():
+    """With refine_moves=new a sample may still join a condition opened at this check: M (not
+    collapsed, at 4.9 beside the collapsed C at 5) joins the new condition, as with any."""
+    feats, score, collapsed = weighted_scenario()
+    score[20:30] = 0.5  # M, not collapsed: 0.5 * 3.27**2 = 5.3 to its own centre (1.63), 0.01 to C's (5)
+    feats[20:30] = 4.9
+    assert not collapsed[20:30].any()
+    ctx, _ = make_ctx(FakeD(torch.zeros(40), feats), torch.zeros(40))
+    det = Detection(collapsed=collapsed, fraction=collapsed.float().mean(), score=score, features=feats)
+    for moves in ("any", "new"):
+        labels = DynGANPartitioner(refine_moves=moves).partition(ctx, det).labels
+        assert labels[:20].tolist() == [0] * 20 and labels[20:].tolist() == [1] * 20, moves
+
 def test_refine_recomputes_current_features_when_the_detection_has_none():
     feats, score, collapsed = weighted_scenario()
     D = FakeD(torch.zeros(40), feats)
