@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import __version__, rundir
+from . import checkpoint as ckpt_io
 from .config import DEFAULTS, MAX_SEED, SLOTS, _none, flat_metric_options, read_toml, resolve
 from .errors import (CheckpointError, ComponentFailure, DataError, DynganError, OptionError,
                      UnknownComponentError, UsageError, is_out_of_memory, one_line, out_of_memory)
@@ -193,8 +194,7 @@ def _never_checkpointed(run_dir: Path) -> bool:
     ck = run_dir / rundir.CHECKPOINTS
     try:
         if os.path.lexists(ck) and not ck.is_dir():
-            raise CheckpointError(f"{str(ck)!r} is not a folder, so the run's checkpoints are not where dyngan "
-                                  "keeps them; if they were moved, put the folder back there")
+            raise ckpt_io.not_a_folder(ck)
         return not ck.is_dir() or not any(ck.iterdir())
     except OSError:
         return False
@@ -222,7 +222,8 @@ def dry_run(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
         cfg = resolve_settings(settings, host)
         if out is not None:
             if rundir.is_run(Path(out)) and _never_checkpointed(Path(out)):
-                raise UsageError(_no_checkpoint(Path(out)))  # as train says it
+                _not_in_use(Path(out))  # as train says it: a run still starting is in use, not stopped
+                raise UsageError(_no_checkpoint(Path(out)))
             rundir.check_new(Path(out))
     check_amp(cfg, resolve_device(cfg["device"]))
     return cfg
@@ -414,7 +415,6 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
     ``warn`` is told when newer checkpoints were skipped as corrupt (None: silently)."""
     import torch
 
-    from . import checkpoint as ckpt_io
     from .networks import build_networks
     from .training import EMA_PREFIX, instantiate, resolve_device, valid_prior
 
@@ -498,8 +498,6 @@ class Run:
     @cached_property
     def labels(self) -> Any:
         import torch
-
-        from . import checkpoint as ckpt_io
 
         for step, path in ckpt_io.list_checkpoints(self.dir / rundir.CHECKPOINTS):
             if step != self.step:

@@ -291,6 +291,13 @@ def _check_regular(path: Path, limit: int | None) -> int:
     return st.st_size
 
 
+def not_a_folder(directory: Path) -> CheckpointError:
+    """A run's checkpoints entry that is a file (or a link to one): named, never taken for a run
+    that stopped before its first checkpoint."""
+    return CheckpointError(f"{str(directory)!r} is not a folder, so the run's checkpoints are not where dyngan "
+                           "keeps them; if they were moved, put the folder back there")
+
+
 def load_latest(
     directory: Path,
     apply: Callable[[Checkpoint], None] | None = None,
@@ -307,8 +314,7 @@ def load_latest(
     search instead: the file may be intact once its access is fixed.
     """
     if os.path.lexists(directory) and not directory.is_dir():
-        raise CheckpointError(f"{directory} is not a folder, so the run's checkpoints are not where dyngan keeps "
-                              "them; if they were moved, put the folder back there")
+        raise not_a_folder(directory)
     entries = list_checkpoints(directory)
     if not entries:
         raise CheckpointError(f"no checkpoint in {directory}")

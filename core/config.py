@@ -98,7 +98,8 @@ def _read_bounded(p: Path) -> bytes:
             first = os.read(fd, MAX_CONFIG_BYTES + 1)
         except BlockingIOError:  # a writer holds it open and has not written yet
             first = None
-        if first == b"":
+        if first == b"" and not str(p).startswith(("/dev/fd/", "/proc/")):
+            # a named FIFO with no writer (an anonymous pipe, --config <(...), had one: it is just empty)
             raise UsageError(f"config file {str(p)!r} is a FIFO that no process writes to: give a regular file")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         chunks = [first] if first else []

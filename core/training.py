@@ -85,7 +85,7 @@ class Aborted(DynganError):
         saved = rundir.list_checkpoints(Path(run_dir) / rundir.CHECKPOINTS)
         if before_start:
             then = ("nothing was trained and the new run was removed" if discarded else
-                    f"the run is as it was; continue with: dyngan train --out {run_dir} --resume" if saved else
+                    f"its checkpoints are as they were; continue with: dyngan train --out {run_dir} --resume" if saved else
                     f"nothing was trained; delete {str(run_dir)!r} to train there again")
             super().__init__(f"interrupted by {name} before the first training step (step {step}): {then}")
             return

@@ -442,9 +442,20 @@ def test_metric_options_go_to_every_chosen_metric_that_has_them():
 def test_a_fifo_nobody_writes_to_is_refused_and_a_pipe_is_read(tmp_path):
     """A named FIFO with no writer used to block the open forever; a pipe a process writes to
     (what ``--config <(...)`` gives) is read like a file."""
+    import signal
+
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)
-    res = _dry_run(["--config", str(fifo)])  # returns at once: nothing waits for a writer
+
+    def hung(*_):
+        raise TimeoutError("--config on a FIFO with no writer blocked")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # a regression fails the test instead of hanging the suite
+    try:
+        res = _dry_run(["--config", str(fifo)])  # returns at once: nothing waits for a writer
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
     assert res.exit_code == 2 and "is a FIFO that no process writes to" in res.stderr, res.output
     r, w = os.pipe()
     try:
@@ -472,6 +483,13 @@ def test_a_fifo_nobody_writes_to_is_refused_and_a_pipe_is_read(tmp_path):
     finally:
         os.close(r)
     assert cfg["steps"] == 45
+    # an empty pipe (--config <(true)) is an empty config, like an empty file
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        assert resolve_settings({"config": f"/dev/fd/{r}"})["steps"] == DEFAULTS["steps"]
+    finally:
+        os.close(r)
 
 def test_metric_options_from_a_config_file_subtable(tmp_path):
     path = _write_toml(tmp_path / "run.toml", 'metrics = "mixture,prdc"\n[options.metric]\nhq_sigmas = 2.5\n'

@@ -63,7 +63,7 @@ def test_ctrl_c_before_the_first_step_of_a_resume_leaves_the_run_as_it_was(tmp_p
     res = invoke(["train", "--resume", "--out", str(out), "--steps", "20", "-q"])
     err = assert_clean_error(res, 130, "interrupted by Ctrl-C")
     if where == "run":
-        assert "the run is as it was" in err and "--resume" in err
+        assert "its checkpoints are as they were" in err and "--resume" in err
     after = all_bytes(out)
     # a resume records a new --steps once its checkpoint loaded (for the next plain --resume): the rest is untouched
     assert {k: v for k, v in after.items() if k != "config.json"} == {k: v for k, v in before.items()
@@ -103,3 +103,25 @@ def test_a_checkpoints_entry_that_is_a_file_is_named_not_called_an_unstarted_run
     err = assert_clean_error(invoke(argv), 2, "checkpoints", "is not a folder", "put the folder back")
     assert "delete" not in err and "stopped before its first checkpoint" not in err
     assert all_bytes(out) == before
+
+
+def test_dry_run_says_a_run_still_starting_is_in_use_as_train_does(tmp_path):
+    """A run directory holding only its config.json, locked by a training process that has not
+    checkpointed yet: --dry-run must not advise deleting it."""
+    import fcntl
+    import os
+
+    out = tmp_path / "live"
+    tiny_run(tmp_path / "full", 5)
+    out.mkdir()
+    shutil.copy(tmp_path / "full" / "config.json", out / "config.json")
+    fd = os.open(out / "config.json", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a training process holds
+        for args in (["train", "--out", str(out), "--steps", "20", *BASE],
+                     ["train", "--out", str(out), "--steps", "20", *BASE, "--dry-run"]):
+            err = assert_clean_error(invoke(args), 2, "another dyngan process is training in")
+            assert "delete" not in err
+    finally:
+        os.close(fd)
+    assert (out / "config.json").exists()
