@@ -340,7 +340,8 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
         result = trainer.run()
     except Aborted as e:
         # stopped before its first step: a new run leaves nothing behind, as one whose setup failed
-        if e.before_start and not resume and (comm is None or comm.rank == 0) and rundir.discard_unstarted(run_dir):
+        # (rank 0 removes it; the other ranks say so too, rather than advise deleting it)
+        if e.before_start and not resume and (comm is not None and comm.rank != 0 or rundir.discard_unstarted(run_dir)):
             raise Aborted(e.signum, e.step, run_dir, before_start=True, discarded=True) from None
         raise
     except Exception as e:
