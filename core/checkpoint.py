@@ -415,7 +415,8 @@ def _check_param_groups(prefix: str, saved: list, current: list) -> None:
 
 
 def split_state(prefix: str, state: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
-    """A component's state: tensors under ``prefix/key``, JSON values returned."""
+    """A component's state: tensors under ``prefix/key``, JSON values returned; ValueError naming
+    the key of a value that is neither."""
     import torch
 
     js = {}
@@ -425,8 +426,10 @@ def split_state(prefix: str, state: dict[str, Any], tensors: dict[str, Any]) -> 
         else:
             try:
                 json.dumps(v)
-            except (TypeError, ValueError):
-                raise RunFailure(f"state {prefix}/{k} is neither a tensor nor JSON-serialisable: {type(v).__name__}")
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"its state_dict() value {k!r} ({type(v).__name__}) is neither a tensor nor JSON "
+                                 f"({e}); a checkpoint keeps each tensor under its own key and other values as "
+                                 "JSON (numbers, strings, lists and dicts of them)") from None
             js[k] = v
     return js
 

@@ -347,6 +347,40 @@ class Detection:
     features: "Tensor | None" = None
 
 
+def _described(value: Any) -> str:
+    """``torch.float32(256,)`` for a tensor, else the type's name."""
+    import torch
+
+    return f"{value.dtype}{tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def detection_problems(det: Any, n: int) -> list[str]:
+    """What is wrong with ``det`` as a ``Detection`` over ``n`` training samples (empty: nothing):
+    its type; ``collapsed`` bool ``(n,)``; ``fraction`` a 0-d float tensor in [0, 1] (read: one
+    host sync); ``score`` None or float ``(n,)``; ``features`` None or float ``(n, F)``. The
+    training loop checks every detection with it; ``core.testing.check_detector`` adds value checks."""
+    import torch
+
+    if not isinstance(det, Detection):
+        return [f"detect() returned {type(det).__name__}, not a core.components.Detection"]
+    problems = []
+    c = det.collapsed
+    if not isinstance(c, torch.Tensor) or c.dtype != torch.bool or c.shape != (n,):
+        problems.append(f"collapsed is {_described(c)}, expected torch.bool ({n},)")
+    f = det.fraction
+    if not isinstance(f, torch.Tensor) or f.dim() != 0 or not f.is_floating_point():
+        problems.append(f"fraction is {_described(f)}, expected a 0-d float tensor")
+    elif not (0.0 <= float(f) <= 1.0):  # NaN too
+        problems.append(f"fraction is {float(f)}, not in [0, 1]")
+    for name, rank in (("score", 1), ("features", 2)):
+        t = getattr(det, name)
+        if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != rank
+                              or t.shape[0] != n):
+            problems.append(f"{name} is {_described(t)}, expected None or a float tensor "
+                            f"({n}{', F' if rank == 2 else ''})")
+    return problems
+
+
 class CollapseDetector(Component):
     """Finds the real samples the generator does not produce.
 

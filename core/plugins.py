@@ -196,6 +196,14 @@ class PluginHost:
             info.error = str(e)
             return info
         info.hooks = sorted(hc.name for hc in (self.pm.get_hookcallers(obj) or []))
+        unmarked = self._unmarked_hooks(obj, info.hooks)
+        if unmarked:
+            self.pm.unregister(name=name)
+            info.error = (f"{', '.join(unmarked)} {'is' if len(unmarked) == 1 else 'are'} not marked with "
+                          "@hookimpl (`from core import hookimpl`), so pluggy would never call "
+                          f"{'it' if len(unmarked) == 1 else 'them'}")
+            info.hooks = []
+            return info
         try:
             self._run_registration(name, info)
         except BaseException as e:  # noqa: BLE001
@@ -209,6 +217,12 @@ class PluginHost:
             info.components = {}
             info.options = {}
         return info
+
+    def _unmarked_hooks(self, obj: object, marked: list[str]) -> list[str]:
+        """Functions of a plugin named like a hook but without the hookimpl marker: silently ignored
+        by pluggy, i.e. a forgotten ``@hookimpl``."""
+        specs = {h for h, c in vars(self.pm.hook).items() if not h.startswith("_") and c.has_spec()}
+        return sorted(h for h in specs - set(marked) if callable(getattr(obj, h, None)))
 
     def _unknown_hooks(self, plugin_name: str) -> list[str]:
         """The hooks a plugin implements that no spec declares (misspelt), as ``check_pending`` finds them."""
@@ -317,6 +331,11 @@ class PluginHost:
             names = ", ".join(f"{p!r}" + (f" (distribution {d})" if d else "") for p, d in self.blocked.items())
             notes.append(f"note: plugin{'s' if several else ''} {names} {'are' if several else 'is'} installed but "
                          f"blocked by DYNGAN_BLOCK_PLUGINS and may provide {kind} {name!r}")
+        left_out = sorted(p for p, why in self.skipped.items() if why.startswith("DYNGAN_LOAD_PLUGINS"))
+        if left_out:
+            shown = ", ".join(map(repr, left_out[:5])) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+            notes.append(f"note: DYNGAN_LOAD_PLUGINS leaves out the installed plugin{'s' if len(left_out) > 1 else ''} "
+                         f"{shown}, which may provide {kind} {name!r} (`dyngan plugins` lists them)")
         return ("; ".join(notes), offered) if notes else None
 
     def missing_plugins(self, kind: str, name: str, record: Any) -> str | None:

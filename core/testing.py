@@ -684,7 +684,7 @@ def check_detector(
 
     import torch
 
-    from .components import Detection
+    from .components import Detection, detection_problems
 
     options = dict(options or {})
     where = f"detector {getattr(detector_cls, 'name', detector_cls)!r}"
@@ -693,30 +693,18 @@ def check_detector(
     _fail(where, problems)
 
     def check_detection(det: Any, n: int, label: str) -> None:
+        wrong = detection_problems(det, n)  # types, dtypes, shapes, fraction's range: as the loop checks
+        problems.extend(f"{label}: {w}" for w in wrong)
         if not isinstance(det, Detection):
-            problems.append(f"{label}: detect() returned {type(det).__name__}, not a core.components.Detection")
             return
-        c = det.collapsed
-        if not isinstance(c, torch.Tensor) or c.dtype != torch.bool or c.shape != (n,):
-            desc = f"{c.dtype}{tuple(c.shape)}" if isinstance(c, torch.Tensor) else type(c).__name__
-            problems.append(f"{label}: collapsed is {desc}, expected torch.bool ({n},)")
-            c = None
-        f = det.fraction
-        if not isinstance(f, torch.Tensor) or f.dim() != 0 or not f.is_floating_point():
-            desc = f"{f.dtype}{tuple(f.shape)}" if isinstance(f, torch.Tensor) else type(f).__name__
-            problems.append(f"{label}: fraction is {desc}, expected a 0-d float tensor")
-        elif not (0.0 <= float(f) <= 1.0):
-            problems.append(f"{label}: fraction is {float(f)}, not in [0, 1]")
-        elif c is not None and (float(f) > 0) != bool(c.any()):
+        fine = {name for name in ("collapsed", "fraction", "score", "features")
+                if not any(w.startswith(name + " ") for w in wrong)}
+        c, f = det.collapsed, det.fraction
+        if {"collapsed", "fraction"} <= fine and (float(f) > 0) != bool(c.any()):
             problems.append(f"{label}: fraction is {float(f)} but {int(c.sum())} samples are collapsed")
-        for name, rank in (("score", 1), ("features", 2)):
+        for name in ("score", "features"):
             t = getattr(det, name)
-            if t is None:
-                continue
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != rank or t.shape[0] != n:
-                desc = f"{t.dtype}{tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                problems.append(f"{label}: {name} is {desc}, expected None or a float tensor ({n}{', F' if rank == 2 else ''})")
-            elif not bool(torch.isfinite(t).all()):
+            if t is not None and name in fine and not bool(torch.isfinite(t).all()):
                 problems.append(f"{label}: {name} has NaN or inf")
         for fld in dataclasses.fields(det):
             t = getattr(det, fld.name)
@@ -725,6 +713,8 @@ def check_detector(
                     problems.append(f"{label}: {fld.name} requires grad (compute it under torch.no_grad())")
                 if t.device.type != "cpu":
                     problems.append(f"{label}: {fld.name} is on {t.device}, not on ctx.device (cpu)")
+
+    stage = ["__init__()"]  # what run() is calling: named when it raises
 
     def run() -> dict[str, Any]:
         reports: list[tuple[Any, Any]] = []
@@ -737,6 +727,7 @@ def check_detector(
         weights = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in nets]
         modes = [[sub.training for sub in m.modules()] for m in nets]
         n = int(ctx.data.shape[0])
+        stage[0] = "__init__()"
         det = detector_cls(**options)
         try:
             every = det.every
@@ -746,26 +737,33 @@ def check_detector(
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             problems.append(f"every is {every!r}, not an int >= 1")
             every = 1
+        stage[0] = "setup()"
         det.setup(ctx)
         results = []
         for i in range(detections):
             ctx.step = (i + 1) * every
+            stage[0] = "detect()"
             with torch.no_grad():
                 results.append(det.detect(ctx))
             check_detection(results[-1], n, f"detection {i + 1}")
         # resume: the state as a checkpoint keeps it, into a fresh instance, same rng state
+        stage[0] = "state_dict()"
         state = _through_checkpoint(det.state_dict(), type(det).__name__)
         rng_state = ctx.rng.get_state()
         ctx.step += every
+        stage[0] = "detect()"
         with torch.no_grad():
             going_on = det.detect(ctx)
         check_detection(going_on, n, f"detection {detections + 1}")
+        stage[0] = "load_state_dict()"
         restored = detector_cls(**options)
         restored.load_state_dict(state)
         rng = torch.Generator().manual_seed(0)
         rng.set_state(rng_state)
         ctx2 = dataclasses.replace(ctx, rng=rng)
+        stage[0] = "setup() after load_state_dict()"
         restored.setup(ctx2)
+        stage[0] = "detect() after resume"
         with torch.no_grad():
             resumed = restored.detect(ctx2)
         check_detection(resumed, n, "detection after resume")
@@ -785,7 +783,17 @@ def check_detector(
         _check_reports(reports, "report", problems)
         return {"detections": results + [going_on, resumed], "reports": reports}
 
-    return _run_twice(run, where, problems, "run")["detections"][0]
+    def guarded() -> dict[str, Any]:
+        try:
+            return run()
+        except AssertionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the loop would name the component; list it as a problem
+            problems.append(f"{stage[0]} raised {type(e).__name__}: {e}")
+            _fail(where, problems)
+            raise
+
+    return _run_twice(guarded, where, problems, "run")["detections"][0]
 
 
 # --------------------------------------------------------------------------- datasets

@@ -29,6 +29,7 @@ from .components import (
     Conditioner,
     Dataset,
     Detection,
+    detection_problems,
     DStepContext,
     GStepContext,
     Loss,
@@ -695,7 +696,10 @@ class Trainer:
             tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
         for slot, comp in self.comps.stateful().items():
             st = call_component(comp, "state_dict")
-            meta["components"][slot] = ckpt_io.split_state(f"component/{slot}", st, tensors)
+            try:
+                meta["components"][slot] = ckpt_io.split_state(f"component/{slot}", st, tensors)
+            except ValueError as e:  # the component's bug: named like one that raises
+                raise ComponentFailure(comp.kind, comp.name, comp.plugin, "state_dict", e) from None
         det, part = self.comps.detector, self.comps.partitioner
         # the partitioner may use a detection of an earlier step (its interval not a multiple of
         # the detector's): keep it for an exact resume
@@ -858,14 +862,10 @@ class Trainer:
         t0 = self._clock()
         with torch.no_grad():
             result = call_component(det, "detect", self.context())
-        collapsed = getattr(result, "collapsed", None)
-        if not isinstance(result, Detection) or not isinstance(collapsed, torch.Tensor) or collapsed.shape != (self.N,):
-            got = (type(result).__name__ if not isinstance(result, Detection)
-                   else f"collapsed of type {type(collapsed).__name__}" if not isinstance(collapsed, torch.Tensor)
-                   else f"collapsed of shape {tuple(collapsed.shape)}")
+        wrong = detection_problems(result, self.N)
+        if wrong:  # what the partitioner would otherwise trip over, or silently misread
             raise ComponentFailure(det.kind, det.name, det.plugin, "detect", TypeError(
-                f"must return a Detection whose `collapsed` has shape ({self.N},) (N: one entry per training "
-                f"sample); got {got}"))
+                f"must return a Detection over the N = {self.N} training samples: {'; '.join(wrong)}"))
         self.last_detection = result
         frac = float(result.fraction)
         self.last_fraction = frac

@@ -191,18 +191,47 @@ class WrongDetection(QuietDetector):
     """Returns what ``what`` says instead of a proper Detection."""
 
     name = "wrong-detection"
-    options = {**QuietDetector.options, "what": Option("column", "what to return", choices=("column", "none", "list"))}
+    options = {**QuietDetector.options,
+               "what": Option("column", "what to return", choices=(
+                   "column", "none", "list", "float-mask", "fraction-vector", "fraction-range", "short-score",
+                   "wrong-features"))}
 
     def detect(self, ctx):
         import torch
 
         n = ctx.data.shape[0]
-        if self.opts.what == "none":
+        what = self.opts.what
+        if what == "none":
             return None
-        if self.opts.what == "list":
+        if what == "list":
             return Detection(collapsed=[False] * n, fraction=torch.tensor(0.0))
-        collapsed = torch.zeros(n, 1, dtype=torch.bool)
-        return Detection(collapsed=collapsed, fraction=collapsed.float().mean())
+        if what == "column":
+            collapsed = torch.zeros(n, 1, dtype=torch.bool)
+            return Detection(collapsed=collapsed, fraction=collapsed.float().mean())
+        collapsed = torch.arange(n) % 2 == 0
+        det = Detection(collapsed=collapsed, fraction=collapsed.float().mean())
+        if what == "float-mask":  # used to be read as a mask of indices 0 and 1
+            det.collapsed = collapsed.float()
+        elif what == "fraction-vector":  # used to fail in float() with a traceback
+            det.fraction = collapsed.float()
+        elif what == "fraction-range":  # used to be logged as is
+            det.fraction = torch.tensor(5.0)
+        elif what == "short-score":  # used to fail in the partitioner, which was blamed
+            det.score = torch.rand(n - 1)
+        elif what == "wrong-features":  # used to be ignored silently (the partitioner recomputed them)
+            det.features = torch.rand(7, 3)
+        return det
+
+
+class UnsavableState(QuietDetector):
+    """Keeps a list of tensors in its state: not something a checkpoint can hold."""
+
+    name = "unsavable-state"
+
+    def state_dict(self):
+        import torch
+
+        return {"count": 3, "hist": [torch.zeros(2)]}
 
 
 class WrongLabels(KeepPartitioner):
@@ -228,6 +257,7 @@ class WrongPlugin:
     @hookimpl
     def register_collapse_detectors(register):
         register(WrongDetection)
+        register(UnsavableState)
 
     @staticmethod
     @hookimpl
@@ -247,14 +277,34 @@ def train_with(tmp_path, **settings):
     return str(exc.value)
 
 
-@pytest.mark.parametrize("what, got", [("column", "got collapsed of shape (100, 1)"),
-                                       ("none", "got NoneType"),
-                                       ("list", "got collapsed of type list")])
+@pytest.mark.parametrize("what, got", [
+    ("column", "collapsed is torch.bool(100, 1), expected torch.bool (100,)"),
+    ("none", "detect() returned NoneType, not a core.components.Detection"),
+    ("list", "collapsed is list, expected torch.bool (100,)"),
+    ("float-mask", "collapsed is torch.float32(100,), expected torch.bool (100,)"),
+    ("fraction-vector", "fraction is torch.float32(100,), expected a 0-d float tensor"),
+    ("fraction-range", "fraction is 5.0, not in [0, 1]"),
+    ("short-score", "score is torch.float32(99,), expected None or a float tensor (100)"),
+    ("wrong-features", "features is torch.float32(7, 3), expected None or a float tensor (100, F)"),
+])
 def test_a_wrong_detection_says_n_and_what_it_got(tmp_path, what, got, monkeypatch):
+    """Every detection is checked where it comes from, so the detector is named (not the partitioner
+    that would trip over it, or nobody when it would be misread)."""
     monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
-    msg = train_with(tmp_path, detector="wrong-detection", options={"detector": {"every": 1, "what": what}})
+    msg = train_with(tmp_path, detector="wrong-detection", partitioner="dyngan", conditioner="onehot",
+                     options={"detector": {"every": 1, "what": what}, "partitioner": {"every": 1}})
     assert "detector 'wrong-detection' (plugin 'wrong') raised in detect()" in msg
-    assert "shape (100,)" in msg and got in msg, msg
+    assert "N = 100 training samples" in msg and got in msg, msg
+
+
+def test_a_state_a_checkpoint_cannot_hold_names_the_detector_and_the_key(tmp_path, monkeypatch):
+    """It used to read "state component/detector/hist is neither a tensor nor JSON-serialisable: list",
+    naming neither the plugin nor the component, and blaming the list rather than the tensor in it."""
+    monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
+    msg = train_with(tmp_path, detector="unsavable-state")
+    assert "detector 'unsavable-state' (plugin 'wrong') raised in state_dict()" in msg, msg
+    assert "value 'hist' (list) is neither a tensor nor JSON (Object of type Tensor is not JSON" in msg, msg
+    assert "each tensor under its own key" in msg
 
 
 @pytest.mark.parametrize("what, got", [("short", "got labels of shape (99,)"),

@@ -259,6 +259,21 @@ def test_an_unknown_name_says_which_plugins_are_blocked_without_importing_them(f
         assert invoke(["train", "--dry-run", "--loss", "soft-hinge"]).exit_code == 0
 
 
+
+def test_an_unknown_name_says_which_plugins_the_allow_list_leaves_out(fake_dist):
+    fake_dist("dyngan-softhinge", "softhinge", SOFT_HINGE)
+    with plugin_host(env={"DYNGAN_LOAD_PLUGINS": "losses,mixtures,mlp"}):
+        msg = error_of(invoke(["train", "--dry-run", "--loss", "soft-hinge"]))
+    assert msg.startswith("Error: unknown loss 'soft-hinge'") and len(msg.strip().splitlines()) == 1
+    assert "note: DYNGAN_LOAD_PLUGINS leaves out the installed plugins 'conditioners', " in msg, msg
+    assert "which may provide loss 'soft-hinge' (`dyngan plugins` lists them)" in msg
+    with plugin_host(env={"DYNGAN_LOAD_PLUGINS": "losses,mixtures,mixture_metrics,mlp,softhinge"}):
+        assert invoke(["train", "--dry-run", "--loss", "soft-hinge"]).exit_code == 0
+        msg = error_of(invoke(["train", "--dry-run", "--loss", "soft-hinj"]))
+    assert "DYNGAN_LOAD_PLUGINS leaves out" in msg  # other plugins are still left out
+    with plugin_host(env={}):
+        assert "DYNGAN_LOAD_PLUGINS" not in error_of(invoke(["train", "--dry-run", "--loss", "soft-hinj"]))
+
 def test_an_empty_allow_list_is_visible():
     with plugin_host(env={"DYNGAN_LOAD_PLUGINS": ""}):
         listing = invoke(["plugins"])
@@ -286,6 +301,28 @@ def test_no_plugins_loaded_is_said_whatever_the_reason():
 
 # --------------------------------------------------------------------------- 4. misspelt hooks
 
+
+
+def test_a_hook_without_hookimpl_fails_the_plugin_instead_of_registering_nothing():
+    """pluggy ignores a function without the marker: the plugin used to load "fine" with nothing in it."""
+    import types
+
+    mod = make_plugin("half_marked", register_presets=lambda register: None)
+    mod.register_losses = registering(Loss, "never-registered")  # the forgotten @hookimpl
+    mod.helper = lambda: None  # other functions are none of our business
+    host = PluginHost()
+    info = host.add_plugin("half_marked", lambda: mod)
+    assert info.error == ("register_losses is not marked with @hookimpl (`from core import hookimpl`), "
+                          "so pluggy would never call it")
+    assert host.pm.get_plugin("half_marked") is None and "never-registered" not in host.registry.names("loss")
+    bare = types.ModuleType("bare")
+    bare.register_losses = registering(Loss, "x")
+    bare.register_collapse_detectors = lambda register: None
+    info = PluginHost().add_plugin("bare", lambda: bare)
+    assert info.error.startswith("register_collapse_detectors, register_losses are not marked with @hookimpl")
+    with plugin_host(mod):
+        lines = invoke(["plugins"]).stdout.splitlines()
+    assert any(ln.startswith("half_marked  FAILED: register_losses is not marked with @hookimpl") for ln in lines), lines
 
 def test_a_misspelt_hook_suggests_the_right_one():
     host = PluginHost()

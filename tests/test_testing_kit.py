@@ -206,6 +206,16 @@ class ReturnsTuple(GoodDetector):
         return d.collapsed, d.fraction
 
 
+class RaisesInDetect(GoodDetector):
+    def detect(self, ctx):
+        raise ValueError("boom in detect")
+
+
+class RaisesOnLoad(GoodDetector):
+    def load_state_dict(self, state):
+        raise KeyError("no such state")
+
+
 def test_check_detector_passes_a_good_detector_and_returns_its_detection():
     det = check_detector(GoodDetector)
     assert isinstance(det, Detection) and det.collapsed.dtype == torch.bool
@@ -221,6 +231,9 @@ def test_check_detector_passes_a_good_detector_and_returns_its_detection():
     (UnseededSetup, "not deterministic under a fixed seed (two runs differ)"),
     (LeaksGrad, "features requires grad"),
     (ReturnsTuple, "returned tuple, not a core.components.Detection"),
+    # an exception is listed as a problem naming the method, as the other kits do (it used to come bare)
+    (RaisesInDetect, "detector 'kit-good': detect() raised ValueError: boom in detect"),
+    (RaisesOnLoad, "load_state_dict() raised KeyError: 'no such state'"),
 ])
 def test_check_detector_catches(cls, message):
     with pytest.raises(AssertionError) as e:
