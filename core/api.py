@@ -36,8 +36,17 @@ def _settings_only(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in _RECORD_KEYS}
 
 
+def run_path(run_dir: Any) -> Path:
+    """``run_dir`` (a str or os.PathLike) as a Path; UsageError for anything else (None, a number)."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise UsageError(f"a run directory must be a path (str or pathlib.Path), got {type(run_dir).__name__}")
+    return Path(run_dir)
+
+
 def resolve_settings(settings: Mapping[str, Any], host: PluginHost | None = None) -> dict[str, Any]:
     """The fully resolved config for ``settings`` (no files written)."""
+    if not isinstance(settings, Mapping):
+        raise UsageError(f"settings must be a mapping (a dict of settings), got {type(settings).__name__}")
     host = host or get_host()
     settings = dict(settings)
     settings.pop("out", None)
@@ -203,6 +212,8 @@ def _never_checkpointed(run_dir: Path) -> bool:
 def _out(settings: Mapping[str, Any]) -> Any:
     """``settings["out"]``, refused when empty: Path("") is the current directory, so an empty --out
     (an unset shell variable) would train there."""
+    if not isinstance(settings, Mapping):
+        raise UsageError(f"settings must be a mapping (a dict of settings), got {type(settings).__name__}")
     out = settings.get("out")
     if out is not None and not str(out).strip():
         raise UsageError("--out is empty: name the run directory (or leave --out out for a new one under runs/)")
@@ -398,6 +409,10 @@ class LoadedRun(NamedTuple):
     device: Any
     step: int
     weights: str  # which weights G holds: "ema" (the average) or "raw"
+    #: the checkpoint's partition labels as saved (checked against the data when first used), and
+    #: its file name for messages; None: it holds none
+    saved_labels: Any = None
+    checkpoint: str = ""
 
 
 def warn_stderr(text: str) -> None:
@@ -463,10 +478,11 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
         if not valid_prior(prior, spec.capacity):
             raise CheckpointError(f"{ck.path.name}: bad condition prior")
         holder.update(G=G.to(dev), prior=(prior / prior.sum()).to(dev), shape=tuple(shape),
-                      weights="ema" if prefix == EMA_PREFIX else "raw")
+                      weights="ema" if prefix == EMA_PREFIX else "raw", labels=ck.tensors.get("train/labels"))
 
     ck = ckpt_io.load_latest(run_dir / rundir.CHECKPOINTS, apply, warn)
-    return LoadedRun(cfg, comps, holder["G"], holder["prior"], dev, ck.step, holder["weights"])
+    return LoadedRun(cfg, comps, holder["G"], holder["prior"], dev, ck.step, holder["weights"], holder["labels"],
+                     ck.path.name)
 
 
 class Run:
@@ -479,7 +495,8 @@ class Run:
 
     def __init__(self, run_dir: Path, loaded: LoadedRun, warn: Callable[[str], None] | None = None) -> None:
         self.dir = run_dir
-        self.cfg, self.comps, self.G, self.prior, self.device, self.step, self.weights = loaded
+        self.cfg, self.comps, self.G, self.prior, self.device, self.step, self.weights = loaded[:7]
+        self._saved_labels, self._checkpoint = loaded.saved_labels, loaded.checkpoint
         self.z_dim = int(self.comps.model.z_dim)
         self._warn = warn
 
@@ -498,25 +515,23 @@ class Run:
 
     @cached_property
     def labels(self) -> Any:
+        """The partition labels of the loaded checkpoint (read with it: a checkpoint pruned since is
+        no matter), or None, with a warning, when it holds none or none that fit the data."""
         import torch
 
-        for step, path in ckpt_io.list_checkpoints(self.dir / rundir.CHECKPOINTS):
-            if step != self.step:
-                continue
-            try:
-                lab = ckpt_io.read(path).tensors.get("train/labels")
-            except CheckpointError:
-                return None  # pruned or replaced meanwhile: no partitions to show
-            if not isinstance(lab, torch.Tensor):
-                return None
-            from .training import labels_problem
+        from .training import labels_problem
 
+        lab = self._saved_labels
+        if not isinstance(lab, torch.Tensor):
+            problem = "holds no partition labels (no partitions shown)"
+        else:
+            # (a partitioner may set its own prior: labels in a condition of prior 0 are not wrong)
             problem = labels_problem(lab, self.real.shape[0], int(self.prior.shape[0]))
             if problem is None:
                 return lab.long()
-            if self._warn is not None:
-                self._warn(f"{path.name}: partition labels {problem}; they are ignored (no partitions shown)")
-            return None
+            problem = f"partition labels {problem}; they are ignored (no partitions shown)"
+        if self._warn is not None:
+            self._warn(f"{self._checkpoint}: {problem}")
         return None
 
     @cached_property
@@ -620,8 +635,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", generator: str = "auto
     Raises UsageError / CheckpointError for a bad run directory. ``warn`` is told (by default on
     stderr) when newer checkpoints were skipped as corrupt, and when the checkpoint's partition
     labels cannot be used (``labels`` is then None)."""
+    run_dir = run_path(run_dir)
     host = host or get_host()
-    run_dir = Path(run_dir)
     return Run(run_dir, _load_run(run_dir, host, device, generator, warn), warn)
 
 
@@ -686,7 +701,7 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
         n = _check_n(n)  # the CLI's --n, whose message the tests pin
     seed = _check_seed(seed)
     host = host or get_host()
-    cfg, comps, G, prior, dev, step, weights = _load_run(Path(run_dir), host, device, generator, warn)
+    cfg, comps, G, prior, dev, step, weights = _load_run(run_path(run_dir), host, device, generator, warn)[:7]
     n = cfg["eval_samples"] if n is None else n
     with _out_of_memory_as_usage("loading the training data", "the dataset does not fit in memory"):
         real = _load_saved_data(comps, cfg, run_dir).to(dev)

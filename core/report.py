@@ -626,10 +626,10 @@ def write_report(run_dir: str | Path, n: int = 2500, seed: int = 0, host: "Plugi
     per row), with ``seed``. Raises UsageError / CheckpointError for a bad run directory,
     UsageError when matplotlib is missing.
     """
-    from .api import _check_n, load_run
+    from .api import _check_n, load_run, run_path
 
     _check_n(n)
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir)
     rundir.read_config(run_dir)  # a bad run directory says so before anything else
     plt = _pyplot()
     run = load_run(run_dir, device=device, host=host)

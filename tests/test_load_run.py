@@ -170,6 +170,32 @@ def test_partition_labels_out_of_range_are_unusable_and_said_so(partitioned, tmp
 
 
 
+
+def test_labels_are_read_with_the_checkpoint_and_a_missing_tensor_is_said(partitioned, tmp_path):
+    """``labels`` used to be read from the checkpoint file when first asked for: pruned meanwhile (a
+    run still training), they were None without a word; a checkpoint without them said nothing."""
+    import shutil
+
+    from safetensors.torch import load
+
+    from core import checkpoint as ckpt_io
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(partitioned, run_dir)
+    warnings = []
+    run = api.load_run(run_dir, warn=warnings.append)
+    want = load(ckpt_io.list_checkpoints(run_dir / "checkpoints")[-1][1].with_suffix(".safetensors").read_bytes())
+    for p in (run_dir / "checkpoints").iterdir():
+        p.unlink()  # as a training process pruning its checkpoints would
+    assert run.labels is not None and torch.equal(run.labels, want["train/labels"].long()) and warnings == []
+    shutil.rmtree(run_dir)
+    shutil.copytree(partitioned, run_dir)
+    step, jpath = ckpt_io.list_checkpoints(run_dir / "checkpoints")[-1]
+    resign_checkpoint(jpath, {k: v for k, v in want.items() if k != "train/labels"})
+    run = api.load_run(run_dir, warn=warnings.append)
+    assert run.step == step and run.labels is None
+    assert warnings == [f"{jpath.name}: holds no partition labels (no partitions shown)"]
+
 def test_a_checkpoint_without_the_weight_average_of_a_run_that_keeps_one_is_skipped(tmp_path):
     """Every checkpoint of a --g-ema run holds G_ema: one without it (edited) is skipped with a warning,
     not sampled from its raw G as if the run kept no average."""
@@ -189,3 +215,16 @@ def test_a_checkpoint_without_the_weight_average_of_a_run_that_keeps_one_is_skip
         run = api.load_run(out, generator=generator, warn=warnings.append)
         assert run.step == 10 and run.weights == "ema"
     assert len(warnings) == 2 and all("no weights of the generator's average" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("call", ["load_run", "sample", "evaluate", "write_report", "resolve_settings", "train"])
+@pytest.mark.parametrize("bad", [None, 123])
+def test_a_run_directory_or_settings_of_the_wrong_type_is_a_usage_error(call, bad):
+    """They used to raise pathlib's or dict()'s TypeError."""
+    from core.report import write_report
+
+    fn = {"load_run": api.load_run, "sample": lambda r: api.sample(r, 5), "evaluate": api.evaluate,
+          "write_report": write_report, "resolve_settings": api.resolve_settings, "train": api.train}[call]
+    want = "settings must be a mapping" if call in ("resolve_settings", "train") else "a run directory must be a path"
+    with pytest.raises(UsageError, match=want):
+        fn(bad)
