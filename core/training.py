@@ -886,6 +886,7 @@ class Trainer:
             rec = {"step": self.step, "event": "partition-check", "changed": False,
                    "seconds": round(time.perf_counter() - t0, 6)}
             rec.update(self._gather_reports())  # on every rank: it is a collective under torchrun
+            rec["partition/count"] = self.partition_count  # the loop's own count, an int as in `partition`
             # a partitioner may say why it made none (optional ``skip_reason``): logged, and shown
             # when it differs from the last check's
             reason = getattr(part, "skip_reason", None)

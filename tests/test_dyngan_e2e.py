@@ -49,6 +49,15 @@ def test_dyngan_preset_detects_collapse_and_grows_partitions(tmp_path):
         sizes = m["partition/sizes"]
         assert sum(sizes) == 1250 and sum(1 for s in sizes if s > 0) == m["partition/count"]
         assert m["partition/moved"] > 0
+    # a check that made no partition logs the count in use, an int like a partition's (it was a float)
+    count, checks = 1, 0
+    for m in metrics:
+        if m.get("event") == "partition":
+            count = m["partition/count"]
+        elif m.get("event") == "partition-check":
+            assert type(m["partition/count"]) is int and m["partition/count"] == count, m
+            checks += 1
+    assert checks > 0
     # a step that evaluates and partitions scores the model first: after the split it would
     # draw conditions that no training has followed yet
     position = {(m.get("event"), m["step"]): i for i, m in enumerate(metrics)}
