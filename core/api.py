@@ -209,6 +209,14 @@ def _never_checkpointed(run_dir: Path) -> bool:
         return False
 
 
+def _refuse_unstarted(out: Any) -> None:
+    """UsageError when ``out`` holds a run before its first checkpoint: one still starting is in
+    use, one that stopped there has nothing to resume and blocks a new run."""
+    if out is not None and rundir.is_run(Path(out)) and _never_checkpointed(Path(out)):
+        _not_in_use(Path(out))
+        raise UsageError(_no_checkpoint(Path(out)))
+
+
 def _out(settings: Mapping[str, Any]) -> Any:
     """``settings["out"]``, refused when empty: Path("") is the current directory, so an empty --out
     (an unset shell variable) would train there."""
@@ -231,10 +239,8 @@ def dry_run(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
     else:
         out = _out(settings)
         cfg = resolve_settings(settings, host)
+        _refuse_unstarted(out)  # as train says it
         if out is not None:
-            if rundir.is_run(Path(out)) and _never_checkpointed(Path(out)):
-                _not_in_use(Path(out))  # as train says it: a run still starting is in use, not stopped
-                raise UsageError(_no_checkpoint(Path(out)))
             rundir.check_new(Path(out))
     check_amp(cfg, resolve_device(cfg["device"]))
     return cfg
@@ -254,9 +260,7 @@ def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
             _not_in_use(run_dir)  # a run still before its first checkpoint is not a stopped one
             raise CheckpointError(_no_checkpoint(run_dir))
         return cfg, run_dir
-    if out is not None and rundir.is_run(Path(out)) and _never_checkpointed(Path(out)):
-        _not_in_use(Path(out))
-        raise UsageError(_no_checkpoint(Path(out)))
+    _refuse_unstarted(out)
     cfg = resolve_settings(settings, host)
     cfg["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     run_dir = rundir.create(Path(out) if out is not None else None, runs_root)
@@ -269,38 +273,36 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
     host = host or get_host()
     # torchrun (core.distributed): rank 0 tells the others where the run directory is, or why it failed
     share = getattr(comm, "broadcast_object", None)
-    if comm is not None and comm.rank != 0:
-        # only rank 0 creates and writes the run directory
-        out, error = share(None) if share is not None else (settings.get("out"), None)
-        if error is not None:
-            raise UsageError(f"rank 0 could not prepare the run: {error}")
-        run_dir = Path(out)
-        cfg = (_resume_config(run_dir, settings, host) if resume
-               else resolve_settings(settings, host))
-    else:
-        run_dir = None
-        try:
-            cfg, run_dir = prepare(settings, resume=resume, host=host)
-            if not resume:
-                try:
-                    rundir.write_config(run_dir, cfg)
-                except OSError as e:
-                    raise UsageError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}") from None
-        except BaseException as e:
-            if isinstance(e, KeyboardInterrupt) and run_dir is not None and not resume:
-                rundir.discard_unstarted(run_dir)
-            if share is not None:
-                share((None, str(e) or type(e).__name__))
-            raise
-        if share is not None:
-            share((str(run_dir), None))
-    # one process trains in a run directory at a time (rank 0 writes for all ranks)
-    main = comm is None or comm.rank == 0
+    main = comm is None or comm.rank == 0  # only rank 0 creates and writes the run directory
+    run_dir = None
     try:
+        if not main:
+            out, error = share(None) if share is not None else (settings.get("out"), None)
+            if error is not None:
+                raise UsageError(f"rank 0 could not prepare the run: {error}")
+            run_dir = Path(out)
+            cfg = (_resume_config(run_dir, settings, host) if resume
+                   else resolve_settings(settings, host))
+        else:
+            try:
+                cfg, run_dir = prepare(settings, resume=resume, host=host)
+                if not resume:
+                    try:
+                        rundir.write_config(run_dir, cfg)
+                    except OSError as e:
+                        raise UsageError(f"cannot write to run directory {str(run_dir)!r}: "
+                                         f"{e.strerror or e}") from None
+            except BaseException as e:
+                if share is not None:
+                    share((None, str(e) or type(e).__name__))
+                raise
+            if share is not None:
+                share((str(run_dir), None))
+        # one process trains in a run directory at a time (rank 0 writes for all ranks)
         with rundir.RunLock(run_dir) if main else contextlib.nullcontext():
             return _train_locked(cfg, run_dir, host, resume, quiet, stream, comm)
     except KeyboardInterrupt:  # Ctrl-C before training began: a new run leaves nothing behind
-        if main and not resume:
+        if main and not resume and run_dir is not None:
             rundir.discard_unstarted(run_dir)
         raise
 
