@@ -497,7 +497,8 @@ class Run:
 
     def __init__(self, run_dir: Path, loaded: LoadedRun, warn: Callable[[str], None] | None = None) -> None:
         self.dir = run_dir
-        self.cfg, self.comps, self.G, self.prior, self.device, self.step, self.weights = loaded[:7]
+        self.cfg, self.comps, self.G, self.prior = loaded.cfg, loaded.comps, loaded.G, loaded.prior
+        self.device, self.step, self.weights = loaded.device, loaded.step, loaded.weights
         self._saved_labels, self._checkpoint = loaded.saved_labels, loaded.checkpoint
         self.z_dim = int(self.comps.model.z_dim)
         self._warn = warn
@@ -703,7 +704,8 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
         n = _check_n(n)  # the CLI's --n, whose message the tests pin
     seed = _check_seed(seed)
     host = host or get_host()
-    cfg, comps, G, prior, dev, step, weights = _load_run(run_path(run_dir), host, device, generator, warn)[:7]
+    loaded = _load_run(run_path(run_dir), host, device, generator, warn)
+    cfg, comps, dev = loaded.cfg, loaded.comps, loaded.device
     n = cfg["eval_samples"] if n is None else n
     with _out_of_memory_as_usage("loading the training data", "the dataset does not fit in memory"):
         real = _load_saved_data(comps, cfg, run_dir).to(dev)
@@ -711,9 +713,10 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
         if warn is not None:
             warn(warning)
     with _out_of_memory_as_usage(f"drawing {n:,} samples on {dev}"):
-        fake = generate(G, n, comps.model.z_dim, prior, dev, torch.Generator(device=dev).manual_seed(seed))
+        fake = generate(loaded.G, n, comps.model.z_dim, loaded.prior, dev,
+                        torch.Generator(device=dev).manual_seed(seed))
     with _out_of_memory_as_usage(f"scoring {n:,} samples on {dev}"):
         values, protocols = score(comps, fake, real)
-    return {"run": str(run_dir), "step": step, "samples": n, "dataset": cfg["dataset"],
-            "generator": weights,
+    return {"run": str(run_dir), "step": loaded.step, "samples": n, "dataset": cfg["dataset"],
+            "generator": loaded.weights,
             "metrics": values, "protocols": protocols}

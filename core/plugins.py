@@ -134,8 +134,8 @@ class PluginHost:
         self.load_nothing = False
         #: installed plugins the switches skipped -> why
         self.skipped: dict[str, str] = {}
-        #: those DYNGAN_BLOCK_PLUGINS skipped -> their distribution (an unknown name may be theirs)
-        self.blocked: dict[str, str | None] = {}
+        #: the same plugins -> (the switch that skipped it, its distribution)
+        self.skipped_by: dict[str, tuple[str, str | None]] = {}
         self.registry.explain = self._explain_unknown
 
     # ------------------------------------------------------------------ loading
@@ -311,6 +311,11 @@ class PluginHost:
     def report(self) -> list[dict[str, Any]]:
         return [p.to_json() for p in self.plugins.values()]
 
+    @property
+    def blocked(self) -> dict[str, str | None]:
+        """The plugins DYNGAN_BLOCK_PLUGINS skipped -> their distribution (an unknown name may be theirs)."""
+        return {p: dist for p, (switch, dist) in self.skipped_by.items() if switch == BLOCK_SWITCH}
+
     def _explain_unknown(self, kind: str, name: str) -> tuple[str, bool] | None:
         """The registry's note for an unknown name while some plugin failed to load or is blocked: the
         failed plugin that offers that name (then ``offered`` is True), else every failed plugin, briefly;
@@ -326,12 +331,13 @@ class PluginHost:
         elif failed:
             names = ", ".join(repr(p.name) for p in failed)
             notes.append(f"note: plugin{'s' if len(failed) > 1 else ''} {names} failed to load; see `dyngan plugins`")
-        if self.blocked:
-            several = len(self.blocked) > 1
-            names = ", ".join(f"{p!r}" + (f" (distribution {d})" if d else "") for p, d in self.blocked.items())
+        blocked = self.blocked
+        if blocked:
+            several = len(blocked) > 1
+            names = ", ".join(f"{p!r}" + (f" (distribution {d})" if d else "") for p, d in blocked.items())
             notes.append(f"note: plugin{'s' if several else ''} {names} {'are' if several else 'is'} installed but "
                          f"blocked by DYNGAN_BLOCK_PLUGINS and may provide {kind} {name!r}")
-        left_out = sorted(p for p, why in self.skipped.items() if why.startswith("DYNGAN_LOAD_PLUGINS"))
+        left_out = sorted(p for p, (switch, _) in self.skipped_by.items() if switch == LOAD_SWITCH)
         if left_out:
             shown = ", ".join(map(repr, left_out[:5])) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
             notes.append(f"note: DYNGAN_LOAD_PLUGINS leaves out the installed plugin{'s' if len(left_out) > 1 else ''} "
@@ -366,9 +372,12 @@ class PluginHost:
         return f"its {kind} {name!r} came from one of its plugins that are not loaded: {'; '.join(missing)}"
 
 
+LOAD_SWITCH, BLOCK_SWITCH = "DYNGAN_LOAD_PLUGINS", "DYNGAN_BLOCK_PLUGINS"
+
+
 def _skipped(name: str, dist: str | None, allow: set[str] | None, block: set[str] | None,
-             plugin_names: set[str]) -> str | None:
-    """Why the switches skip a plugin (None: they do not).
+             plugin_names: set[str]) -> tuple[str, str] | None:
+    """The switch that skips a plugin and why (None: they do not).
 
     A listed name means the plugin of that name; otherwise it means every plugin of that distribution.
     (``dyngan`` is both a built-in plugin and the distribution: it names the plugin.)
@@ -380,9 +389,9 @@ def _skipped(name: str, dist: str | None, allow: set[str] | None, block: set[str
         return dist is not None and dist in names and dist not in plugin_names
 
     if allow is not None and not listed(allow):
-        return f"DYNGAN_LOAD_PLUGINS does not name it (add {name!r} to it)"
+        return LOAD_SWITCH, f"{LOAD_SWITCH} does not name it (add {name!r} to it)"
     if block and listed(block):
-        return f"DYNGAN_BLOCK_PLUGINS blocks it (take {(name if name in block else dist)!r} out of it)"
+        return BLOCK_SWITCH, f"{BLOCK_SWITCH} blocks it (take {(name if name in block else dist)!r} out of it)"
     return None
 
 
@@ -429,9 +438,8 @@ def load_plugins(env: Mapping[str, str] | None = None) -> PluginHost:
         seen.add((ep.name, ep.value))
         skipped = _skipped(ep.name, dist, allow, block, plugin_names)
         if skipped is not None:
-            host.skipped[ep.name] = skipped
-            if skipped.startswith("DYNGAN_BLOCK_PLUGINS"):
-                host.blocked[ep.name] = dist
+            switch, host.skipped[ep.name] = skipped
+            host.skipped_by[ep.name] = (switch, dist)
             continue
         version = ep.dist.version if ep.dist is not None else None
         host.add_plugin(ep.name, _entry_point_loader(ep, dist), module=ep.value, distribution=dist, version=version)
