@@ -418,7 +418,9 @@ class Partitioner(Component):
 
     ``partition(ctx, detection)`` is called every ``self.every`` steps (not on
     the run's final step, which no training would follow) with the latest
-    detection (None when no detector runs); it returns a ``PartitionUpdate`` or
+    detection: None when no detector runs, before its first detection, and after
+    a partition that changed the labels until the detector runs again (that
+    detection judged the samples under their former labels); it returns a ``PartitionUpdate`` or
     None to leave the partition as it is, and may then set ``skip_reason`` to say
     why (logged with the check and shown when it changes).
     """

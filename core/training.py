@@ -915,6 +915,11 @@ class Trainer:
             raise ComponentFailure(part.kind, part.name, part.plugin, "partition",
                                    ValueError("prior must be finite, non-negative, one entry per condition"))
         changed = int((labels != self.labels).sum())
+        if changed:
+            # the detection judged the samples under their former labels: a later check gets None
+            # until the detector runs again (a partitioner's interval need not be a multiple of the
+            # detector's), so one verdict cannot open conditions twice
+            self.last_detection = None
         self.labels.copy_(labels)
         self.prior.copy_(prior / prior.sum())
         sizes_list = sizes.tolist()

@@ -287,7 +287,7 @@ class DynGANPartitioner(Partitioner):
         # tau with a float32 rounding allowance: a fraction of exactly tau passes the gate
         if detection is None or float(detection.fraction) < float(self.opts.tau) * (1 - 1e-6) or k_now >= cap:
             self.skip_reason = (
-                "no detection yet" if detection is None
+                "no detection since the start or the last partition" if detection is None
                 else f"all {cap} condition slots are in use (conditioner.capacity)" if k_now >= cap
                 else f"the collapse fraction is below tau ({self.opts.tau})")
             ctx.report("partition/count", float(k_now))

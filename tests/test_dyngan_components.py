@@ -553,7 +553,7 @@ def test_the_partitioner_says_why_it_made_no_partition():
         assert part.partition(ctx, det) is None
         return part.skip_reason
 
-    assert reason([0] * 4, None) == "no detection yet"
+    assert reason([0] * 4, None) == "no detection since the start or the last partition"
     assert "below tau (0.01)" in reason([0] * 200, mask(200, [3]), tau=0.01)
     assert "all 3 condition slots are in use" in reason([0, 0, 1, 1, 2, 2], mask(6, [0, 2, 4]), capacity=3)
     assert "collapsed as a whole" in reason([0, 0, 0], mask(3, [0, 1, 2]))

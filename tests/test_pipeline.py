@@ -26,7 +26,7 @@ from core import api, hookimpl
 from core import checkpoint as ckpt_io
 from core import rundir
 from cli_helpers import invoke
-from core.components import Loss, Metric
+from core.components import CollapseDetector, Detection, Loss, Metric, Option, PartitionUpdate, Partitioner
 from dyngan_plugins.dyngan import DynGANDetector
 from core.errors import CheckpointError, UsageError
 from core.training import Trainer
@@ -1101,3 +1101,62 @@ def test_a_resumed_run_whose_metric_settings_cannot_work_says_where_to_change_th
     res = invoke(["train", "--out", str(out), "--resume", "--steps", "70", "-q", "-o", "metric.k=2"])  # as it says
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())["options"]["metric"]["prdc"]["k"] == 2
+
+
+class _EveryFourDetector(CollapseDetector):
+    """Flags sample 0 every 4 steps."""
+
+    name = "every-four"
+    options = {"every": Option(4, "detect every this many steps", min=1)}
+
+    def detect(self, ctx):
+        collapsed = torch.zeros(ctx.data.shape[0], dtype=torch.bool, device=ctx.device)
+        collapsed[0] = True
+        return Detection(collapsed=collapsed, fraction=collapsed.float().mean())
+
+
+class _RecordingPartitioner(Partitioner):
+    """Every 2 steps, records whether it got a detection and, when it did, moves sample 0 to the
+    other of two conditions (a change of the labels)."""
+
+    name = "recording"
+    options = {"every": Option(2, "check every this many steps", min=1)}
+    seen: list[tuple[int, bool]] = []
+
+    def partition(self, ctx, detection):
+        type(self).seen.append((ctx.step, detection is not None))
+        if detection is None:
+            return None
+        labels = ctx.labels.clone()
+        labels[0] = 1 - labels[0]
+        return PartitionUpdate(labels=labels)
+
+
+@hookimpl
+def _register_recording_detector(register):
+    register(_EveryFourDetector)
+
+
+@hookimpl
+def _register_recording_partitioner(register):
+    register(_RecordingPartitioner)
+
+
+def test_a_partition_that_changes_labels_uses_up_its_detection(tmp_path):
+    """A partitioner checking more often than the detector runs used to get, after a partition, the
+    detection taken before it (judging the samples under their former labels), so one verdict could
+    open conditions at several checks. It now gets None until the detector runs again."""
+    from core.testing import plugin_host
+
+    _RecordingPartitioner.seen = []
+    plugin = types.SimpleNamespace(register_collapse_detectors=_register_recording_detector,
+                                   register_partitioners=_register_recording_partitioner)
+    with plugin_host(("recording", plugin)):
+        res = invoke(["train", *SMALL_FLAGS, "--steps", "13", "--detector", "every-four", "--partitioner",
+                      "recording", "--conditioner", "onehot", "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 0, res.output
+    # detections at 4, 8, 12; checks at 2, 4, ..., 12: each detection serves the check of its own
+    # step, which changes the labels, so the checks at 6 and 10 get none
+    assert _RecordingPartitioner.seen == [(2, False), (4, True), (6, False), (8, True), (10, False), (12, True)]
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "partition"] == [4, 8, 12]
