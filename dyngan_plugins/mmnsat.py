@@ -15,22 +15,52 @@ from core.components import GStepContext, Option
 from .losses import R1_OPTIONS, LogisticLoss
 
 
+def _ratio_parts(fake_logits):
+    """(mean_i D_i, 1 - mean_i D_i) from the detached fake logits; 1 - mean D is computed as
+    mean sigmoid(-l), without cancellation."""
+    l = fake_logits.detach()  # R is a constant: no gradient flows through it
+    return l.sigmoid().mean(), (-l).sigmoid().mean()
+
+
 def nsat_ratio(fake_logits):
     """R = (1 - mean_i D_i) / mean_i D_i from the fake logits, detached.
 
-    Kept finite at the extremes: 1 - mean D is computed as mean sigmoid(-l)
-    (no cancellation, so R goes smoothly to 0, never negative, as mean D -> 1),
-    and mean D is clamped below at the dtype's smallest normal number, so
-    R <= 1 / tiny (about 8.5e37 in float32). The clamp only acts when every
-    fake logit is below about -87 (float32); there the exact rescaling is lost
-    but the loss and its gradients stay finite.
+    Kept finite at the extremes: R goes smoothly to 0, never negative, as mean D -> 1, and mean D
+    is clamped below at the dtype's smallest normal number, so R <= 1 / tiny (about 8.5e37 in
+    float32). The clamp only acts when every fake logit is below about -87 (float32): there the
+    value reported as ``mmnsat/R`` saturates, while the loss takes its weights from log space
+    (``_mm_term``), so the rescaling stays exact.
     """
     import torch
 
-    l = fake_logits.detach()  # R is a constant: no gradient flows through it
-    mean_d = l.sigmoid().mean()  # mean_i D_i
-    mean_1md = (-l).sigmoid().mean()  # 1 - mean_i D_i
+    mean_d, mean_1md = _ratio_parts(fake_logits)
     return mean_1md / mean_d.clamp_min(torch.finfo(mean_d.dtype).tiny)
+
+
+#: below this mean D (float32's smallest normal number is 1.2e-38) the sigmoids of the fake logits
+#: lose precision and R meets its clamp, so the MM term takes its weights from log space instead
+LOG_SPACE_BELOW = 1e-30
+
+
+def _mm_term(l):
+    """R * log(1 - D(G(z))) per fake sample, the MM-nsat term, and R (detached, as reported).
+
+    Written directly while mean D is at least ``LOG_SPACE_BELOW``, as it is in training. Below it,
+    every fake logit is below -69 + log(B) (about -64 for a batch of 128), where float32 gives
+    log D_i = l_i, log(1 - D_i) = -D_i and 1 - mean D = 1 exactly; the weights w_i = R D_i then equal
+    (1 - mean D) B softmax_i(l), finite and exact, and the term is -w_i (1 + l_i - l_i.detach()):
+    the direct form's value R log(1 - D_i) = -R D_i and its gradient -w_i / B in l_i. A 0-d
+    selection between the two on the device, no host synchronisation."""
+    import torch
+    import torch.nn.functional as F
+
+    mean_d, mean_1md = _ratio_parts(l)
+    R = mean_1md / mean_d.clamp_min(torch.finfo(mean_d.dtype).tiny)
+    direct = R * -F.softplus(l)
+    lo = l.detach()
+    w = (mean_1md * lo.numel()) * torch.softmax(lo.flatten(), 0).view_as(lo)
+    logspace = -w * (1 + (l - lo))
+    return torch.where(mean_d < LOG_SPACE_BELOW, logspace, direct), R
 
 
 class MMNSatLoss(LogisticLoss):
@@ -55,10 +85,10 @@ class MMNSatLoss(LogisticLoss):
         import torch.nn.functional as F
 
         l, a = ctx.fake_logits, self.opts.a
-        R = nsat_ratio(l)
+        mm, R = _mm_term(l)  # R * log(1 - D(G(z))) per sample
         ctx.report("mmnsat/R", R)
         # a * R * log(1 - D(G(z))) + (1 - a) * (-log D(G(z)))
-        return (a * R * -F.softplus(l) + (1 - a) * F.softplus(-l)).mean()
+        return (a * mm + (1 - a) * F.softplus(-l)).mean()
 
 
 @hookimpl

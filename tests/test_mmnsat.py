@@ -131,3 +131,30 @@ def test_option_a_must_be_in_unit_interval():
             MMNSatLoss(a=bad)
     assert MMNSatLoss().opts.a == 1.0
     assert MMNSatLoss(a="0.33").opts.a == pytest.approx(0.33)
+
+
+@pytest.mark.parametrize("logits", [[-90.0, -95.0], [-100.0] * 4, [-75.0, -200.0, -80.0], [-69.0, -69.2],
+                                    [-68.9, -69.0], [-1e4, -1e4 - 3]])
+def test_the_rescaling_stays_exact_when_every_fake_logit_is_far_below_zero(logits):
+    """With every fake logit below about -87, mean D used to meet R's clamp in float32 and the MM
+    term's total weight fell far below NS's (0.07 instead of 2 at logits -90, -95: audit helper-36).
+    The weights are now computed in log space there: MM's relative weights, NS's total, and the loss
+    value R log(1 - D), each against float64."""
+    l = torch.tensor(logits)
+    g, _ = logit_grad(MMNSatLoss(), l)
+    ld = l.double()
+    log_d = F.logsigmoid(ld)
+    w = torch.softmax(log_d, 0)  # D_i / sum_j D_j, exact in log space
+    B = l.shape[0]
+    total = torch.sigmoid(-ld).sum()  # sum_i (1 - D_i)
+    torch.testing.assert_close(g.double(), -(w * total) / B, rtol=1e-5, atol=1e-30)  # e^-125 is 0 in float32
+    torch.testing.assert_close(g.abs().sum().double(), total / B, rtol=1e-6, atol=0)
+    # value: R log(1 - D_i) = -R softplus(l_i), with R = mean(1 - D) / mean(D) from log space
+    log_R = torch.log(torch.sigmoid(-ld).mean()) - (torch.logsumexp(log_d, 0) - torch.log(torch.tensor(B * 1.0)))
+    expected = -(torch.exp(log_R + torch.log(F.softplus(ld)))).mean() if F.softplus(ld).min() > 0 else None
+    ctx, _ = g_ctx(l.clone())
+    got = MMNSatLoss().g_loss(ctx)
+    assert torch.isfinite(got)
+    if expected is not None:  # softplus of -1e4 underflows even in float64; the bound below covers it
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    assert -1.0 - 1e-6 <= float(got) < 0  # R log(1 - D_i) -> -(1 - D) / D * D summed to at most -1
