@@ -8,12 +8,13 @@ synchronisation: scalars are gathered every ``log_every`` steps.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -786,28 +787,30 @@ class Trainer:
                 f"one on the original device")
 
     def save(self) -> None:
+        if self._saved_step == self.step:
+            return  # this state is already on disk (just loaded or just written); alike on every rank
         nets = [("generator", self.G), ("discriminator", self.D)]
         if self.G_ema is not None:
             nets.append(("generator's weight average", self.G_ema))
-        for what, net in nets:  # on every rank: same verdict
-            for p in net.parameters():
-                if not torch.isfinite(p).all():
-                    m, loss = self.comps.model, self.comps.loss
-                    raise DivergenceError(
-                        f"the {what}'s weights became NaN or inf by step {self.step} (model {m.name!r}, "
-                        f"loss {loss.name!r}" + (f" (plugin {loss.plugin!r})" if loss.plugin else "")
-                        + "); not saving them (the last good checkpoint is kept)")
+        # on every rank: same verdict; one host read for all the weights
+        finite = torch.stack([torch.isfinite(p).all() for _, net in nets for p in net.parameters()])
+        if not bool(finite.all()):
+            what = next(w for w, net in nets if not all(bool(torch.isfinite(p).all()) for p in net.parameters()))
+            m, loss = self.comps.model, self.comps.loss
+            raise DivergenceError(
+                f"the {what}'s weights became NaN or inf by step {self.step} (model {m.name!r}, "
+                f"loss {loss.name!r}" + (f" (plugin {loss.plugin!r})" if loss.plugin else "")
+                + "); not saving them (the last good checkpoint is kept)")
         if self.is_main:
             self._write_checkpoint()
         barrier = getattr(self.comm, "barrier", None)
         if barrier is not None:  # torchrun: a failed write on rank 0 stops every rank
             barrier()
+        self._saved_step = self.step
 
     def _write_checkpoint(self) -> None:
         tensors, meta = self.state()
         directory = self.run_dir / rundir.CHECKPOINTS
-        if self._saved_step == self.step:
-            return  # this state is already on disk (just loaded or just written)
         ckpt_io.save(directory, self.step, tensors, meta, keep=self.cfg["keep_checkpoints"])
         self._saved_step = self.step
 
@@ -858,7 +861,10 @@ class Trainer:
     def _detect(self, log: rundir.MetricsLog | None) -> None:
         det = self.comps.detector
         assert det is not None
-        self._reports.clear()
+        with self._own_reports():
+            self._run_detection(det, log)
+
+    def _run_detection(self, det: Any, log: rundir.MetricsLog | None) -> None:
         t0 = self._clock()
         with torch.no_grad():
             result = call_component(det, "detect", self.context())
@@ -878,7 +884,10 @@ class Trainer:
     def _partition(self, log: rundir.MetricsLog | None) -> None:
         part = self.comps.partitioner
         assert part is not None
-        self._reports.clear()
+        with self._own_reports():
+            self._run_partition(part, log)
+
+    def _run_partition(self, part: Any, log: rundir.MetricsLog | None) -> None:
         t0 = self._clock()
         with torch.no_grad():
             upd = call_component(part, "partition", self.context(), self.last_detection)
@@ -965,6 +974,17 @@ class Trainer:
             for b_ema, b in self._ema_buffers:
                 b_ema.copy_(b)
 
+    @contextlib.contextmanager
+    def _own_reports(self) -> Iterator[None]:
+        """A detection or partition collects its components' reports apart: the values the
+        training step reported (the loss's, logged at a --log-every step that falls on the same
+        step) are kept for the step's own record."""
+        kept, self._reports = self._reports, {}
+        try:
+            yield
+        finally:
+            self._reports = kept
+
     def _gather_reports(self) -> dict[str, float]:
         if not self._reports:
             return {}
@@ -972,7 +992,8 @@ class Trainer:
         vals = []
         for v in self._reports.values():
             vals.append(v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
-        stacked = self.comm.all_reduce_mean(torch.stack([v.cpu() for v in vals]))  # mean over ranks
+        # stacked on the device, averaged over ranks there, then one transfer to the host
+        stacked = self.comm.all_reduce_mean(torch.stack([v.to(self.device) for v in vals]))
         out = dict(zip(names, stacked.tolist()))
         self._reports.clear()
         return out

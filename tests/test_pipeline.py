@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import math
 import os
 import shutil
 import struct
@@ -1160,3 +1161,38 @@ def test_a_partition_that_changes_labels_uses_up_its_detection(tmp_path):
     assert _RecordingPartitioner.seen == [(2, False), (4, True), (6, False), (8, True), (10, False), (12, True)]
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("event") == "partition"] == [4, 8, 12]
+
+
+def test_a_log_step_that_is_also_a_detection_and_partition_step_keeps_the_losss_reports(tmp_path):
+    """The detection and the partition check used to clear the reports of the training step before
+    it was logged, so loss/r1 (and mmnsat/R, loss/gp) vanished from every log line at their steps."""
+    out = tmp_path / "r"
+    res = invoke(["train", *SMALL_FLAGS, "--steps", "60", "--preset", "dyngan", "--g-ema", "0", "--out", str(out),
+                  "-q", "-o", "loss.r1_gamma=0.1", "-o", "detector.every=20", "-o", "partitioner.every=40"])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r for r in records if "loss/d" in r}
+    assert sorted(logged) == [20, 40, 60]  # --log-every 20: each a detection step, 40 a partition check too
+    assert all("loss/r1" in r and math.isfinite(r["loss/r1"]) for r in logged.values()), logged
+    assert [r["step"] for r in records if r.get("event") == "detection"] == [20, 40, 60]
+    assert any(r.get("event") in ("partition", "partition-check") and r["step"] == 40 for r in records)
+    # and the detection's own reports are in its own record, not in the step's
+    detection = next(r for r in records if r.get("event") == "detection")
+    assert "collapse/fraction" in detection and "loss/r1" not in detection
+
+
+def test_the_final_step_is_saved_once(tmp_path, monkeypatch):
+    """The final step's state was built twice (the loop saved it, then saved again after the loop,
+    building the whole state before seeing it was on disk)."""
+    built = []
+    state = Trainer.state
+
+    def counting_state(self):
+        built.append(self.step)
+        return state(self)
+
+    monkeypatch.setattr(Trainer, "state", counting_state)
+    res = invoke(["train", *SMALL_FLAGS, "--steps", "30", "--checkpoint-every", "20", "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert built == [20, 30]
+    assert ckpt_steps(tmp_path / "r") == [20, 30]
