@@ -436,8 +436,8 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
         slot_opts = dict(opts_in.get(slot, {}))
         if cls.name != preset_settings.get(slot, cls.name):
             # the user replaced the preset's component: the preset's options for it that the
-            # replacement does not have are dropped (--preset dyngan-image --loss wgan-gp: no
-            # r1_gamma); the user's own options are still checked
+            # replacement does not have are dropped (--preset dyngan-image --partitioner kmeans:
+            # no tau); the user's own options are still checked
             mine = (user_opts.get(slot) or {})
             for key in (preset_settings.get("options") or {}).get(slot, {}):
                 if key not in cls.options and key not in mine:

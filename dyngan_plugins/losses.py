@@ -147,21 +147,22 @@ class HingeLoss(R1Mixin, Loss):
         return -ctx.fake_logits.mean()  # -l_f
 
 
-class WGANGPLoss(Loss):
+class WGANGPLoss(R1Mixin, Loss):
     """WGAN-GP (Gulrajani et al. 2017): a critic with a gradient penalty.
 
-    D loss = l_f - l_r + lambda * E[(||grad_x l(x_hat)|| - 1)^2]
+    D loss = l_f - l_r + lambda * E[(||grad_x l(x_hat)|| - 1)^2], plus the optional R1 penalty
     G loss = -l_f
     x_hat = a x_r + (1 - a) x_f with a ~ U[0, 1] per sample (drawn from
     ``ctx.generator``), scored under the real batch's conditions. Defaults:
     lambda 10, 5 critic steps per generator step, Adam(1e-4, betas 0.5, 0.9).
-    Reports ``loss/gp``: E[(||grad|| - 1)^2] (without lambda).
+    Reports ``loss/gp``: E[(||grad|| - 1)^2] (without lambda), and ``loss/r1`` with R1.
     """
 
     name = "wgan-gp"
     options = {
         "gp_lambda": Option(10.0, "weight lambda of the gradient penalty", min=0.0),
         "d_steps": Option(5, "critic steps per generator step", min=1),
+        **R1_OPTIONS,
     }
 
     @property
@@ -170,7 +171,7 @@ class WGANGPLoss(Loss):
 
     @property
     def differentiates_d(self) -> bool:
-        return True  # the gradient penalty
+        return True  # the gradient penalty (and R1 when r1_gamma > 0)
 
     def optimizer_defaults(self) -> dict[str, Any]:
         return {"lr_g": 1e-4, "lr_d": 1e-4, "betas": (0.5, 0.9)}
@@ -188,7 +189,8 @@ class WGANGPLoss(Loss):
         (grad,) = torch.autograd.grad(ctx.discriminator(x_hat, ctx.real_cond).sum(), x_hat, create_graph=True)
         gp = (torch.linalg.vector_norm(grad.flatten(1), dim=1) - 1).pow(2).mean()  # E[(||grad|| - 1)^2]
         ctx.report("loss/gp", gp.detach())
-        return ctx.fake_logits.mean() - ctx.real_logits.mean() + self.opts.gp_lambda * gp  # l_f - l_r + lambda gp
+        loss = ctx.fake_logits.mean() - ctx.real_logits.mean() + self.opts.gp_lambda * gp  # l_f - l_r + lambda gp
+        return self.add_r1(loss, ctx)
 
     def g_loss(self, ctx: GStepContext):
         return -ctx.fake_logits.mean()  # -l_f

@@ -393,14 +393,19 @@ def test_image_preset_has_the_image_code_settings_and_yields_to_swapped_componen
             o["partitioner"]["split_on"]) == (20000, 0.05, False, "fresh")
     assert (o["conditioner"]["capacity"], o["conditioner"]["dim"], o["conditioner"]["fake_conditions"]) == \
         (20, 256, "real")
-    # a swapped loss without r1_gamma: the preset's r1_gamma is dropped, not an error ...
-    cfg = resolve_settings({"preset": "dyngan-image", "loss": "wgan-gp"})
-    assert cfg["loss"] == "wgan-gp" and "r1_gamma" not in cfg["options"]["loss"]
-    # ... a swapped loss that has it keeps it, and the user's own unknown option is still refused
-    assert resolve_settings({"preset": "dyngan-image", "loss": "hinge"})["options"]["loss"]["r1_gamma"] == 0.02
-    with pytest.raises(UsageError, match="r1_gamma"):
-        resolve_settings({"preset": "dyngan-image", "loss": "wgan-gp", "options": {"loss": {"r1_gamma": 1}}})
-    res = _dry_run(["--preset", "dyngan-image", "--loss", "wgan-gp", "-o", "loss.r1_gamma=1"])
+    # a swapped component without some of the preset's options: those are dropped, not an error
+    # (kmeans has every, not tau, weighted or split_on) ...
+    cfg = resolve_settings({"preset": "dyngan-image", "partitioner": "kmeans"})
+    assert cfg["partitioner"] == "kmeans" and cfg["options"]["partitioner"]["every"] == 20000
+    assert not {"tau", "weighted", "split_on"} & set(cfg["options"]["partitioner"])
+    # ... a swapped component that has an option keeps it (every built-in loss takes r1_gamma) ...
+    for loss in ("hinge", "wgan-gp"):
+        assert resolve_settings({"preset": "dyngan-image", "loss": loss})["options"]["loss"]["r1_gamma"] == 0.02
+    # ... and the user's own unknown option is still refused
+    with pytest.raises(UsageError, match="tau"):
+        resolve_settings({"preset": "dyngan-image", "partitioner": "kmeans",
+                          "options": {"partitioner": {"tau": 0.1}}})
+    res = _dry_run(["--preset", "dyngan-image", "--partitioner", "kmeans", "-o", "partitioner.tau=0.1"])
     assert res.exit_code == 2 and "Traceback" not in res.output
 
 

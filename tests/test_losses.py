@@ -15,7 +15,7 @@ LOSSES = {
     cls.name: cls
     for cls in (L.MinimaxLoss, L.NonSaturatingLoss, L.LeastSquaresLoss, L.HingeLoss, L.WGANGPLoss, M.MMNSatLoss)
 }
-R1_LOSSES = ["mm", "ns", "mm-nsat", "ls", "hinge"]
+R1_LOSSES = ["mm", "ns", "mm-nsat", "ls", "hinge", "wgan-gp"]
 
 L_REAL = torch.tensor([-3.0, -0.5, 0.0, 1.2, 4.0])
 L_FAKE = torch.tensor([-2.0, -0.1, 0.3, 2.5, 5.0])
@@ -213,6 +213,38 @@ def test_r1_on_nonlinear_d_averages_over_the_real_batch():
     torch.testing.assert_close(diff, 0.5 / 2 * real.pow(2).sum(1).mean())
 
 
+def test_wgan_gp_r1_adds_gamma_half_mean_sq_grad_norm_at_the_real_batch():
+    # a nonlinear critic, so that the gradient penalty (at x_hat) and R1 (at the real batch) differ
+    w = torch.tensor([[0.7, -1.3], [0.4, 0.9]], requires_grad=True)
+
+    def disc(x, cond=None):
+        return torch.tanh(x @ w).sum(1) + 0.25 * x.pow(2).sum(1)
+
+    real, fake = _data((6, 2), 10), _data((6, 2), 11)
+    gamma, seed = 3.0, 5
+    ctx, reports = d_ctx(real, fake, disc, real_grad=True, generator=torch.Generator().manual_seed(seed))
+    got = L.WGANGPLoss(r1_gamma=gamma).d_loss(ctx)
+
+    # expected, computed here: the WGAN-GP D loss with the same interpolation draw ...
+    a = torch.rand(6, generator=torch.Generator().manual_seed(seed))[:, None]
+    x_hat = (a * real + (1 - a) * fake).requires_grad_(True)
+    (g_hat,) = torch.autograd.grad(disc(x_hat).sum(), x_hat, create_graph=True)
+    gp = (g_hat.norm(dim=1) - 1).pow(2).mean()
+    wgan = disc(fake).mean() - disc(real).mean() + 10.0 * gp
+    # ... plus gamma/2 E_real ||grad_x l(x)||^2
+    x_r = real.clone().requires_grad_(True)
+    (g_r,) = torch.autograd.grad(disc(x_r).sum(), x_r, create_graph=True)
+    sq = g_r.pow(2).sum(1).mean()
+    torch.testing.assert_close(got, wgan + gamma / 2 * sq)
+    torch.testing.assert_close(reports["loss/r1"], sq.detach())
+    torch.testing.assert_close(reports["loss/gp"], gp.detach())
+    assert (sq - (g_hat.pow(2).sum(1).mean())).abs() > 1e-3  # R1 is not taken at x_hat
+    # and it trains the critic like the expected value does
+    (g_got,) = torch.autograd.grad(got, w)
+    (g_exp,) = torch.autograd.grad(wgan + gamma / 2 * sq, w)
+    torch.testing.assert_close(g_got, g_exp)
+
+
 def test_r1_without_real_grad_is_a_clear_error():
     ctx, _ = d_ctx_logits(L_REAL, L_FAKE, real_grad=False)
     with pytest.raises(RuntimeError, match="requires_grad"):
@@ -223,13 +255,44 @@ def test_r1_without_real_grad_is_a_clear_error():
 
 
 def test_option_errors_name_component_and_option():
-    with pytest.raises(OptionError, match=r"loss 'wgan-gp'.*unknown option 'r1_gamma'"):
-        L.WGANGPLoss(r1_gamma=1.0)
     with pytest.raises(OptionError, match=r"loss 'ns'.*'r1_gamma'"):
         L.NonSaturatingLoss(r1_gamma=-1.0)
     with pytest.raises(OptionError, match=r"loss 'ls'.*'sigmoid'"):
         L.LeastSquaresLoss(sigmoid=3)
     assert L.LeastSquaresLoss(sigmoid="true").opts.sigmoid is True
+
+
+@pytest.mark.parametrize("name", R1_LOSSES)
+def test_every_r1_loss_has_the_same_r1_gamma_option(name):
+    cls = LOSSES[name]
+    assert cls.options["r1_gamma"] is L.R1_OPTIONS["r1_gamma"]
+    assert cls().opts.r1_gamma == 0.0 and not cls().wants_real_grad  # off by default
+    assert cls(r1_gamma="0.5").opts.r1_gamma == 0.5 and cls(r1_gamma=0.5).wants_real_grad
+    with pytest.raises(OptionError, match=rf"loss '{name}'.*'r1_gamma'"):
+        cls(r1_gamma=-1.0)
+    with pytest.raises(OptionError, match=rf"loss '{name}'.*'r1_gamma'"):
+        cls(r1_gamma="much")
+
+
+def test_wgan_gp_r1_gamma_from_the_command_line(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from core.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+
+    def dry_run(*opts):
+        return CliRunner().invoke(cli, ["train", "--dry-run", "--loss", "wgan-gp", "--out", "r", *opts])
+
+    res = dry_run("-o", "loss.r1_gamma=0.1")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["options"]["loss"]["r1_gamma"] == 0.1
+    assert json.loads(dry_run().stdout)["options"]["loss"]["r1_gamma"] == 0.0
+    res = dry_run("-o", "loss.r1_gamma=-1")
+    assert res.exit_code == 2 and "r1_gamma" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_plugins_register_every_loss():

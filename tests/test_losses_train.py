@@ -14,6 +14,7 @@ CASES = [
     ("wgan-gp", {}),
     ("mm-nsat", {}),
     ("ns", {"r1_gamma": 1.0}),  # the loop's requires_grad path for R1
+    ("wgan-gp", {"r1_gamma": 1.0}),  # R1 beside the gradient penalty
 ]
 
 
