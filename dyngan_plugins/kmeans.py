@@ -29,7 +29,8 @@ class KMeansPartitioner(Partitioner):
     name = "kmeans"
     options = {
         "every": Option(5000, "recluster every this many steps (self-conditioned GAN, 2D: 5000)", min=1),
-        "k": Option(50, "number of clusters (clipped to the conditioner's capacity)", min=1),
+        "k": Option(50, "number of clusters (self-conditioned GAN, 2D: 50); clipped to the conditioner's capacity "
+                        "(onehot's default: 30) and logged as partition/k", min=1),
         "restarts": Option(10, "k-means++ restarts; the lowest inertia is kept", min=1),
         "tol": Option(
             1e-4, "Lloyd iterations stop when no centre moves this far, relative to the features' RMS spread", min=0.0
@@ -61,6 +62,7 @@ class KMeansPartitioner(Partitioner):
         self.partitions += 1
         ctx.report("partition/count", float(int(new.unique().numel())))
         ctx.report("partition/inertia", res.inertia / n)
+        ctx.report("partition/k", float(k))  # the k used: the option, clipped to the capacity
         return PartitionUpdate(labels=new)
 
     def state_dict(self) -> dict[str, Any]:

@@ -206,10 +206,11 @@ def test_kmeans_partitioner_deterministic_under_a_seed_and_clipped_to_capacity()
     x, _ = blobs(k=6, n_per=20, spread=2.0)
     runs = []
     for _ in range(2):
-        ctx, _ = make_ctx(x, torch.zeros(120, dtype=torch.long), capacity=3, seed=11)
+        ctx, rep = make_ctx(x, torch.zeros(120, dtype=torch.long), capacity=3, seed=11)
         runs.append(KMeansPartitioner(restarts=2).partition(ctx, None).labels)  # k=50 by default
     assert torch.equal(runs[0], runs[1])
     assert int(runs[0].max()) < 3 and torch.unique(runs[0]).numel() == 3
+    assert float(rep["partition/k"]) == 3  # the clip is logged
 
 
 def test_kmeans_partitioner_registered():
