@@ -314,7 +314,7 @@ def discriminator_pass(
             e = min(stop, s + batch_size)
             if e <= s:  # empty shard: one row, only for the feature width
                 s, e = 0, 1
-            rows = torch.arange(s, e, device=ctx.device) if index is None else index[s:e]
+            rows = slice(s, e) if index is None else index[s:e]  # a slice is a view: no copy of the rows
             lg, f = ctx.discriminator(ctx.data[rows], labels[rows], features=True)
             lg = lg.reshape(-1).float()
             f = f.reshape(f.shape[0], -1).float()
