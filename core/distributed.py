@@ -23,8 +23,11 @@ How a step is shared
 
 What else is collective
   ``sync_start``: every rank starts from rank 0's parameters, buffers and partition, and
-  ranks > 0 re-derive their batch stream from rank 0's generator state and their rank
-  (rank 0's stream is the single-process one, so checkpoints resume in either mode).
+  ranks > 0 derive their batch stream from rank 0's generator state and their rank
+  (rank 0's stream is the single-process one, so checkpoints resume in either mode). A
+  checkpoint also holds every other rank's random streams (``rng/rank<R>/...``, gathered to
+  rank 0 when it saves), and a resume with as many processes continues each rank's own, so
+  it is exact as in one process; with another number of processes they are derived again.
   ``all_reduce_mean`` averages the logged scalars; ``barrier`` follows each checkpoint
   (written by rank 0 alone) so that a failed write stops every rank. A stop signal
   (Ctrl-C, SIGTERM) on any rank rides on the gradient all-reduce, so every rank stops
@@ -305,11 +308,13 @@ class DistComm(Comm):
                     offset += n
 
     def sync_start(self, modules: Sequence["nn.Module"], tensors: Sequence["Tensor"],
-                   generator: "torch.Generator") -> None:
-        """Rank 0's parameters, buffers and ``tensors`` everywhere; ranks > 0 get their own batch stream."""
+                   generator: "torch.Generator", derive: bool = True) -> None:
+        """Rank 0's parameters, buffers and ``tensors`` everywhere; ranks > 0 get their own batch
+        stream, derived from rank 0's (``derive``; False: this rank's own was restored from a
+        checkpoint of as many processes and is kept)."""
         states = [v for m in modules for v in m.state_dict().values()]
         self.broadcast_tensors_([*states, *tensors])
-        if self.rank > 0:
+        if self.rank > 0 and derive:
             generator.manual_seed(rank_seed(generator.get_state(), self.rank))
 
     def sync_buffers(self, *modules: "nn.Module") -> None:

@@ -601,6 +601,7 @@ class Trainer:
         self.comp_rng = torch.Generator(device=dev).manual_seed(seed + 1)
         self.step = 0
         self._saved_step: int | None = None
+        self._own_streams = False  # this rank's random streams came from the checkpoint (torchrun)
         self.last_detection: Detection | None = None
         self.partition_count = 1
         self.last_fraction: float | None = None
@@ -690,11 +691,7 @@ class Trainer:
         }
         tensors["train/labels"] = self.labels
         tensors["train/prior"] = self.prior
-        tensors["rng/cpu"] = torch.get_rng_state()
-        tensors["rng/train"] = self.gen.get_state()
-        tensors["rng/components"] = self.comp_rng.get_state()
-        if self.device.type == "cuda":
-            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        tensors.update({f"rng/{k}": v for k, v in self._rng_states().items()})
         for slot, comp in self.comps.stateful().items():
             st = call_component(comp, "state_dict")
             try:
@@ -752,6 +749,8 @@ class Trainer:
                 self.comp_rng.set_state(t["rng/components"])
             if self.device.type == "cuda" and "rng/cuda" in t:
                 torch.cuda.set_rng_state(t["rng/cuda"], self.device)
+            # torchrun: this rank's own streams, when the checkpoint holds them (rank 0's are above)
+            own_streams = not rng_moved and self._restore_rank_rngs(t, meta)
             was = meta.get("processes", 1)
             if isinstance(was, int) and not isinstance(was, bool) and was >= 1 and was != self.world_size:
                 b = self.cfg["batch_size"]
@@ -775,6 +774,7 @@ class Trainer:
             except ComponentFailure as e:  # most likely a foreign or edited state: try an older checkpoint
                 raise CheckpointError(f"{ck.path.name} does not fit this run: {e}") from None
         self.partition_count = partition_count
+        self._own_streams = own_streams
         self.last_detection = detection
         self.last_fraction = float(fraction) if isinstance(fraction, (int, float)) else None
         self.step = ck.step
@@ -801,26 +801,89 @@ class Trainer:
                 f"the {what}'s weights became NaN or inf by step {self.step} (model {m.name!r}, "
                 f"loss {loss.name!r}" + (f" (plugin {loss.plugin!r})" if loss.plugin else "")
                 + "); not saving them (the last good checkpoint is kept)")
+        rank_rngs = self._gather_rank_rngs()  # every rank: a collective under torchrun
         if self.is_main:
-            self._write_checkpoint()
+            self._write_checkpoint(rank_rngs)
         barrier = getattr(self.comm, "barrier", None)
         if barrier is not None:  # torchrun: a failed write on rank 0 stops every rank
             barrier()
         self._saved_step = self.step
 
-    def _write_checkpoint(self) -> None:
+    def _write_checkpoint(self, rank_rngs: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Rank 0's state, with ``rank_rngs`` (torchrun: the other ranks' random streams, from
+        ``_gather_rank_rngs``) beside its own."""
         tensors, meta = self.state()
+        tensors.update(rank_rngs or {})
         directory = self.run_dir / rundir.CHECKPOINTS
         ckpt_io.save(directory, self.step, tensors, meta, keep=self.cfg["keep_checkpoints"])
         self._saved_step = self.step
 
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """This process's random streams by checkpoint name (``rng/<name>``): torch's global CPU
+        stream, the batches', the components' and, on a GPU, torch's CUDA stream."""
+        states = {"cpu": torch.get_rng_state(), "train": self.gen.get_state(),
+                  "components": self.comp_rng.get_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def _gather_rank_rngs(self) -> dict[str, torch.Tensor]:
+        """Under torchrun, on rank 0: every other rank's random streams, as checkpoint tensors
+        ``rng/rank<R>/<name>``, so that a resume with as many processes continues each rank's own
+        stream (``_restore_rank_rngs``); one gather, on the training device (NCCL takes CUDA
+        tensors only), at checkpoint steps. Empty in a single process and on ranks > 0."""
+        if self.world_size < 2:
+            return {}
+        states = self._rng_states()
+        flat = torch.cat([v.reshape(-1) for v in states.values()]).to(self.device)
+        every = self.comm.all_gather(flat.unsqueeze(0)).cpu()  # (world_size, bytes), the same layout on all
+        if not self.is_main:
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        for r in range(1, self.world_size):
+            offset = 0
+            for name, v in states.items():
+                out[f"rng/rank{r}/{name}"] = every[r, offset:offset + v.numel()].clone()
+                offset += v.numel()
+        return out
+
+    def _restore_rank_rngs(self, t: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> bool:
+        """On a rank > 0 resuming a checkpoint of as many processes that holds this rank's random
+        streams: continue them, and say so (True). Otherwise (another number of processes, a
+        checkpoint from before these were saved, one of another device kind) False: ``sync_start``
+        derives this rank's batch stream from rank 0's, as for a new run."""
+        rank = int(getattr(self.comm, "rank", 0))
+        if rank == 0 or meta.get("processes") != self.world_size:
+            return False
+        current = self._rng_states()
+        saved = {name: t.get(f"rng/rank{rank}/{name}") for name in current}
+        if not all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.shape == current[name].shape
+                   for name, v in saved.items()):
+            return False
+        try:
+            self._set_rng_states(saved)
+        except (RuntimeError, ValueError):  # a state torch refuses: rank 0's, derived as before
+            self._set_rng_states(current)
+            return False
+        return True
+
+    def _set_rng_states(self, states: Mapping[str, torch.Tensor]) -> None:
+        torch.set_rng_state(states["cpu"])
+        self.gen.set_state(states["train"])
+        self.comp_rng.set_state(states["components"])
+        if "cuda" in states:
+            torch.cuda.set_rng_state(states["cuda"], self.device)
+
     def _sync_ranks(self) -> None:
         """Under torchrun (core.distributed): rank 0's networks (parameters and buffers) and
         partition on every rank; ranks > 0 then draw their own batches, from a stream derived
-        from rank 0's generator state and their rank (rank 0's is the single-process stream)."""
+        from rank 0's generator state and their rank (rank 0's is the single-process stream),
+        unless the checkpoint just loaded held their own streams (``_restore_rank_rngs``)."""
         sync_start = getattr(self.comm, "sync_start", None)
+        own, self._own_streams = self._own_streams, False
         if sync_start is not None:
-            sync_start(list(self.named_networks().values()), [self.labels, self.prior], self.gen)
+            sync_start(list(self.named_networks().values()), [self.labels, self.prior], self.gen,
+                       derive=not own)
 
     def load_latest(self) -> int:
         directory = self.run_dir / rundir.CHECKPOINTS
@@ -1052,6 +1115,7 @@ class Trainer:
         bad_step = self.step
         self.load_latest()
         self.gen.manual_seed(self.cfg["seed"] + 1_000_003 * attempt + self.step)
+        self._own_streams = False  # the new stream is rank 0's: the others derive theirs from it
         self._sync_ranks()
         if log is not None:
             log.truncate_after(self.step)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -193,6 +194,25 @@ def test_ddp_dyngan_identical_ranks_and_resume_both_ways(tmp_path):
     assert [r["step"] for r in records(run_dir) if "event" not in r] == [20, 40, 60, 80, 100]
     ck = checkpoint(run_dir, 100)
     assert all(torch.equal(ck[k], c[k]) for k in c if k.startswith(("G/", "D/")))
+
+
+def test_ddp_resume_with_as_many_processes_is_bit_exact(tmp_path):
+    """Stopped at a checkpoint and resumed under torchrun, a run ends bit-identical to the one that
+    never stopped: every rank continues its own random streams (the checkpoint held rank 0's alone,
+    and rank 1 derived a new batch stream from it at the resume)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(torchrun("-m", "core", "train", "--out", str(straight), "--steps", "80", "--checkpoint-every", "40",
+                 *SMALL, *DYNGAN), env_for())
+    shutil.copytree(straight, resumed)
+    for p in (resumed / "checkpoints").glob("step-00000080.*"):
+        p.unlink()
+    run(torchrun("-m", "core", "train", "--out", str(resumed), "--resume", "-q"), env_for())
+    a, b = checkpoint(straight, 80), checkpoint(resumed, 80)
+    assert {"rng/rank1/train", "rng/rank1/components", "rng/rank1/cpu"} <= set(a)
+    assert not torch.equal(a["rng/rank1/train"], a["rng/train"])  # rank 1's own stream, not rank 0's
+    assert set(a) == set(b)
+    differ = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not differ, f"not bit-identical after a torchrun resume: {differ[:8]} ({len(differ)} of {len(a)})"
 
 
 def _pids_with(tag: str, rank: str | None) -> list[int]:
