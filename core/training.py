@@ -1212,10 +1212,7 @@ class Trainer:
             # error waits until this step is saved (the final step saves before it evaluates).
             eval_error: Exception | None = None
             if eval_every and s % eval_every == 0 and not final:
-                try:
-                    self._eval(log)
-                except Exception as e:  # noqa: BLE001 - raised again below, after the save
-                    eval_error = e
+                eval_error = self._eval(log)  # raised below, after the save
             # not on the final step: no training would follow a new split, so the saved model
             # would draw conditions it never learnt; a resumed, longer run checks again at the
             # next interval
@@ -1235,27 +1232,38 @@ class Trainer:
             if (ck_every and s % ck_every == 0) or final or eval_error is not None:
                 self.save()
             if eval_error is not None:
-                raise self._after_failed_eval(eval_error)
+                raise eval_error
             if final:
-                try:
-                    self._eval(log)
-                except Exception as e:  # noqa: BLE001 - the error, with where the run stands
-                    raise self._after_failed_eval(e) from e
+                eval_error = self._eval(log)
+                if eval_error is not None:
+                    raise eval_error
         if self.step >= steps:
             self.save()  # a no-op when this step is already on disk
 
-    def _after_failed_eval(self, error: Exception) -> Exception:
+    def _after_failed_eval(self, error: Exception | None, rank: int | None = None) -> Exception:
         """``error`` of an evaluation at a step that is already saved, saying so: the trained
-        steps are safe, and ``dyngan evaluate`` can score them again with other settings."""
-        note = (f"the evaluation at step {self.step} failed; the run is saved at step {self.step} "
+        steps are safe, and ``dyngan evaluate`` can score them again with other settings. Under
+        torchrun ``rank`` names the rank whose evaluation failed; on the other ranks (``error``
+        None, or not the one shown) a short line says which, that process showing the error."""
+        where = "" if rank is None else f" on rank {rank}"
+        if rank is not None and rank != self.comm.rank:
+            where += " (that process shows the error)"
+        note = (f"the evaluation at step {self.step} failed{where}; the run is saved at step {self.step} "
                 f"(`dyngan evaluate {self.run_dir}` scores it again; `--resume` continues it)")
-        if is_out_of_memory(error):
-            return out_of_memory(error, f"scoring {self.cfg['eval_samples']:,} samples at step {self.step}",
-                                 f"set a smaller eval_samples in a --config file; {note}")
-        if isinstance(error, DynganError):
+        if rank is not None and rank != self.comm.rank:
+            out: Exception = RunFailure(note)
+        elif error is None:  # not reached: the rank that failed has its error
+            out = RunFailure(note)
+        elif is_out_of_memory(error):
+            out = out_of_memory(error, f"scoring {self.cfg['eval_samples']:,} samples at step {self.step}",
+                                f"set a smaller eval_samples in a --config file; {note}")
+        elif isinstance(error, DynganError):
             error.args = (f"{error.args[0] if error.args else error}; {note}",) + tuple(error.args[1:])
             return error
-        return RunFailure(f"{type(error).__name__}: {error}; {note}")
+        else:
+            out = RunFailure(f"{type(error).__name__}: {error}; {note}")
+        out.__cause__ = error  # DYNGAN_TRACEBACK=1 shows where it came from
+        return out
 
     def _log_step(self, log: rundir.MetricsLog | None, loss_d: Any, loss_g: Any, rate: float) -> None:
         sync_buffers = getattr(self.comm, "sync_buffers", None)
@@ -1277,12 +1285,30 @@ class Trainer:
             text += f"  partitions {self.partition_count}"
         self.progress.update(self.step, text, final=self.step == self.cfg["steps"])
 
-    def _eval(self, log: rundir.MetricsLog | None) -> None:
+    def _eval(self, log: rundir.MetricsLog | None) -> Exception | None:
+        """Score and log the metrics. A failure is returned, not raised, as the error to raise once
+        the step is saved (``_after_failed_eval``): a failing metric must not cost the steps trained
+        since the last checkpoint. Under torchrun every rank evaluates, and the ranks agree whether
+        any failed (one small all-reduce, at evaluation steps only), so that all of them save and
+        stop together: a rank that failed alone used to leave the others in another collective
+        (Gloo aborted, the error unseen, the step unsaved). The first rank that failed shows its
+        error; the others say which rank that was."""
         if not self.comps.metrics:
-            return
-        vals = self.evaluate()
-        if log is not None and vals:
-            log.write({"step": self.step, "event": "eval", **vals})
+            return None
+        error: Exception | None = None
+        try:
+            vals = self.evaluate()
+            if log is not None and vals:
+                log.write({"step": self.step, "event": "eval", **vals})
+        except Exception as e:  # noqa: BLE001 - returned, raised after the save
+            error = e
+        if self.world_size < 2:
+            return None if error is None else self._after_failed_eval(error)
+        mine = torch.zeros(self.world_size, device=self.device)
+        if error is not None:
+            mine[self.comm.rank] = 1.0
+        failed = [r for r, v in enumerate(self.comm.all_reduce_mean(mine).tolist()) if v > 0]
+        return self._after_failed_eval(error, failed[0]) if failed else None
 
     def _diverged(self, name: str, value: float, log: rundir.MetricsLog | None) -> None:
         comp = self.comps.loss

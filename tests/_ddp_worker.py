@@ -157,5 +157,49 @@ def main(out: Path) -> None:
         os._exit(0)
 
 
+# ---- `_ddp_worker.py train ARGS...`: `dyngan train ARGS` with a test plugin whose components fail
+# on the rank DYNGAN_TEST_FAIL_RANK only (from step DYNGAN_TEST_FAIL_STEP, default 0)
+
+
+def _fails_here(step: int) -> bool:
+    return (os.environ.get("RANK") == os.environ.get("DYNGAN_TEST_FAIL_RANK")
+            and step >= int(os.environ.get("DYNGAN_TEST_FAIL_STEP", "0")))
+
+
+class OneRankPlugin:
+    """Metric ``onerank``: fails on one rank, as one GPU running out of memory during an evaluation."""
+
+    @staticmethod
+    def metric_class():
+        from core.components import Metric
+
+        class OneRankMetric(Metric):
+            name = "onerank"
+
+            def compute(self, fake, real, dataset):
+                if _fails_here(0):
+                    raise RuntimeError(f"onerank: boom on rank {os.environ.get('RANK')}")
+                return {"onerank/mean": float(fake.mean())}
+
+        return OneRankMetric
+
+
+def train_with_plugin(argv: list[str]) -> None:
+    from core import hookimpl
+    from core.cli import main as cli_main
+    from core.testing import plugin_host
+
+    class Plugin:
+        @hookimpl
+        def register_metrics(self, register):
+            register(OneRankPlugin.metric_class())
+
+    with plugin_host(("onerank_plugin", Plugin()), strict=True):
+        cli_main(["train", *argv])
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "train":
+        train_with_plugin(sys.argv[2:])
+    else:
+        main(Path(sys.argv[1]))

@@ -215,6 +215,42 @@ def test_ddp_resume_with_as_many_processes_is_bit_exact(tmp_path):
     assert not differ, f"not bit-identical after a torchrun resume: {differ[:8]} ({len(differ)} of {len(a)})"
 
 
+def ours(stderr: str) -> str:
+    """The workers' stderr: what comes before torchrun's own report of the failure (its log lines
+    and ChildFailedError traceback, which are torchrun's, not ours)."""
+    return stderr.split("torch/distributed/elastic/")[0]
+
+
+def torchrun_failing(run_dir: Path, *args: str, rank: int = 1, step: int = 0, timeout: float = 120,
+                     **env: str) -> subprocess.CompletedProcess:
+    """`dyngan train --out RUN_DIR ARGS` under torchrun with tests/_ddp_worker.py's plugin, whose
+    components fail on ``rank`` alone from ``step``; expected to fail."""
+    res = subprocess.run(torchrun(str(HERE / "_ddp_worker.py"), "train", "--out", str(run_dir), *args),
+                         env=env_for(DYNGAN_TEST_FAIL_RANK=str(rank), DYNGAN_TEST_FAIL_STEP=str(step),
+                                     **{"DYNGAN_DIST_TIMEOUT": "30", **env}),
+                         cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode != 0, res.stderr[-3000:]
+    return res
+
+
+def test_a_metric_failing_on_one_rank_saves_the_step_and_says_so_once(tmp_path):
+    """Rank 1's metric fails at the step-40 evaluation: the ranks agree on it, save step 40 and
+    stop; rank 1 shows the metric's error, rank 0 which rank failed. It used to leave rank 0 in
+    the checkpoint's collective while rank 1 raised: Gloo aborted, no error shown, nothing saved."""
+    run_dir = tmp_path / "run"
+    res = torchrun_failing(run_dir, "--steps", "100", "--eval-every", "40", "--checkpoint-every", "100",
+                           "--metrics", "onerank", *SMALL)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2, res.stderr[-3000:]
+    assert sum("onerank: boom on rank 1" in e for e in errors) == 1, errors  # the metric's error, once
+    assert any("the evaluation at step 40 failed on rank 1 (that process shows the error)" in e
+               for e in errors), errors
+    assert all("the run is saved at step 40" in e for e in errors), errors
+    assert "Traceback" not in ours(res.stderr), res.stderr[-3000:]
+    assert "collective mismatch" not in res.stderr and "SIGABRT" not in res.stderr
+    assert (run_dir / "checkpoints" / "step-00000040.json").exists()
+
+
 def _pids_with(tag: str, rank: str | None) -> list[int]:
     """Processes whose environment holds DYNGAN_TEST_TAG=tag (and RANK=rank when given), via /proc."""
     out = []
