@@ -305,6 +305,13 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
         if main and not resume and run_dir is not None:
             rundir.discard_unstarted(run_dir)
         raise
+    except Exception as e:
+        from .distributed import collective_failure, peer_stopped
+
+        if comm is None or not collective_failure(e):
+            raise
+        # torchrun: another process stopped or timed out; one line, not Gloo's traceback
+        raise peer_stopped(e, run_dir) from e
 
 
 def _saved_data_error(error: DataError, run_dir: Path | str, cfg: Mapping[str, Any]) -> DataError:

@@ -123,6 +123,42 @@ def from_env(environ: Mapping[str, str] | None = None) -> "DistComm | None":
     return DistComm(local_rank=local_rank, timeout_s=timeout_from_env(env))
 
 
+def collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective of torch.distributed that failed: another process of the
+    job stopped, timed out or closed its connection (Gloo raises a RuntimeError from the
+    collective's ``wait``, NCCL a ``DistBackendError``). Told by its type, else by where it was
+    raised: the innermost frame is torch.distributed's own, not a component's."""
+    try:
+        import torch.distributed as dist
+
+        if isinstance(error, getattr(dist, "DistError", ())):
+            return True
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return False
+    if not isinstance(error, RuntimeError):
+        return False
+    tb, last = error.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and "/torch/distributed/" in last.tb_frame.f_code.co_filename.replace(os.sep, "/")
+
+
+def peer_stopped(error: BaseException, run_dir: Path | None) -> "Exception":
+    """The one-line ``RunFailure`` for a collective that failed (``collective_failure``): another
+    process stopped or timed out; where the run's checkpoints stand and how to go on."""
+    from .errors import RunFailure, one_line
+    from .rundir import CHECKPOINTS, list_checkpoints
+
+    text = (f"another process of this torchrun job stopped or timed out ({type(error).__name__}: "
+            f"{one_line(error, 240)}); its own output says why")
+    if run_dir is not None:
+        saved = list_checkpoints(Path(run_dir) / CHECKPOINTS)
+        text += (f"; the checkpoints in {str(run_dir)!r} are intact (the newest: step {saved[-1][0]}): rerun "
+                 "the same torchrun command with --resume to continue" if saved else
+                 f"; no checkpoint of the run in {str(run_dir)!r} was written yet")
+    return RunFailure(text)
+
+
 def rank_seed(state: "Tensor", rank: int) -> int:
     """A seed for rank ``rank``'s batch stream, a pure function of rank 0's generator state."""
     h = hashlib.sha256(state.cpu().numpy().tobytes())

@@ -202,6 +202,10 @@ def call_component(component: Component, method: str, *args: Any) -> Any:
     except DynganError:
         raise
     except Exception as e:
+        from .distributed import collective_failure
+
+        if collective_failure(e):  # torchrun: another process stopped, not this component's fault
+            raise
         raise ComponentFailure(component.kind, component.name, component.plugin, method, e) from e
 
 

@@ -166,22 +166,33 @@ def _fails_here(step: int) -> bool:
             and step >= int(os.environ.get("DYNGAN_TEST_FAIL_STEP", "0")))
 
 
-class OneRankPlugin:
-    """Metric ``onerank``: fails on one rank, as one GPU running out of memory during an evaluation."""
+def _boom() -> RuntimeError:
+    return RuntimeError(f"onerank: boom on rank {os.environ.get('RANK')}")
 
-    @staticmethod
-    def metric_class():
-        from core.components import Metric
 
-        class OneRankMetric(Metric):
-            name = "onerank"
+def _one_rank_components() -> list:
+    """Metric ``onerank`` (as one GPU running out of memory during an evaluation) and detector
+    ``onerank`` (DynGAN's, raising in detect() from the step), failing on one rank only."""
+    from core.components import Metric
+    from dyngan_plugins.dyngan import DynGANDetector
 
-            def compute(self, fake, real, dataset):
-                if _fails_here(0):
-                    raise RuntimeError(f"onerank: boom on rank {os.environ.get('RANK')}")
-                return {"onerank/mean": float(fake.mean())}
+    class OneRankMetric(Metric):
+        name = "onerank"
 
-        return OneRankMetric
+        def compute(self, fake, real, dataset):
+            if _fails_here(0):
+                raise _boom()
+            return {"onerank/mean": float(fake.mean())}
+
+    class OneRankDetector(DynGANDetector):
+        name = "onerank"
+
+        def detect(self, ctx):
+            if _fails_here(ctx.step):
+                raise _boom()
+            return super().detect(ctx)
+
+    return [OneRankMetric, OneRankDetector]
 
 
 def train_with_plugin(argv: list[str]) -> None:
@@ -189,10 +200,16 @@ def train_with_plugin(argv: list[str]) -> None:
     from core.cli import main as cli_main
     from core.testing import plugin_host
 
+    metric, detector = _one_rank_components()
+
     class Plugin:
         @hookimpl
         def register_metrics(self, register):
-            register(OneRankPlugin.metric_class())
+            register(metric)
+
+        @hookimpl
+        def register_collapse_detectors(self, register):
+            register(detector)
 
     with plugin_host(("onerank_plugin", Plugin()), strict=True):
         cli_main(["train", *argv])
