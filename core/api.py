@@ -278,8 +278,8 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
     try:
         if not main:
             out, error = share(None) if share is not None else (settings.get("out"), None)
-            if error is not None:
-                raise UsageError(f"rank 0 could not prepare the run: {error}")
+            if error is not None:  # rank 0 shows it: one short line here, not the same error again
+                raise UsageError("rank 0 could not prepare the run (it shows why)")
             run_dir = Path(out)
             cfg = (_resume_config(run_dir, settings, host) if resume
                    else resolve_settings(settings, host))
@@ -362,7 +362,7 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
         # stopped before its first step: a new run leaves nothing behind, as one whose setup failed
         # (rank 0 removes it; the other ranks say so too, rather than advise deleting it)
         if e.before_start and not resume and (comm is not None and comm.rank != 0 or rundir.discard_unstarted(run_dir)):
-            raise Aborted(e.signum, e.step, run_dir, before_start=True, discarded=True) from None
+            raise Aborted(e.signum, e.step, run_dir, before_start=True, discarded=True, torchrun=e.torchrun) from None
         raise
     except Exception as e:
         if not is_out_of_memory(e):

@@ -283,10 +283,15 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
         settings["compile"] = compile_
     if options:
         settings["options"] = parse_option_flags(options)
+    from .distributed import from_env, launched_by_torchrun
+
     if dry_run:
+        import os
+
+        if launched_by_torchrun() and os.environ.get("RANK", "").strip() != "0":
+            return  # under torchrun rank 0 alone checks and prints the config (once, not per rank)
         click.echo(json.dumps(api.dry_run(settings, resume=resume), indent=2, sort_keys=True))
         return
-    from .distributed import from_env
 
     comm = from_env()  # started by torchrun: data-parallel over its ranks (core/distributed.py)
     try:

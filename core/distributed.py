@@ -147,14 +147,14 @@ def peer_stopped(error: BaseException, run_dir: Path | None) -> "Exception":
     """The one-line ``RunFailure`` for a collective that failed (``collective_failure``): another
     process stopped or timed out; where the run's checkpoints stand and how to go on."""
     from .errors import RunFailure, one_line
-    from .rundir import CHECKPOINTS, list_checkpoints
+    from .rundir import CHECKPOINTS, list_checkpoints, resume_advice
 
     text = (f"another process of this torchrun job stopped or timed out ({type(error).__name__}: "
             f"{one_line(error, 240)}); its own output says why")
     if run_dir is not None:
         saved = list_checkpoints(Path(run_dir) / CHECKPOINTS)
-        text += (f"; the checkpoints in {str(run_dir)!r} are intact (the newest: step {saved[-1][0]}): rerun "
-                 "the same torchrun command with --resume to continue" if saved else
+        text += (f"; the checkpoints in {str(run_dir)!r} are intact (the newest: step {saved[-1][0]}); "
+                 + resume_advice(run_dir, torchrun=True) if saved else
                  f"; no checkpoint of the run in {str(run_dir)!r} was written yet")
     return RunFailure(text)
 

@@ -87,6 +87,14 @@ def check_new(path: Path) -> None:
         )
 
 
+def resume_advice(run_dir: Path | str, torchrun: bool = False) -> str:
+    """How to continue the run in ``run_dir``: ``dyngan train --out RUN --resume``, or under torchrun
+    (``torchrun``) the same torchrun command with --resume."""
+    if torchrun:
+        return f"continue with the same torchrun command and --resume (... -m core train --out {run_dir} --resume)"
+    return f"continue with: dyngan train --out {run_dir} --resume"
+
+
 def discard_unstarted(path: Path) -> bool:
     """Remove the config.json of a run that failed or was interrupted before training began (no
     checkpoints, no metrics but an empty metrics.jsonl), and the directory if that leaves it empty;

@@ -67,12 +67,12 @@ def rate_text(rate: float) -> str:
 class Interrupted(DynganError):
     """Training stopped by a signal after saving a checkpoint."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+    def __init__(self, signum: int, step: int, run_dir: Path, torchrun: bool = False) -> None:
         self.signum, self.step, self.run_dir = signum, step, run_dir
         self.exit_code = 128 + signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         super().__init__(f"interrupted by {name} at step {step}; checkpoint saved in {run_dir}; "
-                         f"continue with: dyngan train --out {run_dir} --resume")
+                         + rundir.resume_advice(run_dir, torchrun))
 
 
 class Aborted(DynganError):
@@ -80,18 +80,20 @@ class Aborted(DynganError):
     With ``before_start``, the first one, before the training loop began (loading, setting up)."""
 
     def __init__(self, signum: int, step: int, run_dir: Path, before_start: bool = False,
-                 discarded: bool = False) -> None:
+                 discarded: bool = False, torchrun: bool = False) -> None:
         self.signum, self.step, self.run_dir, self.before_start = signum, step, run_dir, before_start
+        self.torchrun = torchrun
         self.exit_code = 128 + signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         saved = rundir.list_checkpoints(Path(run_dir) / rundir.CHECKPOINTS)
+        advice = rundir.resume_advice(run_dir, torchrun)
         if before_start:
             then = ("nothing was trained and the new run was removed" if discarded else
-                    f"its checkpoints are as they were; continue with: dyngan train --out {run_dir} --resume" if saved else
+                    f"its checkpoints are as they were; {advice}" if saved else
                     f"nothing was trained; delete {str(run_dir)!r} to train there again")
             super().__init__(f"interrupted by {name} before the first training step (step {step}): {then}")
             return
-        then = (f"the ones already written are intact); continue with: dyngan train --out {run_dir} --resume"
+        then = (f"the ones already written are intact); {advice}"
                 if saved else
                 f"and none was written before it), so the run cannot be resumed: delete {str(run_dir)!r} "
                 "and train again")
@@ -1109,7 +1111,8 @@ class Trainer:
             return TrainResult(self.run_dir, self.step, rundir.read_metrics(self.run_dir), cfg)
         except KeyboardInterrupt:  # a second signal (or Ctrl-C before the loop): exit 128 + signal
             signum = (sigflag.second if sigflag is not None else None) or signal.SIGINT
-            raise Aborted(signum, self.step, self.run_dir, before_start=sigflag is None) from None
+            raise Aborted(signum, self.step, self.run_dir, before_start=sigflag is None,
+                          torchrun=self.world_size > 1) from None
         finally:
             if log is not None:
                 log.close()
@@ -1232,7 +1235,7 @@ class Trainer:
             if flag.signum is not None:
                 self.save()
                 self.progress.message(f"stopped at step {s}; checkpoint saved")
-                raise Interrupted(flag.signum, s, self.run_dir)
+                raise Interrupted(flag.signum, s, self.run_dir, torchrun=self.world_size > 1)
             if (ck_every and s % ck_every == 0) or final or eval_error is not None:
                 self.save()
             if eval_error is not None:

@@ -343,9 +343,28 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path):
     assert proc.returncode != 0
     stops = re.findall(r"interrupted by Ctrl-C at step (\d+); checkpoint saved", err)
     assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]  # one line per rank, the same step
+    # the advice is torchrun's command, not the single-process one
+    assert err.count("continue with the same torchrun command and --resume") == 2, err[-3000:]
+    assert "dyngan train --out" not in err
     step = int(stops[0])
     assert (run_dir / "checkpoints" / f"step-{step:08d}.json").exists()
     assert checkpoint(run_dir, step)["rng/train"].numel() > 0
+
+
+def test_dry_run_and_usage_errors_are_shown_once(tmp_path):
+    """Under torchrun --dry-run prints the config once (rank 0), and an error of rank 0's while
+    preparing the run is shown once: the other ranks say one short line, not the same error."""
+    res = run(torchrun("-m", "core", "train", "--out", str(tmp_path / "dry"), "--steps", "7", *SMALL,
+                       "--dry-run"), env_for())
+    assert json.loads(res.stdout)["steps"] == 7  # one JSON document, not one per rank
+    assert not (tmp_path / "dry").exists()
+    res = subprocess.run(torchrun("-m", "core", "train", "--out", str(tmp_path / "r"), "--steps", "20",
+                                  "--dataset", "nosuch", *SMALL),
+                         env=env_for(), cwd=HERE.parent, capture_output=True, text=True, timeout=120)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert res.returncode != 0 and len(errors) == 2, res.stderr[-3000:]
+    assert sum("nosuch" in e for e in errors) == 1, errors  # rank 0's error, once
+    assert "Error: rank 0 could not prepare the run (it shows why)" in errors, errors
 
 
 @pytest.mark.parametrize("name, value, needle", [
