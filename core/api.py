@@ -267,6 +267,44 @@ def prepare(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
     return cfg, run_dir
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM while a new run is set up: unwinds as Ctrl-C does there (``signum`` says which)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+class _SigtermBeforeStart:
+    """From ``start()`` to ``end()``, in the main thread, SIGTERM raises ``_Terminated`` instead of
+    killing the process, so that a new run being set up is removed, as after Ctrl-C: under torchrun
+    a rank whose set-up fails makes torchrun SIGTERM rank 0, whose config.json-only run directory
+    then blocked the same --out. In the training loop training's own handler has SIGTERM."""
+
+    def __init__(self, active: bool) -> None:
+        import threading
+
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self._old: Any = None
+
+    def start(self) -> None:
+        import signal
+
+        if self.active:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    @staticmethod
+    def _handle(signum: int, frame: Any) -> None:
+        raise _Terminated(signum)
+
+    def end(self) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
 def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = True,
           host: PluginHost | None = None, stream: Any = None, comm: Any = None):
     """Train a run; returns ``core.training.TrainResult`` (run_dir, step, metrics, config)."""
@@ -275,7 +313,9 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
     share = getattr(comm, "broadcast_object", None)
     main = comm is None or comm.rank == 0  # only rank 0 creates and writes the run directory
     run_dir = None
+    sigterm = _SigtermBeforeStart(main and not resume)
     try:
+        sigterm.start()
         if not main:
             out, error = share(None) if share is not None else (settings.get("out"), None)
             if error is not None:  # rank 0 shows it: one short line here, not the same error again
@@ -300,18 +340,26 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
                 share((str(run_dir), None))
         # one process trains in a run directory at a time (rank 0 writes for all ranks)
         with rundir.RunLock(run_dir) if main else contextlib.nullcontext():
-            return _train_locked(cfg, run_dir, host, resume, quiet, stream, comm)
-    except KeyboardInterrupt:  # Ctrl-C before training began: a new run leaves nothing behind
-        if main and not resume and run_dir is not None:
-            rundir.discard_unstarted(run_dir)
-        raise
+            return _train_locked(cfg, run_dir, host, resume, quiet, stream, comm, sigterm.end)
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) before training began: a new run leaves nothing behind
+        discarded = main and not resume and run_dir is not None and rundir.discard_unstarted(run_dir)
+        if not isinstance(e, _Terminated):
+            raise
+        from .training import Aborted
+
+        raise Aborted(e.signum, 0, run_dir if run_dir is not None else Path(str(settings.get("out") or ".")),
+                      before_start=True, discarded=discarded or run_dir is None, torchrun=comm is not None) from None
     except Exception as e:
         from .distributed import collective_failure, peer_stopped
 
         if comm is None or not collective_failure(e):
             raise
-        # torchrun: another process stopped or timed out; one line, not Gloo's traceback
-        raise peer_stopped(e, run_dir) from e
+        # torchrun: another process stopped or timed out; one line, not Gloo's traceback. Before the
+        # first step (a rank whose set-up failed), a new run leaves nothing behind
+        discarded = main and not resume and run_dir is not None and rundir.discard_unstarted(run_dir)
+        raise peer_stopped(e, run_dir, discarded) from e
+    finally:
+        sigterm.end()
 
 
 def _saved_data_error(error: DataError, run_dir: Path | str, cfg: Mapping[str, Any]) -> DataError:
@@ -334,7 +382,8 @@ def _load_saved_data(comps: Any, cfg: Mapping[str, Any], run_dir: Path | str) ->
 
 
 def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: bool, quiet: bool,
-                  stream: Any, comm: Any):
+                  stream: Any, comm: Any, trained: Callable[[], None] = lambda: None):
+    """``trained`` is called once training is over (``_SigtermBeforeStart.end``)."""
     try:
         from .training import Aborted, Trainer  # imports torch: seconds, in which a Ctrl-C may come
 
@@ -357,7 +406,10 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
                                         f"{trainer.world_size * cfg['batch_size']}" if trainer.world_size > 1 else "")
             + ")")
     try:
-        result = trainer.run()
+        try:
+            result = trainer.run()
+        finally:
+            trained()
     except Aborted as e:
         # stopped before its first step: a new run leaves nothing behind, as one whose setup failed
         # (rank 0 removes it; the other ranks say so too, rather than advise deleting it)

@@ -143,15 +143,18 @@ def collective_failure(error: BaseException) -> bool:
     return last is not None and "/torch/distributed/" in last.tb_frame.f_code.co_filename.replace(os.sep, "/")
 
 
-def peer_stopped(error: BaseException, run_dir: Path | None) -> "Exception":
+def peer_stopped(error: BaseException, run_dir: Path | None, discarded: bool = False) -> "Exception":
     """The one-line ``RunFailure`` for a collective that failed (``collective_failure``): another
-    process stopped or timed out; where the run's checkpoints stand and how to go on."""
+    process stopped or timed out; where the run's checkpoints stand and how to go on (``discarded``:
+    the new run, before its first step, was removed)."""
     from .errors import RunFailure, one_line
     from .rundir import CHECKPOINTS, list_checkpoints, resume_advice
 
     text = (f"another process of this torchrun job stopped or timed out ({type(error).__name__}: "
             f"{one_line(error, 240)}); its own output says why")
-    if run_dir is not None:
+    if discarded:
+        text += "; nothing was trained and the new run was removed"
+    elif run_dir is not None:
         saved = list_checkpoints(Path(run_dir) / CHECKPOINTS)
         text += (f"; the checkpoints in {str(run_dir)!r} are intact (the newest: step {saved[-1][0]}); "
                  + resume_advice(run_dir, torchrun=True) if saved else

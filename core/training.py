@@ -1109,8 +1109,8 @@ class Trainer:
                         rollbacks += 1
                         self._rollback(e, rollbacks, log)
             return TrainResult(self.run_dir, self.step, rundir.read_metrics(self.run_dir), cfg)
-        except KeyboardInterrupt:  # a second signal (or Ctrl-C before the loop): exit 128 + signal
-            signum = (sigflag.second if sigflag is not None else None) or signal.SIGINT
+        except KeyboardInterrupt as e:  # a second signal (or Ctrl-C / SIGTERM before the loop): exit 128 + signal
+            signum = (sigflag.second if sigflag is not None else None) or getattr(e, "signum", None) or signal.SIGINT
             raise Aborted(signum, self.step, self.run_dir, before_start=sigflag is None,
                           torchrun=self.world_size > 1) from None
         finally:

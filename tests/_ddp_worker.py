@@ -158,7 +158,8 @@ def main(out: Path) -> None:
 
 
 # ---- `_ddp_worker.py train ARGS...`: `dyngan train ARGS` with a test plugin whose components fail
-# on the rank DYNGAN_TEST_FAIL_RANK only (from step DYNGAN_TEST_FAIL_STEP, default 0)
+# on the rank DYNGAN_TEST_FAIL_RANK only (from step DYNGAN_TEST_FAIL_STEP, default 0); rank 1 also
+# sets DYNGAN_TEST_RANK1_ENV (NAME=VALUE) in its environment before loading plugins
 
 
 def _fails_here(step: int) -> bool:
@@ -200,6 +201,9 @@ def train_with_plugin(argv: list[str]) -> None:
     from core.cli import main as cli_main
     from core.testing import plugin_host
 
+    if os.environ.get("RANK") == "1" and os.environ.get("DYNGAN_TEST_RANK1_ENV"):  # NAME=VALUE on rank 1 only
+        name, _, value = os.environ["DYNGAN_TEST_RANK1_ENV"].partition("=")
+        os.environ[name] = value
     metric, detector = _one_rank_components()
 
     class Plugin:

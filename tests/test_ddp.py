@@ -267,6 +267,18 @@ def test_a_component_failing_on_one_rank_is_not_blamed_on_the_others(tmp_path):
     assert (run_dir / "checkpoints" / "step-00000020.json").exists()
 
 
+def test_a_set_up_failure_on_another_rank_leaves_no_run_behind(tmp_path):
+    """Rank 1 cannot set up (the preset's plugin blocked there): torchrun SIGTERMs rank 0 during its
+    set-up, or rank 0's first collective fails. Either way the new run is removed, as after Ctrl-C;
+    it used to leave a config.json that blocked the same --out."""
+    run_dir = tmp_path / "run"
+    res = torchrun_failing(run_dir, "--steps", "20", *SMALL, *DYNGAN,
+                           DYNGAN_TEST_RANK1_ENV="DYNGAN_BLOCK_PLUGINS=dyngan")
+    assert_no_traceback_of_ours(res.stderr)
+    assert not run_dir.exists(), (sorted(p.name for p in run_dir.iterdir()), res.stderr[-3000:])
+    assert "DYNGAN_BLOCK_PLUGINS" in res.stderr  # rank 1's own error
+
+
 def _pids_with(tag: str, rank: str | None) -> list[int]:
     """Processes whose environment holds DYNGAN_TEST_TAG=tag (and RANK=rank when given), via /proc."""
     out = []

@@ -125,3 +125,27 @@ def test_dry_run_says_a_run_still_starting_is_in_use_as_train_does(tmp_path):
     finally:
         os.close(fd)
     assert (out / "config.json").exists()
+
+
+def test_sigterm_before_the_first_step_of_a_new_run_exits_143_and_leaves_no_run(tmp_path, monkeypatch):
+    """SIGTERM while the run is set up used to kill the process and leave a config.json that blocked
+    the same --out (under torchrun, what rank 0 gets when another rank fails to set up)."""
+    import os
+    import signal
+
+    def sigterm(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):  # stands for the default action (which would end pytest too)
+        raise RuntimeError("SIGTERM reached the handler train() found")
+
+    monkeypatch.setattr(training_mod.Trainer, "_setup_components", sigterm)
+    old = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        out = tmp_path / "new"
+        res = invoke(["train", "--out", str(out), "--steps", "20", *BASE])
+        err = assert_clean_error(res, 143, "interrupted by SIGTERM before the first training step")
+        assert "the new run was removed" in err and not out.exists()
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # given back
+    finally:
+        signal.signal(signal.SIGTERM, old)
