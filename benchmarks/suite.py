@@ -541,6 +541,25 @@ for _name, _base in (("dyngan-grid25-newonly-1207", "dyngan-grid25-1207"),
                       "tests and an audit running beside them (metrics unaffected: runs are deterministic).",
              methods={"dyngan-newonly": _with_options(TABLES[_base]["methods"]["dyngan"],
                                                       ["partitioner.refine_moves=new"])})
+# the issue asks for blind partitioning beside DynGAN's detection-driven one: the self-conditioned GAN
+# (Liu et al. 2020; dyngan.md) reclusters D's features with k-means every 5,000 steps (2D), k = 50,
+# and conditions G and D on the cluster id; here NS-GAN with the kmeans partitioner and 50 one-hot slots
+SELFCOND = ["conditioner.capacity=50", "partitioner.k=50", "partitioner.every=5000"]
+for _name, _base in (("dyngan-grid25-blind-1207", "dyngan-grid25-1207"),
+                     ("dyngan-code-grid25-blind-1207", "dyngan-code-grid25-1207")):
+    _variant(_name, _base, title=TABLES[_base]["title"] + ", blind k-means partitioning beside it",
+             protocol=f"as '{TABLES[_base]['title']}'; selfcond is blind partitioning as the self-conditioned "
+                      "GAN does it (2D settings): NS-GAN with --partitioner kmeans --conditioner onehot -o "
+                      + " -o ".join(SELFCOND) + " (k-means++ with 10 restarts on D's features, new ids matched "
+                      "to old ones, no detector); selfcond-k10 the same with -o partitioner.k=10, about as many "
+                      "conditions as DynGAN ends with (10.2 on the code grid, 12.4 on the PacGAN grid); dyngan and "
+                      "ns: that table's rows. Its s/run includes runs "
+                      "slowed by audits running beside them (metrics unaffected: runs are deterministic).",
+             methods={"selfcond": {"loss": "ns", "--partitioner": "kmeans", "--conditioner": "onehot",
+                                   "-o": list(SELFCOND)},
+                      # about as many clusters as DynGAN ends with (10.2 and 12.4 conditions on the two grids)
+                      "selfcond-k10": {"loss": "ns", "--partitioner": "kmeans", "--conditioner": "onehot",
+                                       "-o": SELFCOND[:1] + ["partitioner.k=10"] + SELFCOND[2:]}})
 for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
     TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 # the preset as it is now first: the three target tables of the 2026-12-07 rule, then the rest in order
