@@ -1,10 +1,12 @@
 """The bare hand-written PyTorch loop that `dyngan train` is measured against.
 
     python benchmarks/bare_loop.py STEPS [--threads 1] [--batch-size 128] [--device cpu] [--compile]
+                                         [--adam-impl fused|foreach|loop]
 
 Trains dyngan's default grid25 setup written out by hand: the `mlp` model's networks (G: z 50
 -> 128 -> 128 -> 2 with ReLU; D: 2 -> 128 -> 128 -> 1 with LeakyReLU 0.1), Adam 1e-3
-(0.5, 0.999), the non-saturating loss, 100,000 fixed points of the 5x5 grid. No logging, no
+(0.5, 0.999) with the kernels `dyngan train --adam-impl` would use (fused by default, as there),
+the non-saturating loss, 100,000 fixed points of the 5x5 grid. No logging, no
 metrics, no checkpoint; on CUDA it synchronises once, at its end.
 
 `overhead.py` runs it as its own process (start-up cancels between two run lengths);
@@ -20,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.training import ADAM_IMPL
+
 N_POINTS, Z_DIM = 100_000, 50
 
 
-def build(dev: torch.device, batch: int, compile_: bool = False
+def build(dev: torch.device, batch: int, compile_: bool = False, adam_impl: str = "fused"
           ) -> tuple[nn.Module, nn.Module, Callable[[int], None]]:
     """(G, D, run): ``run(steps)`` trains ``steps`` more steps, without synchronising."""
     torch.manual_seed(0)
@@ -31,8 +35,8 @@ def build(dev: torch.device, batch: int, compile_: bool = False
                       nn.Linear(128, 2)).to(dev)
     D = nn.Sequential(nn.Linear(2, 128), nn.LeakyReLU(0.1), nn.Linear(128, 128), nn.LeakyReLU(0.1),
                       nn.Linear(128, 1)).to(dev)
-    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999), **ADAM_IMPL[adam_impl])
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999), **ADAM_IMPL[adam_impl])
     grid = torch.tensor([-4.0, -2.0, 0.0, 2.0, 4.0])
     centres = torch.cartesian_prod(grid, grid)
     data = (centres[torch.randint(25, (N_POINTS,))] + 0.05 * torch.randn(N_POINTS, 2)).to(dev)
@@ -62,10 +66,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--adam-impl", choices=sorted(ADAM_IMPL), default="fused")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    run = build(dev, args.batch_size, args.compile)[2]
+    run = build(dev, args.batch_size, args.compile, args.adam_impl)[2]
     run(args.steps)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

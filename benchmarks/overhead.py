@@ -9,6 +9,7 @@ machine noise; the median of the repeats is reported.
 
     python benchmarks/overhead.py [--short 1000] [--long 5000] [--repeats 3] [--threads 1]
                                   [--device cpu|cuda] [--batch-size 128] [--compile] [--no-startup]
+                                  [--adam-impl fused|foreach|loop]   (both programs; default fused)
 
 With ``--device cuda`` both programs run on the GPU and the bare loop synchronises once at
 its end (``dyngan train`` does when it writes its final checkpoint); with ``--compile`` both
@@ -64,13 +65,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="torch.compile the networks in both programs")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
+    ap.add_argument("--adam-impl", choices=("fused", "foreach", "loop"), default="fused",
+                    help="Adam's kernels in both programs (dyngan's default: fused)")
     args = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), DYNGAN_NO_PICTURES="1")
     tmp = tempfile.mkdtemp(prefix="dyngan-overhead-")
 
     def bare(steps: int) -> float:
         return timed([sys.executable, BARE, str(steps), "--threads", str(args.threads), "--batch-size",
-                      str(args.batch_size), "--device", args.device] + (["--compile"] if args.compile else []), env)
+                      str(args.batch_size), "--device", args.device, "--adam-impl", args.adam_impl]
+                     + (["--compile"] if args.compile else []), env)
 
     run_id = [0]
 
@@ -80,7 +84,7 @@ def main() -> None:
         return [sys.executable, "-m", "core", "train", "--steps", str(steps), "--out", out,
                 "--device", args.device, "--threads", str(args.threads), "--quiet",
                 "--batch-size", str(args.batch_size), "--compile" if args.compile else "--no-compile",
-                "--checkpoint-every", "0", "--eval-every", "0"], out
+                "--checkpoint-every", "0", "--eval-every", "0", "--adam-impl", args.adam_impl], out
 
     def dyngan(steps: int) -> float:
         return timed(dyngan_cmd(steps)[0], env)
@@ -106,6 +110,7 @@ def main() -> None:
         "setup": f"mlp 2x128, z 50, batch {args.batch_size}, Adam 1e-3 (0.5, 0.999), ns loss",
         "device": args.device,
         "compile": args.compile,
+        "adam_impl": args.adam_impl,
         "threads": args.threads,
         "steps": [args.short, args.long],
         "repeats": args.repeats,

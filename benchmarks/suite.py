@@ -560,6 +560,18 @@ for _name, _base in (("dyngan-grid25-blind-1207", "dyngan-grid25-1207"),
                       # about as many clusters as DynGAN ends with (10.2 and 12.4 conditions on the two grids)
                       "selfcond-k10": {"loss": "ns", "--partitioner": "kmeans", "--conditioner": "onehot",
                                        "-o": SELFCOND[:1] + ["partitioner.k=10"] + SELFCOND[2:]}})
+# every table so far ran before `--adam-impl` (2026-12-07), when dyngan stepped Adam tensor by tensor
+# on the CPU; train_command gives their runs --adam-impl loop, so that a rerun reproduces their rows
+LOOP_ADAM_TABLES = frozenset(TABLES)
+# the target tables again with dyngan's default Adam kernels now (fused): same runs up to rounding
+for _name, _base in (("dyngan-grid25-fused-1207", "dyngan-grid25-1207"),
+                     ("dyngan-code-grid25-fused-1207", "dyngan-code-grid25-1207")):
+    _variant(_name, _base, title=TABLES[_base]["title"] + ", fused Adam (the default since 2026-12-07)",
+             protocol=f"as '{TABLES[_base]['title']}', seeds 0-9, with dyngan's default Adam kernels since "
+                      "2026-12-07 (--adam-impl fused: one fused kernel per optimiser step) instead of the "
+                      "per-tensor step every earlier table ran; the same training up to rounding, so the "
+                      "rows should agree within their errors, not bit for bit.",
+             methods={m: dict(TABLES[_base]["methods"][m]) for m in ("ns", "dyngan")})
 for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
     TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 # the preset as it is now first: the three target tables of the 2026-12-07 rule, then the rest in order
@@ -577,6 +589,8 @@ def train_command(table: str, method: str, seed: int, steps: int | None, out: Pa
     opts = list(settings.pop("-o", [])) + pin + list(settings_m.get("-o", []))
     cmd = [sys.executable, "-m", "core", "train", "--out", str(out), "--seed", str(seed), "--device", device,
            "--threads", "1", "--quiet", "--steps", str(steps or spec["steps"])]
+    if table in LOOP_ADAM_TABLES and "adam-impl" not in settings_m:
+        cmd += ["--adam-impl", "loop"]
     for k, v in settings.items():
         cmd += [f"--{k}" if not k.startswith("-") else k, v]
     for k, v in settings_m.items():
@@ -763,6 +777,10 @@ def render() -> str:
             former = (" Its dyngan-preset runs used the preset's former detector rule (before 2026-12-07): the "
                       "same runs now need `-o " + " -o ".join(FORMER_RULE) + "` before a method's own -o "
                       "options (benchmarks/suite.py adds them).")
+        if table in LOOP_ADAM_TABLES and "--adam-impl" not in first["command"]:
+            former += (" Its runs stepped Adam tensor by tensor, as dyngan did before `--adam-impl` "
+                       "(2026-12-07; now fused by default): the same runs need `--adam-impl loop` "
+                       "(benchmarks/suite.py adds it).")
         lines += ["", f"Command (one run): `{first['command']}`, then `dyngan evaluate RUN --json{n_eval}{ev}`. "
                       f"Machine: {first['machine']}. Dates: {min(r['date'] for r in rows)} to "
                       f"{max(r['date'] for r in rows)}.{former}", ""]

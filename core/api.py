@@ -29,7 +29,7 @@ from .plugins import PluginHost, get_host
 _RECORD_KEYS = ("dyngan_version", "plugins", "created")
 #: settings that may change when a run is resumed (its length, logging, what its evaluations measure,
 #: and the machine it runs on); the metric options (options.metric) may change too
-_RESUMABLE = (*rundir.SCHEDULE, *rundir.EVALUATION, "device", "threads", "compile")
+_RESUMABLE = (*rundir.SCHEDULE, *rundir.EVALUATION, "device", "threads", "compile", "adam_impl")
 
 
 def _settings_only(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,6 +70,9 @@ def resolve_settings(settings: Mapping[str, Any], host: PluginHost | None = None
 def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A run's config.json as saved, and re-resolved against the installed plugins."""
     saved = rundir.read_config(run_dir)
+    # a run from before adam_impl existed stepped Adam tensor by tensor: it goes on that way, so that
+    # its resumed steps round as the uninterrupted run's would have
+    saved.setdefault("adam_impl", "loop")
     layer = _settings_only(saved)
     # without its preset: the saved settings already hold everything the preset set, and an option
     # the run's version did not have must take the component's default (the behaviour it trained

@@ -396,6 +396,11 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
+#: which kernels Adam steps with (None or a bool, by torch's choice or --adam-impl): a run's own
+#: choice, not part of its saved state; the optimiser's current value is kept
+_IMPL_KEYS = ("fused", "foreach")
+
+
 def _check_param_groups(prefix: str, saved: list, current: list) -> None:
     if len(saved) != len(current):
         raise ValueError(f"{prefix}: {len(saved)} parameter groups, the optimiser has {len(current)}")
@@ -404,7 +409,7 @@ def _check_param_groups(prefix: str, saved: list, current: list) -> None:
             raise ValueError(f"{prefix}: parameter group without params")
         # keys of another torch version (missing or extra) are torch's business; shared ones must agree
         for k, v in g_now.items():
-            if k not in g_saved:
+            if k not in g_saved or k in _IMPL_KEYS:
                 continue
             w = g_saved[k]
             if k == "params":

@@ -269,6 +269,10 @@ _generator_option = click.option(
 @_opt("--g-ema", "g_ema", type=float, help="Keep an exponential moving average of G's weights with this "
       "decay per step (e.g. 0.999; 0 = none, the default without a preset; the dyngan preset sets 0.99); "
       "sampling and metrics then use it.")
+@_opt("--adam-impl", "adam_impl", type=click.Choice(["fused", "foreach", "loop"]),
+      help="Adam's kernels: fused (the default: one kernel per step), foreach, or loop (one per "
+      "parameter tensor, torch's own CPU choice). Same maths, different rounding; runs from before "
+      "this setting resume with loop.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved config; train nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")

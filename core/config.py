@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "on_divergence": "stop",
     "threads": None,  # torch CPU threads; None keeps torch's default
     "g_ema": 0.0,  # decay of an exponential moving average of G's weights; 0 = none
+    "adam_impl": "fused",  # torch's Adam kernels: fused (one kernel), foreach, or loop (per tensor)
     "options": {},
 }
 FALLBACK_OPTIMIZER = {"lr_g": 1e-3, "lr_d": 1e-3, "betas": [0.5, 0.999]}
@@ -76,7 +77,8 @@ _INT_MAX = {"threads": 1024, "seed": MAX_SEED}
 _INT64_MAX = 2**63 - 1
 _FLOAT_KEYS = ("lr_g", "lr_d")
 _FLOAT_MAX = 10.0  # an Adam learning rate above this is a typo (and past ~1e38 crashes the optimiser)
-_CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback")}
+_CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback"),
+            "adam_impl": ("fused", "foreach", "loop")}
 
 
 MAX_CONFIG_BYTES = 2**20

@@ -130,6 +130,25 @@ def check_amp(cfg: Mapping[str, Any], device: torch.device) -> None:
         raise UsageError("--amp bf16 needs a CUDA device")
 
 
+#: torch.optim.Adam's keyword for each ``adam_impl``: one fused kernel, a few multi-tensor kernels,
+#: or one small step per parameter tensor (torch's own choice on the CPU before fused existed)
+ADAM_IMPL = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+
+
+def make_adam(params: Any, impl: str, lr: float, betas: tuple[float, float]
+              ) -> tuple[torch.optim.Adam, str | None]:
+    """Adam over ``params`` with the kernels ``impl`` names, and a note for the user when the
+    device has no fused kernel (then: foreach). The three give the same step up to rounding."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, **ADAM_IMPL[impl]), None
+    except RuntimeError as e:  # fused=True on a device without the kernel (torch names the supported ones)
+        if impl != "fused":
+            raise
+        return (torch.optim.Adam(params, lr=lr, betas=betas, foreach=True),
+                f"--adam-impl fused: not available here ({str(e).splitlines()[0]}); using foreach")
+
+
 def check_data(x: Any, where: str) -> torch.Tensor:
     """A dataset's tensor must be float, non-empty, (N, ...) and finite."""
     if not isinstance(x, torch.Tensor):
@@ -598,8 +617,9 @@ class Trainer:
         self.z_dim = comps.model.z_dim
         self.capacity = spec.capacity
         betas = tuple(cfg["betas"])
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg["lr_g"], betas=betas)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg["lr_d"], betas=betas)
+        impl = cfg.get("adam_impl") or "loop"
+        self.opt_g, adam_note = make_adam(self.G.parameters(), impl, cfg["lr_g"], betas)
+        self.opt_d, _ = make_adam(self.D.parameters(), impl, cfg["lr_d"], betas)
         self.labels = torch.zeros(self.N, dtype=torch.long, device=dev)
         self.prior = torch.zeros(self.capacity, device=dev)
         self.prior[0] = 1.0
@@ -614,7 +634,7 @@ class Trainer:
         # the callables the hot loop uses (compiled when asked)
         self.G_call: Callable[..., torch.Tensor] = self.G
         self.D_call: Callable[..., Any] = self.D
-        self.notes: list[str] = []  # said once the run starts
+        self.notes: list[str] = [adam_note] if adam_note else []  # said once the run starts
         if cfg.get("compile"):
             self.G_call = torch.compile(self.G)
             if bool(comps.loss.differentiates_d):
