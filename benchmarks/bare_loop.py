@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.training import ADAM_IMPL
+from core.config import ADAM_IMPL
 
 N_POINTS, Z_DIM = 100_000, 50
 
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--adam-impl", choices=sorted(ADAM_IMPL), default="fused")
+    ap.add_argument("--adam-impl", choices=tuple(ADAM_IMPL), default="fused")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)

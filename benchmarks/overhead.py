@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 
+from core.config import ADAM_IMPL
 from suite import machine
 
 BARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bare_loop.py")
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="torch.compile the networks in both programs")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
-    ap.add_argument("--adam-impl", choices=("fused", "foreach", "loop"), default="fused",
+    ap.add_argument("--adam-impl", choices=tuple(ADAM_IMPL), default="fused",
                     help="Adam's kernels in both programs (dyngan's default: fused)")
     args = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), DYNGAN_NO_PICTURES="1")

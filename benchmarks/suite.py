@@ -512,16 +512,25 @@ for _name, (_ema, _seeds) in CURRENT_TARGETS.items():
                       "authors' image code does (the tables from before it ran the 2D code's rule: probabilities "
                       f"averaged, the averaged set split). On {MACHINE_1206}.",
              methods={m: TABLES[_ema]["methods"][m] for m in ("ns", "dyngan")})
+
+
+def _variants_1207(kind: str, what: str, protocol: str, methods: Callable[[str], dict]) -> None:
+    """``dyngan-grid25-KIND-1207`` and ``dyngan-code-grid25-KIND-1207``: the grid target tables of
+    the 2026-12-07 rule with ``methods(base)``; ``what`` ends the title, and the protocol is "as
+    'BASE TITLE'" followed by ``protocol``."""
+    for base in ("dyngan-grid25-1207", "dyngan-code-grid25-1207"):
+        _variant(base.replace("-1207", f"-{kind}-1207"), base, title=f"{TABLES[base]['title']}, {what}",
+                 protocol=f"as '{TABLES[base]['title']}'{protocol}", methods=methods(base))
+
+
 # the image code also resets the score of relabelled samples (detector.reset_relabelled): the last
 # part of its detector rule that the preset does not take; both grids, seeds 0-9
-for _name, _base in (("dyngan-grid25-reset-1207", "dyngan-grid25-1207"),
-                     ("dyngan-code-grid25-reset-1207", "dyngan-code-grid25-1207")):
-    _variant(_name, _base, title=TABLES[_base]["title"] + ", relabelled scores reset",
-             protocol=f"as '{TABLES[_base]['title']}'; dyngan-reset is the preset with -o "
-                      "detector.reset_relabelled=true (a sample's score starts again from 0 when a partition "
-                      "moves it, as in the authors' image code); the preset itself: that table's rows.",
-             methods={"dyngan-reset": _with_options(TABLES[_base]["methods"]["dyngan"],
-                                                    ["detector.reset_relabelled=true"])})
+_variants_1207("reset", "relabelled scores reset",
+               "; dyngan-reset is the preset with -o detector.reset_relabelled=true (a sample's score starts "
+               "again from 0 when a partition moves it, as in the authors' image code); the preset itself: "
+               "that table's rows.",
+               lambda base: {"dyngan-reset": _with_options(TABLES[base]["methods"]["dyngan"],
+                                                           ["detector.reset_relabelled=true"])})
 # the code grid's HQ still rose with length under the former rule (the -60k table): under this one?
 _variant("dyngan-code-grid25-60k-1207", "dyngan-code-grid25-1207",
          title=TABLES["dyngan-code-grid25-1207"]["title"] + ", 60,000 steps",
@@ -531,47 +540,39 @@ _variant("dyngan-code-grid25-60k-1207", "dyngan-code-grid25-1207",
 # the k-means refinement may move a whole, well-fit mode from one old condition to another (seen on
 # the PacGAN grid's seed 20: a mode moved at step 27,000 and was never generated again); with
 # partitioner.refine_moves=new a sample may only join a condition opened at that check, or stay
-for _name, _base in (("dyngan-grid25-newonly-1207", "dyngan-grid25-1207"),
-                     ("dyngan-code-grid25-newonly-1207", "dyngan-code-grid25-1207")):
-    _variant(_name, _base, title=TABLES[_base]["title"] + ", k-means moves only into new conditions",
-             protocol=f"as '{TABLES[_base]['title']}'; dyngan-newonly is the preset with -o "
-                      "partitioner.refine_moves=new (the refinement's k-means may move a sample only into a "
-                      "condition opened at that partition check, or back to its own; the old conditions never "
-                      "trade samples); the preset itself: that table's rows. Its s/run includes runs slowed by "
-                      "tests and an audit running beside them (metrics unaffected: runs are deterministic).",
-             methods={"dyngan-newonly": _with_options(TABLES[_base]["methods"]["dyngan"],
-                                                      ["partitioner.refine_moves=new"])})
+_variants_1207("newonly", "k-means moves only into new conditions",
+               "; dyngan-newonly is the preset with -o partitioner.refine_moves=new (the refinement's k-means "
+               "may move a sample only into a condition opened at that partition check, or back to its own; "
+               "the old conditions never trade samples); the preset itself: that table's rows. Its s/run "
+               "includes runs slowed by tests and an audit running beside them (metrics unaffected: runs are "
+               "deterministic).",
+               lambda base: {"dyngan-newonly": _with_options(TABLES[base]["methods"]["dyngan"],
+                                                             ["partitioner.refine_moves=new"])})
 # the issue asks for blind partitioning beside DynGAN's detection-driven one: the self-conditioned GAN
 # (Liu et al. 2020; dyngan.md) reclusters D's features with k-means every 5,000 steps (2D), k = 50,
 # and conditions G and D on the cluster id; here NS-GAN with the kmeans partitioner and 50 one-hot slots
 SELFCOND = ["conditioner.capacity=50", "partitioner.k=50", "partitioner.every=5000"]
-for _name, _base in (("dyngan-grid25-blind-1207", "dyngan-grid25-1207"),
-                     ("dyngan-code-grid25-blind-1207", "dyngan-code-grid25-1207")):
-    _variant(_name, _base, title=TABLES[_base]["title"] + ", blind k-means partitioning beside it",
-             protocol=f"as '{TABLES[_base]['title']}'; selfcond is blind partitioning as the self-conditioned "
-                      "GAN does it (2D settings): NS-GAN with --partitioner kmeans --conditioner onehot -o "
-                      + " -o ".join(SELFCOND) + " (k-means++ with 10 restarts on D's features, new ids matched "
-                      "to old ones, no detector); selfcond-k10 the same with -o partitioner.k=10, about as many "
-                      "conditions as DynGAN ends with (10.2 on the code grid, 12.4 on the PacGAN grid); dyngan and "
-                      "ns: that table's rows. Its s/run includes runs "
-                      "slowed by audits running beside them (metrics unaffected: runs are deterministic).",
-             methods={"selfcond": {"loss": "ns", "--partitioner": "kmeans", "--conditioner": "onehot",
-                                   "-o": list(SELFCOND)},
-                      # about as many clusters as DynGAN ends with (10.2 and 12.4 conditions on the two grids)
-                      "selfcond-k10": {"loss": "ns", "--partitioner": "kmeans", "--conditioner": "onehot",
-                                       "-o": SELFCOND[:1] + ["partitioner.k=10"] + SELFCOND[2:]}})
+_SELFCOND_METHOD = {"loss": "ns", "--partitioner": "kmeans", "--conditioner": "onehot"}
+_variants_1207("blind", "blind k-means partitioning beside it",
+               "; selfcond is blind partitioning as the self-conditioned GAN does it (2D settings): NS-GAN with "
+               "--partitioner kmeans --conditioner onehot -o " + " -o ".join(SELFCOND) + " (k-means++ with 10 "
+               "restarts on D's features, new ids matched to old ones, no detector); selfcond-k10 the same with "
+               "-o partitioner.k=10, about as many conditions as DynGAN ends with (10.2 on the code grid, 12.4 "
+               "on the PacGAN grid); dyngan and ns: that table's rows. Its s/run includes runs slowed by audits "
+               "running beside them (metrics unaffected: runs are deterministic).",
+               lambda base: {"selfcond": _SELFCOND_METHOD | {"-o": list(SELFCOND)},
+                             # about as many clusters as DynGAN ends with (10.2 and 12.4 on the two grids)
+                             "selfcond-k10": _SELFCOND_METHOD | {"-o": SELFCOND[:1] + ["partitioner.k=10"]
+                                                                 + SELFCOND[2:]}})
 # every table so far ran before `--adam-impl` (2026-12-07), when dyngan stepped Adam tensor by tensor
 # on the CPU; train_command gives their runs --adam-impl loop, so that a rerun reproduces their rows
 LOOP_ADAM_TABLES = frozenset(TABLES)
 # the target tables again with dyngan's default Adam kernels now (fused): same runs up to rounding
-for _name, _base in (("dyngan-grid25-fused-1207", "dyngan-grid25-1207"),
-                     ("dyngan-code-grid25-fused-1207", "dyngan-code-grid25-1207")):
-    _variant(_name, _base, title=TABLES[_base]["title"] + ", fused Adam (the default since 2026-12-07)",
-             protocol=f"as '{TABLES[_base]['title']}', seeds 0-9, with dyngan's default Adam kernels since "
-                      "2026-12-07 (--adam-impl fused: one fused kernel per optimiser step) instead of the "
-                      "per-tensor step every earlier table ran; the same training up to rounding, so the "
-                      "rows should agree within their errors, not bit for bit.",
-             methods={m: dict(TABLES[_base]["methods"][m]) for m in ("ns", "dyngan")})
+_variants_1207("fused", "fused Adam (the default since 2026-12-07)",
+               ", seeds 0-9, with dyngan's default Adam kernels since 2026-12-07 (--adam-impl fused: one fused "
+               "kernel per optimiser step) instead of the per-tensor step every earlier table ran; the same "
+               "training up to rounding, so the rows should agree within their errors, not bit for bit.",
+               lambda base: {m: dict(TABLES[base]["methods"][m]) for m in ("ns", "dyngan")})
 for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
     TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 # the preset as it is now first: the three target tables of the 2026-12-07 rule, then the rest in order

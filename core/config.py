@@ -77,8 +77,10 @@ _INT_MAX = {"threads": 1024, "seed": MAX_SEED}
 _INT64_MAX = 2**63 - 1
 _FLOAT_KEYS = ("lr_g", "lr_d")
 _FLOAT_MAX = 10.0  # an Adam learning rate above this is a typo (and past ~1e38 crashes the optimiser)
-_CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback"),
-            "adam_impl": ("fused", "foreach", "loop")}
+#: torch.optim.Adam's keyword for each ``adam_impl``: one fused kernel, a few multi-tensor kernels,
+#: or one small step per parameter tensor (torch's own choice on the CPU before fused existed)
+ADAM_IMPL = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+_CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback"), "adam_impl": tuple(ADAM_IMPL)}
 
 
 MAX_CONFIG_BYTES = 2**20

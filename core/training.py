@@ -40,6 +40,7 @@ from .components import (
     PartitionUpdate,
     TrainContext,
 )
+from .config import ADAM_IMPL
 from .errors import (
     CheckpointError,
     ComponentFailure,
@@ -128,11 +129,6 @@ def resolve_device(name: str) -> torch.device:
 def check_amp(cfg: Mapping[str, Any], device: torch.device) -> None:
     if cfg.get("amp") == "bf16" and device.type != "cuda":
         raise UsageError("--amp bf16 needs a CUDA device")
-
-
-#: torch.optim.Adam's keyword for each ``adam_impl``: one fused kernel, a few multi-tensor kernels,
-#: or one small step per parameter tensor (torch's own choice on the CPU before fused existed)
-ADAM_IMPL = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
 
 
 def make_adam(params: Any, impl: str, lr: float, betas: tuple[float, float]
@@ -617,9 +613,8 @@ class Trainer:
         self.z_dim = comps.model.z_dim
         self.capacity = spec.capacity
         betas = tuple(cfg["betas"])
-        impl = cfg.get("adam_impl") or "loop"
-        self.opt_g, adam_note = make_adam(self.G.parameters(), impl, cfg["lr_g"], betas)
-        self.opt_d, _ = make_adam(self.D.parameters(), impl, cfg["lr_d"], betas)
+        self.opt_g, adam_note = make_adam(self.G.parameters(), cfg["adam_impl"], cfg["lr_g"], betas)
+        self.opt_d, _ = make_adam(self.D.parameters(), cfg["adam_impl"], cfg["lr_d"], betas)
         self.labels = torch.zeros(self.N, dtype=torch.long, device=dev)
         self.prior = torch.zeros(self.capacity, device=dev)
         self.prior[0] = 1.0
