@@ -573,6 +573,16 @@ _variants_1207("fused", "fused Adam (the default since 2026-12-07)",
                "kernel per optimiser step) instead of the per-tensor step every earlier table ran; the same "
                "training up to rounding, so the rows should agree within their errors, not bit for bit.",
                lambda base: {m: dict(TABLES[base]["methods"][m]) for m in ("ns", "dyngan")})
+# the image code draws a fake batch's conditions as the real batch's labels (c = y), the 2D code from
+# the prior; on the code grid, with the default (fused) Adam: does c = y raise the HQ?
+_variant("dyngan-code-grid25-fakereal-1207", "dyngan-code-grid25-fused-1207",
+         title=TABLES["dyngan-code-grid25-1207"]["title"] + ", fake conditions from the real batch",
+         protocol=f"as '{TABLES['dyngan-code-grid25-fused-1207']['title']}' (seeds 0-9, fused Adam); "
+                  "dyngan-fakereal is the preset with -o conditioner.fake_conditions=real (each fake sample "
+                  "takes the condition of the real sample beside it in the batch, as in the authors' image code, "
+                  "instead of a draw from the partition prior); the preset itself: that table's rows.",
+         methods={"dyngan-fakereal": _with_options(TABLES["dyngan-code-grid25-fused-1207"]["methods"]["dyngan"],
+                                                   ["conditioner.fake_conditions=real"])})
 for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
     TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 # the preset as it is now first: the three target tables of the 2026-12-07 rule, then the rest in order
