@@ -273,6 +273,9 @@ _generator_option = click.option(
       help="Adam's kernels: fused (the default: one kernel per step), foreach, or loop (one per "
       "parameter tensor, torch's own CPU choice). Same maths, different rounding; runs from before "
       "this setting resume with loop.")
+@_opt("--sampling", type=click.Choice(["replacement", "epoch"]),
+      help="How real batches are drawn: independently with replacement (the default), or as shuffled "
+      "epochs, each training sample once per epoch and the last partial batch dropped (the DynGAN 2D code's way).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the resolved config; train nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,  # torch CPU threads; None keeps torch's default
     "g_ema": 0.0,  # decay of an exponential moving average of G's weights; 0 = none
     "adam_impl": "fused",  # torch's Adam kernels: fused (one kernel), foreach, or loop (per tensor)
+    "sampling": "replacement",  # real batches: drawn with replacement, or shuffled epochs (the DynGAN 2D code)
     "options": {},
 }
 FALLBACK_OPTIMIZER = {"lr_g": 1e-3, "lr_d": 1e-3, "betas": [0.5, 0.999]}
@@ -80,7 +81,11 @@ _FLOAT_MAX = 10.0  # an Adam learning rate above this is a typo (and past ~1e38 
 #: torch.optim.Adam's keyword for each ``adam_impl``: one fused kernel, a few multi-tensor kernels,
 #: or one small step per parameter tensor (torch's own choice on the CPU before fused existed)
 ADAM_IMPL = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
-_CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback"), "adam_impl": tuple(ADAM_IMPL)}
+#: how real batches are drawn: independently with replacement, or as the batches of shuffled epochs
+#: (each sample once per epoch, the last partial batch dropped, as the DynGAN 2D code trains)
+SAMPLING = ("replacement", "epoch")
+_CHOICES = {"amp": ("none", "bf16"), "on_divergence": ("stop", "rollback"), "adam_impl": tuple(ADAM_IMPL),
+            "sampling": SAMPLING}
 
 
 MAX_CONFIG_BYTES = 2**20

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import signal
 import threading
@@ -143,6 +144,43 @@ def make_adam(params: Any, impl: str, lr: float, betas: tuple[float, float]
             raise
         return (torch.optim.Adam(params, lr=lr, betas=betas, foreach=True),
                 f"--adam-impl fused: not available here ({str(e).splitlines()[0]}); using foreach")
+
+
+class EpochBatches:
+    """The real batches of ``--sampling epoch``: shuffled epochs, each training sample once per
+    epoch, the last partial batch dropped (as the DynGAN 2D code trains). Batch ``b`` of a rank is
+    a pure function of (seed, b, rank, processes), so a resume, a rollback or a torchrun rank
+    continues the same order with no saved state. Under torchrun the ranks share each epoch's
+    permutation and take disjoint slices of it, as torch's DistributedSampler does: an epoch is
+    ``N // (batch_size x processes)`` steps of every rank. One permutation per epoch, made on the
+    training device; a batch is a slice of it (no host read)."""
+
+    def __init__(self, n: int, batch: int, seed: int, device: torch.device, rank: int = 0,
+                 processes: int = 1) -> None:
+        self.n, self.batch, self.seed, self.device = n, batch, seed, device
+        self.rank, self.processes = rank, processes
+        self.per_epoch = n // (batch * processes)
+        if self.per_epoch == 0:
+            need = batch * processes
+            size = f"{batch:,} x {processes} processes = {need:,}" if processes > 1 else f"{batch:,}"
+            raise UsageError(
+                f"--sampling epoch needs one full batch per epoch ({size} training samples), and the "
+                f"dataset has {n:,}; use a smaller --batch-size or --sampling replacement")
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Epoch ``epoch``'s permutation of the N sample indices (the same on every rank)."""
+        digest = hashlib.sha256(f"dyngan epoch order {self.seed} {epoch}".encode()).digest()
+        g = torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return torch.randperm(self.n, generator=g, device=self.device)
+
+    def __call__(self, b: int) -> torch.Tensor:
+        """The sample indices ``(batch,)`` of this rank's batch number ``b`` (0, 1, ...)."""
+        epoch, k = divmod(b, self.per_epoch)
+        if epoch != self._epoch:
+            self._order, self._epoch = self.order(epoch), epoch
+        start = (k * self.processes + self.rank) * self.batch
+        return self._order[start:start + self.batch]
 
 
 def check_data(x: Any, where: str) -> torch.Tensor:
@@ -620,6 +658,8 @@ class Trainer:
         self.prior[0] = 1.0
         self.gen = torch.Generator(device=dev).manual_seed(seed)
         self.comp_rng = torch.Generator(device=dev).manual_seed(seed + 1)
+        self.epoch_batches = EpochBatches(self.N, int(cfg["batch_size"]), seed, dev, int(self.comm.rank),
+                                          self.world_size) if cfg.get("sampling") == "epoch" else None
         self.step = 0
         self._saved_step: int | None = None
         self._own_streams = False  # this rank's random streams came from the checkpoint (torchrun)
@@ -1164,6 +1204,7 @@ class Trainer:
         log_every, eval_every, ck_every = cfg["log_every"], cfg["eval_every"], cfg["checkpoint_every"]
         sync_grads = getattr(self.comm, "sync_grads", None)
         ema = self.G_ema is not None
+        epoch_batches = self.epoch_batches
 
         def d_interp(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return D_call(x, c)
@@ -1175,8 +1216,11 @@ class Trainer:
         D.train()
         while self.step < steps:
             # ---- discriminator step(s)
-            for _ in range(d_steps):
-                idx = torch.randint(N, (B,), device=dev, generator=gen)
+            for j in range(d_steps):
+                if epoch_batches is None:
+                    idx = torch.randint(N, (B,), device=dev, generator=gen)
+                else:
+                    idx = epoch_batches(self.step * d_steps + j)
                 real = data[idx]
                 if conditional:
                     real_cond = labels[idx]

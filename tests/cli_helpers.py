@@ -61,3 +61,45 @@ def tiny_run(out, steps, n=500, **settings):
         mp.setenv("DYNGAN_NO_PICTURES", "1")
         api.train(cfg, quiet=True)
     return out
+
+
+def run_settings(base, out, steps, **extra):
+    """``base`` (train settings) with its own copy of the component options, ``steps`` and ``out``,
+    then ``extra``."""
+    s = {**base, "options": {k: dict(v) for k, v in base.get("options", {}).items()}, "steps": steps,
+         "out": str(out)}
+    s.update(extra)
+    return s
+
+
+def checkpoint_tensors(run, step):
+    """The tensors of ``run``'s checkpoint at ``step``."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}.safetensors"))
+
+
+def same_tensors(a, b):
+    """Whether two checkpoints' tensors are the same names and bit-identical values."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def resume_as_old_run(run, key, step, into, **settings):
+    """Copy ``run`` (finished at ``step``) to ``into`` without its checkpoint at ``step`` and
+    without ``key`` in its config.json (a run from before that setting existed), then resume it to
+    ``step`` with ``settings``; returns ``into``."""
+    import json
+    import shutil
+
+    from core import api
+
+    shutil.copytree(run, into)
+    for p in (into / "checkpoints").glob(f"step-{step:08d}.*"):
+        p.unlink()
+    cfg = json.loads((into / "config.json").read_text())
+    del cfg[key]
+    (into / "config.json").write_text(json.dumps(cfg))
+    api.train({"out": str(into), **settings}, resume=True, quiet=True)
+    return into

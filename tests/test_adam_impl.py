@@ -5,13 +5,11 @@ they were trained (tensor by tensor)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from cli_helpers import invoke
+from cli_helpers import checkpoint_tensors, invoke, resume_as_old_run, run_settings, same_tensors
 from core import api
 from core import checkpoint as ckpt_io
 from core.plugins import get_host
@@ -22,17 +20,10 @@ BASE = {"dataset": "grid25", "seed": 5, "device": "cpu", "log_every": 10, "eval_
 
 
 def settings(out, steps=40, **extra):
-    s = {**BASE, "options": {k: dict(v) for k, v in BASE["options"].items()}, "steps": steps, "out": str(out)}
-    s.update(extra)
-    return s
+    return run_settings(BASE, out, steps, **extra)
 
 
-def checkpoint(run, step):
-    return load_file(str(run / "checkpoints" / f"step-{step:08d}.safetensors"))
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+checkpoint, same = checkpoint_tensors, same_tensors
 
 
 def trainer(tmp_path, **extra):
@@ -108,14 +99,7 @@ def test_a_run_from_before_the_setting_resumes_with_the_loop_it_trained_with(tmp
     """Such a run's config.json has no adam_impl; it trained with torch's per-tensor CPU step."""
     whole = tmp_path / "whole"
     api.train(settings(whole, adam_impl="loop"), quiet=True)
-    old = tmp_path / "old"
-    shutil.copytree(whole, old)
-    for p in (old / "checkpoints").glob("step-00000040.*"):
-        p.unlink()
-    cfg = json.loads((old / "config.json").read_text())
-    del cfg["adam_impl"]
-    (old / "config.json").write_text(json.dumps(cfg))
-    api.train({"out": str(old), "threads": 1}, resume=True, quiet=True)
+    old = resume_as_old_run(whole, "adam_impl", 40, tmp_path / "old", threads=1)
     assert same(checkpoint(whole, 40), checkpoint(old, 40))
     assert "adam_impl" not in json.loads((old / "config.json").read_text())  # the record is left as it was
     fused = tmp_path / "fused"  # and the default would not have given those steps

@@ -196,13 +196,15 @@ def test_ddp_dyngan_identical_ranks_and_resume_both_ways(tmp_path):
     assert all(torch.equal(ck[k], c[k]) for k in c if k.startswith(("G/", "D/")))
 
 
-def test_ddp_resume_with_as_many_processes_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("sampling", ["replacement", "epoch"])
+def test_ddp_resume_with_as_many_processes_is_bit_exact(tmp_path, sampling):
     """Stopped at a checkpoint and resumed under torchrun, a run ends bit-identical to the one that
     never stopped: every rank continues its own random streams (the checkpoint held rank 0's alone,
-    and rank 1 derived a new batch stream from it at the resume)."""
+    and rank 1 derived a new batch stream from it at the resume). With shuffled epochs (2,000
+    samples, 2 x 128 per step: 7 steps an epoch) the ranks share each epoch's order from the seed."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(torchrun("-m", "core", "train", "--out", str(straight), "--steps", "80", "--checkpoint-every", "40",
-                 *SMALL, *DYNGAN), env_for())
+                 "--sampling", sampling, *SMALL, *DYNGAN), env_for())
     shutil.copytree(straight, resumed)
     for p in (resumed / "checkpoints").glob("step-00000080.*"):
         p.unlink()
