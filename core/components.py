@@ -167,7 +167,8 @@ class Conditioner(Component):
     (or None); their parameters train with G and D respectively. Capacity is
     fixed so that adding conditions never resizes a network or an optimiser.
     ``fake_conditions``: ``"prior"`` draws fake conditions from the partition
-    prior, ``"real"`` reuses the real batch's labels.
+    prior for each D step and the G step reuses the last draw, ``"prior-fresh"``
+    draws them for the G step too, ``"real"`` reuses the real batch's labels.
     """
 
     kind: ClassVar[str] = "conditioner"

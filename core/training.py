@@ -1196,7 +1196,8 @@ class Trainer:
         real_grad = bool(loss.wants_real_grad)
         g_needs_real = bool(loss.needs_real_in_g_step)
         conditional = self.comps.conditioner is not None
-        fake_from_prior = conditional and self.comps.conditioner.fake_conditions == "prior"
+        fake_from_prior = conditional and self.comps.conditioner.fake_conditions in ("prior", "prior-fresh")
+        g_draws_own = conditional and self.comps.conditioner.fake_conditions == "prior-fresh"
         zero_cond = torch.zeros(B, dtype=torch.long, device=dev)
         d_params = [p for p in D.parameters()]
         amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.get("amp") == "bf16")
@@ -1246,6 +1247,8 @@ class Trainer:
             # ---- generator step (D frozen: no weight gradients computed for it)
             for p in d_params:
                 p.requires_grad_(False)
+            if g_draws_own:
+                fake_cond = torch.multinomial(prior, B, replacement=True, generator=gen)
             z = torch.randn(B, z_dim, device=dev, generator=gen)
             with amp:
                 fake = G_call(z, fake_cond)

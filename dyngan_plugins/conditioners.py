@@ -19,7 +19,11 @@ from __future__ import annotations
 from core import hookimpl
 from core.components import ConditioningSpec, Conditioner, Option
 
-_FAKE = ("prior", "real")
+#: fake conditions: from the prior, one draw per D step that the G step reuses; from the prior,
+#: the G step drawing its own (the DynGAN 2D code); or the real batch's labels (the image code)
+_FAKE = ("prior", "prior-fresh", "real")
+_FAKE_HELP = ("fake conditions: drawn from the partition prior (prior-fresh: the G step draws its own, as the "
+              "DynGAN 2D code does; prior: it reuses the D step's), or the real batch's labels")
 
 
 def _onehot_module(capacity: int):
@@ -68,7 +72,7 @@ class OneHotConditioner(Conditioner):
     options = {
         "capacity": Option(30, "number of condition slots, K_max (DynGAN 2D code: 30)", min=1, max=10_000),
         "fake_conditions": Option(
-            "prior", "fake conditions: drawn from the partition prior, or the real batch's labels", choices=_FAKE
+            "prior", _FAKE_HELP, choices=_FAKE
         ),
     }
 
@@ -91,7 +95,7 @@ class EmbeddingConditioner(Conditioner):
         "capacity": Option(20, "number of condition slots, K_max (DynGAN CIFAR-10 code: 20)", min=1, max=10_000),
         "dim": Option(256, "width of G's label embedding", min=1, max=8192),
         "fake_conditions": Option(
-            "real", "fake conditions: drawn from the partition prior, or the real batch's labels", choices=_FAKE
+            "real", _FAKE_HELP, choices=_FAKE
         ),
     }
 

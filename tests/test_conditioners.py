@@ -114,3 +114,63 @@ def test_mlp_normal_init_is_the_reference_codes():
     assert first.weight.std().item() > 0.05 and torch.count_nonzero(first.bias) > 0
     with pytest.raises(OptionError):
         MLP(init="xavier")
+
+
+class _Recording:
+    """A loss plugin whose ns-like loss records the conditions each step's context holds."""
+
+    seen: list = []
+
+    @staticmethod
+    def loss_class():
+        from core.components import Loss
+
+        class RecordingLoss(Loss):
+            name = "recording"
+
+            def d_loss(self, ctx):
+                _Recording.seen.append(("d", ctx.real_cond.clone(), ctx.fake_cond.clone()))
+                return F.softplus(-ctx.real_logits).mean() + F.softplus(ctx.fake_logits).mean()
+
+            def g_loss(self, ctx):
+                _Recording.seen.append(("g", None, ctx.fake_cond.clone()))
+                return F.softplus(-ctx.fake_logits).mean()
+
+        return RecordingLoss
+
+
+@pytest.mark.parametrize("mode", ["prior", "prior-fresh", "real"])
+def test_the_training_loop_draws_fake_conditions_as_the_option_says(tmp_path, mode):
+    import types
+
+    from core import api, hookimpl
+    from core.testing import plugin_host
+    from core.training import Trainer
+
+    @hookimpl
+    def register_losses(register):
+        register(_Recording.loss_class())
+
+    _Recording.seen = []
+    with plugin_host(("recording", types.SimpleNamespace(register_losses=register_losses))) as host:
+        cfg, run_dir = api.prepare({"dataset": "grid25", "loss": "recording", "conditioner": "onehot",
+                                    "steps": 3, "batch_size": 64, "device": "cpu", "eval_every": 0,
+                                    "checkpoint_every": 0, "out": str(tmp_path / "r"), "threads": 1,
+                                    "options": {"dataset": {"n": 500}, "conditioner": {
+                                        "capacity": 8, "fake_conditions": mode}}}, host=host)
+        tr = Trainer(cfg, host.registry, run_dir, quiet=True)
+        # five active conditions: the real labels and the prior both spread over slots 0-4
+        tr.labels.copy_(torch.arange(tr.N) % 5)
+        tr.prior.zero_()[:5] = 0.2
+        tr.run()
+    d = [(r, f) for k, r, f in _Recording.seen if k == "d"]
+    g = [f for k, _, f in _Recording.seen if k == "g"]
+    assert len(d) == len(g) == 3
+    for (real, fake_d), fake_g in zip(d, g):
+        assert int(fake_d.max()) <= 4 and int(fake_g.max()) <= 4  # only active slots
+        if mode == "real":
+            assert torch.equal(fake_d, real) and torch.equal(fake_g, real)
+        else:
+            assert not torch.equal(fake_d, real)  # drawn from the prior, not the batch's labels
+            assert torch.equal(fake_g, fake_d) == (mode == "prior")  # prior-fresh: the G step draws anew
+            assert len(fake_g.unique()) == 5
