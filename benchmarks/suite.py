@@ -601,6 +601,12 @@ _code_grid_fused_variant(
     "--sampling epoch (real batches as shuffled epochs of the 1,250 points, each once per epoch and the last "
     "partial batch dropped, as the authors' 2D code trains, instead of drawn with replacement)",
     {"sampling": "epoch"})
+# the 2D code's G step draws its own fake conditions from the prior; dyngan's reuses the D step's draw
+_code_grid_fused_variant(
+    "gfresh", "the G step drawing its own fake conditions", "dyngan-gfresh",
+    "-o conditioner.fake_conditions=prior-fresh (the G step draws its fake conditions from the prior anew, as "
+    "the authors' 2D code does, instead of reusing the D step's draw)",
+    {"-o": ["conditioner.fake_conditions=prior-fresh"]})
 for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
     TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 # the preset as it is now first: the three target tables of the 2026-12-07 rule, then the rest in order
