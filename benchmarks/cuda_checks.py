@@ -42,6 +42,11 @@ CASES = {
     "dyngan": {"preset": "dyngan", "options": {"dataset": {"n": 2000}, "detector": {"every": 50},
                                                "partitioner": {"every": 100}}},
     "g-ema": {"g_ema": 0.99},
+    # shuffled epochs (a new permutation every 15 steps of 2,000 points, on the device), and the G
+    # step drawing its own fake conditions
+    "epoch": {"sampling": "epoch", "options": {"dataset": {"n": 2000}}},
+    "prior-fresh": {"preset": "dyngan", "options": {"dataset": {"n": 2000}, "conditioner": {
+        "fake_conditions": "prior-fresh"}}},
 }
 
 

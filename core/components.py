@@ -159,6 +159,10 @@ class Model(Component):
         raise NotImplementedError
 
 
+#: where the training loop takes fake samples' conditions from (``Conditioner.fake_conditions``)
+FAKE_CONDITIONS = ("prior", "prior-fresh", "real")
+
+
 class Conditioner(Component):
     """How a condition id reaches the networks.
 

@@ -33,6 +33,7 @@ from .components import (
     Detection,
     detection_problems,
     DStepContext,
+    FAKE_CONDITIONS,
     GStepContext,
     Loss,
     Metric,
@@ -148,11 +149,14 @@ def make_adam(params: Any, impl: str, lr: float, betas: tuple[float, float]
 
 class EpochBatches:
     """The real batches of ``--sampling epoch``: shuffled epochs, each training sample once per
-    epoch, the last partial batch dropped (as the DynGAN 2D code trains). Batch ``b`` of a rank is
-    a pure function of (seed, b, rank, processes), so a resume, a rollback or a torchrun rank
-    continues the same order with no saved state. Under torchrun the ranks share each epoch's
-    permutation and take disjoint slices of it, as torch's DistributedSampler does: an epoch is
-    ``N // (batch_size x processes)`` steps of every rank. One permutation per epoch, made on the
+    epoch, the last partial batch dropped (as the DynGAN 2D code trains). Batches are numbered
+    0, 1, ... over the run's D steps (with several D steps per G step, as WGAN-GP's 5, each takes
+    the next batch). Batch ``b`` of a rank is a pure function of (seed, salt, b - origin, rank,
+    processes), so a resume continues the same order from the checkpoint's two small values
+    (``state()``). Under torchrun the ranks share each epoch's permutation and take disjoint
+    slices of it, as torch's DistributedSampler does: an epoch is ``N // (batch_size x
+    processes)`` D steps of every rank. ``restart`` begins a new order at a batch number (a
+    rollback; a resume with another number of processes). One permutation per epoch, made on the
     training device; a batch is a slice of it (no host read)."""
 
     def __init__(self, n: int, batch: int, seed: int, device: torch.device, rank: int = 0,
@@ -165,18 +169,28 @@ class EpochBatches:
             size = f"{batch:,} x {processes} processes = {need:,}" if processes > 1 else f"{batch:,}"
             raise UsageError(
                 f"--sampling epoch needs one full batch per epoch ({size} training samples), and the "
-                f"dataset has {n:,}; use a smaller --batch-size or --sampling replacement")
+                f"dataset has {n:,}; use a smaller --batch-size" + (", fewer processes" if processes > 1 else "")
+                + " or --sampling replacement")
+        self.restart("", 0)
+
+    def restart(self, salt: str, origin: int) -> None:
+        """From batch number ``origin`` on, epochs begin anew in orders keyed by ``salt``."""
+        self.salt, self.origin = salt, origin
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def state(self) -> dict[str, Any]:
+        return {"salt": self.salt, "origin": self.origin}
 
     def order(self, epoch: int) -> torch.Tensor:
         """Epoch ``epoch``'s permutation of the N sample indices (the same on every rank)."""
-        digest = hashlib.sha256(f"dyngan epoch order {self.seed} {epoch}".encode()).digest()
+        key = f"dyngan epoch order {self.seed} {epoch}" + (f" {self.salt}" if self.salt else "")
+        digest = hashlib.sha256(key.encode()).digest()
         g = torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         return torch.randperm(self.n, generator=g, device=self.device)
 
     def __call__(self, b: int) -> torch.Tensor:
-        """The sample indices ``(batch,)`` of this rank's batch number ``b`` (0, 1, ...)."""
-        epoch, k = divmod(b, self.per_epoch)
+        """The sample indices ``(batch,)`` of this rank's batch number ``b``."""
+        epoch, k = divmod(b - self.origin, self.per_epoch)
         if epoch != self._epoch:
             self._order, self._epoch = self.order(epoch), epoch
         start = (k * self.processes + self.rank) * self.batch
@@ -589,11 +603,26 @@ class Trainer:
         if map_device is not None:
             self.device = map_device(self.device)
         self.comps = instantiate(cfg, registry)
+        self._check_fake_conditions()
         self._reports: dict[str, Any] = {}
         self._skip_reason: str | None = None  # the partitioner's last reason for no partition
         self._build()
 
     # ------------------------------------------------------------------ building
+
+    def _check_fake_conditions(self) -> None:
+        """A conditioner's ``fake_conditions`` must be one the loop knows (a plugin's own value
+        would otherwise silently train as another)."""
+        c = self.comps.conditioner
+        if c is None:
+            return
+        try:
+            value = c.fake_conditions
+        except Exception as e:
+            raise ComponentFailure(c.kind, c.name, c.plugin, "fake_conditions", e) from e
+        if value not in FAKE_CONDITIONS:
+            raise ComponentFailure(c.kind, c.name, c.plugin, "fake_conditions", ValueError(
+                f"returned {value!r}; the training loop knows {', '.join(FAKE_CONDITIONS)}"))
 
     def _build(self) -> None:
         cfg, comps, dev = self.cfg, self.comps, self.device
@@ -765,6 +794,8 @@ class Trainer:
         if self.last_detection is not None and part is not None and det is not None and part.every % det.every:
             meta["detection"] = ckpt_io.split_detection(self.last_detection, tensors)
         meta["last_fraction"] = self.last_fraction
+        if self.epoch_batches is not None:
+            meta["sampling"] = self.epoch_batches.state()
         return tensors, meta
 
     def _apply(self, ck: ckpt_io.Checkpoint) -> None:
@@ -813,11 +844,15 @@ class Trainer:
             # torchrun: this rank's own streams, when the checkpoint holds them (rank 0's are above)
             own_streams = not rng_moved and self._restore_rank_rngs(t, meta)
             was = meta.get("processes", 1)
-            if isinstance(was, int) and not isinstance(was, bool) and was >= 1 and was != self.world_size:
+            moved = isinstance(was, int) and not isinstance(was, bool) and was >= 1 and was != self.world_size
+            if self.epoch_batches is not None:
+                self._restore_epoch_order(meta.get("sampling"), ck.step, moved)
+            if moved:
                 b = self.cfg["batch_size"]
                 self.progress.warn(f"this run was trained by {was} process{'es' if was > 1 else ''} (effective batch "
                                   f"{was * b}) and goes on with {self.world_size} (effective batch "
-                                  f"{self.world_size * b}): the same settings, another batch from here on")
+                                  f"{self.world_size * b}): the same settings, another batch from here on"
+                                  + (", and a new epoch begins" if self.epoch_batches is not None else ""))
             partition_count = int(meta.get("partition_count", 1))
             det_js = meta.get("detection")
             detection = None if det_js is None else ckpt_io.join_detection(
@@ -1172,11 +1207,33 @@ class Trainer:
             if log is not None:
                 log.close()
 
+    def _restore_epoch_order(self, saved: Any, step: int, moved: bool) -> None:
+        """``--sampling epoch`` at a checkpoint of ``step``: continue the saved order (``saved``, from
+        ``EpochBatches.state``), or begin a new epoch when the number of processes ``moved`` (the
+        epochs' slices no longer fit). ValueError for a saved state that cannot be this run's."""
+        eb = self.epoch_batches
+        assert eb is not None
+        batches = step * int(self.comps.loss.d_steps)
+        if saved is None:  # a checkpoint written before the order was saved: the run's first order
+            saved = {"salt": "", "origin": 0}
+        salt, origin = (saved.get("salt"), saved.get("origin")) if isinstance(saved, dict) else (None, None)
+        if not isinstance(salt, str) or len(salt) > 200 or not isinstance(origin, int) or isinstance(origin, bool) \
+                or not 0 <= origin <= batches:
+            raise ValueError(f"its epoch order {saved!r} cannot be this run's at step {step}")
+        if moved:
+            eb.restart(f"{self.world_size} process{'es' if self.world_size > 1 else ''} from step {step}", batches)
+        else:
+            eb.restart(salt, origin)
+
     def _rollback(self, error: DivergenceError, attempt: int, log: rundir.MetricsLog | None) -> None:
-        """Reload the last good checkpoint and go on with a fresh random stream (the same one would diverge again)."""
+        """Reload the last good checkpoint and go on with a fresh random stream (the same one would
+        diverge again), and with --sampling epoch a new epoch order from there."""
         bad_step = self.step
         self.load_latest()
         self.gen.manual_seed(self.cfg["seed"] + 1_000_003 * attempt + self.step)
+        if self.epoch_batches is not None:
+            self.epoch_batches.restart(f"rollback {attempt} at step {self.step}",
+                                       self.step * int(self.comps.loss.d_steps))
         self._own_streams = False  # the new stream is rank 0's: the others derive theirs from it
         self._sync_ranks()
         if log is not None:

@@ -17,11 +17,11 @@ call; the training loop calls each once and owns the result.
 from __future__ import annotations
 
 from core import hookimpl
-from core.components import ConditioningSpec, Conditioner, Option
+from core.components import FAKE_CONDITIONS, ConditioningSpec, Conditioner, Option
 
 #: fake conditions: from the prior, one draw per D step that the G step reuses; from the prior,
 #: the G step drawing its own (the DynGAN 2D code); or the real batch's labels (the image code)
-_FAKE = ("prior", "prior-fresh", "real")
+_FAKE = FAKE_CONDITIONS
 _FAKE_HELP = ("fake conditions: drawn from the partition prior (prior-fresh: the G step draws its own, as the "
               "DynGAN 2D code does; prior: it reuses the D step's), or the real batch's labels")
 

@@ -644,10 +644,11 @@ def test_nan_in_the_weights_is_refused_at_save(tmp_path, faulty):
     assert assert_committed_checkpoints_verify(out) == [10]
 
 
-def test_rollback_survives_a_transient_nan(tmp_path, faulty):
+@pytest.mark.parametrize("sampling", ["replacement", "epoch"])
+def test_rollback_survives_a_transient_nan(tmp_path, faulty, sampling):
     out = tmp_path / "r"
     res = invoke(["train", "--out", str(out), *FLAGS, *DIVERGE, "-o", "loss.once=true",
-                  "--on-divergence", "rollback", "-q"])
+                  "--on-divergence", "rollback", "--sampling", sampling, "-q"])
     assert res.exit_code == 0, res.output
     assert ckpt_steps(out)[-1] == 40
     assert_committed_checkpoints_verify(out)
@@ -656,6 +657,9 @@ def test_rollback_survives_a_transient_nan(tmp_path, faulty):
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss/d" in r] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert all(isinstance(r["loss/d"], float) for r in recs if "loss/d" in r)
+    # shuffled epochs: a new order from the step rolled back to (the batches that diverged are not replayed)
+    meta = json.loads((out / "checkpoints" / "step-00000040.json").read_text())
+    assert meta.get("sampling") == ({"salt": "rollback 1 at step 10", "origin": 10} if sampling == "epoch" else None)
 
 
 def test_rollback_gives_up_on_a_persistent_nan(tmp_path, faulty):

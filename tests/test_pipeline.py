@@ -29,6 +29,7 @@ from core import rundir
 from cli_helpers import invoke
 from core.components import CollapseDetector, Detection, Loss, Metric, Option, PartitionUpdate, Partitioner
 from dyngan_plugins.dyngan import DynGANDetector
+from dyngan_plugins.conditioners import OneHotConditioner
 from core.errors import CheckpointError, UsageError
 from core.training import Trainer
 
@@ -518,7 +519,12 @@ _SYNC_CASES = {
     # conditional path (labels, prior), with detection and partitioning at their own steps
     "dyngan": {"preset": "dyngan", "options": {"dataset": {"n": 2000}, "detector": {"every": 10},
                                                "partitioner": {"every": 20}}},
-    "g-ema": {"g_ema": 0.99},  # the weight average updated after every generator step
+    "g-ema": {"g_ema": 0.99},
+    # shuffled epochs (a new permutation every 15 steps of 2,000 points, on the device), and the G
+    # step drawing its own fake conditions
+    "epoch": {"sampling": "epoch", "options": {"dataset": {"n": 2000}}},
+    "prior-fresh": {"preset": "dyngan", "options": {"dataset": {"n": 2000}, "conditioner": {
+        "fake_conditions": "prior-fresh"}}},  # the weight average updated after every generator step
 }
 
 
@@ -974,6 +980,31 @@ def test_a_detector_whose_every_is_not_a_positive_integer_fails_clearly(tmp_path
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert "detector 'zero-every' (plugin 'zero-every') raised in every()" in res.stderr
     assert "must be an integer >= 1, got 0" in res.stderr
+
+
+class _UnknownFakeConditions(OneHotConditioner):
+    name = "odd-fakes"
+
+    @property
+    def fake_conditions(self):
+        return "uniform"
+
+
+@hookimpl
+def _register_odd_fakes(register):
+    register(_UnknownFakeConditions)
+
+
+def test_a_conditioner_with_fake_conditions_the_loop_does_not_know_fails_clearly(tmp_path):
+    from core.testing import plugin_host
+
+    with plugin_host(("odd-fakes", types.SimpleNamespace(register_conditioners=_register_odd_fakes))):
+        res = invoke(["train", *SMALL_FLAGS, "--steps", "5", "--conditioner", "odd-fakes",
+                      "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "conditioner 'odd-fakes' (plugin 'odd-fakes') raised in fake_conditions()" in res.stderr
+    assert "returned 'uniform'; the training loop knows prior, prior-fresh, real" in res.stderr
+    assert not (tmp_path / "r").exists()  # refused before training: no run left behind
 
 
 class _BadMetric(Metric):

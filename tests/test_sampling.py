@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from cli_helpers import checkpoint_tensors, invoke, resume_as_old_run, run_settings, same_tensors
+from cli_helpers import (checkpoint_tensors, invoke, resign_checkpoint, resume_as_old_run, run_settings,
+                         same_tensors)
 from core import api
 from core.components import Comm
 from core.errors import UsageError
@@ -65,9 +66,23 @@ def test_torchrun_ranks_share_each_epoch_and_take_disjoint_slices():
         assert torch.equal(everything.sort().values, ranks[0].order(epoch)[:960].sort().values)
 
 
+def test_a_restart_begins_a_new_order_at_its_batch_number():
+    eb = EpochBatches(1000, 64, seed=7, device=CPU)
+    before = [eb(b) for b in range(40)]
+    eb.restart("rollback 1 at step 20", 20)
+    assert eb.state() == {"salt": "rollback 1 at step 20", "origin": 20}
+    after = [eb(b) for b in range(20, 35)]  # a whole epoch from batch 20
+    assert torch.cat(after).unique().numel() == 15 * 64
+    assert torch.equal(torch.cat(after), eb.order(0)[:960])
+    assert not torch.equal(eb.order(0), EpochBatches(1000, 64, seed=7, device=CPU).order(0))  # keyed by the salt
+    assert not any(torch.equal(x, y) for x, y in zip(before[20:35], after))
+    eb.restart("", 0)
+    assert all(torch.equal(x, eb(b)) for b, x in enumerate(before))  # the run's first order again
+
+
 def test_fewer_samples_than_one_batch_is_a_usage_error():
     with pytest.raises(UsageError, match=r"one full batch per epoch \(64 x 2 processes = 128 training samples\), "
-                                         r"and the dataset has 100"):
+                                         r"and the dataset has 100; use a smaller --batch-size, fewer processes"):
         EpochBatches(100, 64, seed=0, device=CPU, processes=2)
     assert EpochBatches(128, 64, seed=0, device=CPU, processes=2).per_epoch == 1
 
@@ -81,11 +96,15 @@ def test_the_trainer_numbers_its_real_batches_through_the_epochs(tmp_path, loss,
     inner = tr.epoch_batches
     assert inner is not None and inner.per_epoch == 15
 
-    def numbered(b):
-        seen.append(b)
-        return inner(b)
+    class Numbered:  # the sampler, recording the batch numbers the loop asks for
+        def __call__(self, b):
+            seen.append(b)
+            return inner(b)
 
-    tr.epoch_batches = numbered
+        def state(self):
+            return inner.state()
+
+    tr.epoch_batches = Numbered()
     tr.run()
     assert seen == list(range(20 * d_steps))  # every D step takes the next batch; none skipped or repeated
 
@@ -129,6 +148,7 @@ def test_a_run_from_before_the_setting_resumes_with_replacement(tmp_path):
     api.train(settings(whole), quiet=True)
     old = resume_as_old_run(whole, "sampling", 40, tmp_path / "old")
     assert same(checkpoint(whole, 40), checkpoint(old, 40))
+    assert "sampling" not in json.loads((old / "config.json").read_text())  # the record is left as it was
 
 
 def test_bad_input_is_exit_2_and_leaves_no_run(tmp_path):
@@ -147,3 +167,31 @@ def test_bad_input_is_exit_2_and_leaves_no_run(tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output and "sampling" in res.stderr
     assert (run / "checkpoints" / "step-00000020.safetensors").exists()
     assert not (run / "checkpoints" / "step-00000040.safetensors").exists()
+
+
+def test_a_resume_with_another_number_of_processes_begins_a_new_epoch(tmp_path):
+    """The epochs' slices depend on the number of processes: the order restarts at the checkpoint."""
+    run = tmp_path / "r"
+    api.train(settings(run, steps=20, sampling="epoch"), quiet=True)
+    jpath = run / "checkpoints" / "step-00000020.json"
+    assert json.loads(jpath.read_text())["sampling"] == {"salt": "", "origin": 0}
+    resign_checkpoint(jpath, processes=2)  # as if trained under torchrun with two processes
+    res = invoke(["train", "--out", str(run), "--resume", "--steps", "40"])
+    assert res.exit_code == 0, res.output
+    assert "goes on with 1 (effective batch 64): the same settings, another batch from here on, and a new " \
+           "epoch begins" in res.stderr
+    meta = json.loads((run / "checkpoints" / "step-00000040.json").read_text())
+    assert meta["sampling"] == {"salt": "1 process from step 20", "origin": 20} and meta["processes"] == 1
+
+
+@pytest.mark.parametrize("bad", [{"salt": 5, "origin": 0}, {"salt": "", "origin": 41}, {"salt": "", "origin": True},
+                                 [1, 2]])
+def test_a_checkpoint_with_a_bad_epoch_order_is_not_loaded(tmp_path, bad):
+    run = tmp_path / "r"
+    api.train(settings(run, steps=40, sampling="epoch"), quiet=True)  # checkpoints at 20 and 40
+    resign_checkpoint(run / "checkpoints" / "step-00000040.json", sampling=bad)
+    res = invoke(["train", "--out", str(run), "--resume", "--steps", "60"])
+    assert res.exit_code == 0, res.output  # the older checkpoint is used, the bad one set aside
+    assert "step-00000040" in res.stderr and "epoch order" in res.stderr and "Traceback" not in res.output
+    assert json.loads((run / "checkpoints" / "step-00000060.json").read_text())["sampling"] == \
+        {"salt": "", "origin": 0}
