@@ -165,6 +165,15 @@ def lloyd(
     return KMeansResult(labels=labels, centres=centres + mu, inertia=dist.sum(), iterations=it)
 
 
+def draw_one(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One index ``(1,)`` drawn with probability ``probs`` (non-negative, summing to 1): the index of
+    the largest ``probs / Exp(1)``, which is how ``torch.multinomial(probs, 1)`` draws it, with the
+    same result and generator state on the CPU, but without the host read with which multinomial
+    first checks its input (on a GPU: one synchronisation per k-means++ centre)."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / q).reshape(1)
+
+
 def kmeans_pp(x: Tensor, k: int, generator: torch.Generator, chunk: int = DEFAULT_CHUNK) -> Tensor:
     """k-means++ seeding: k centres, each drawn with probability proportional to
     the squared distance to the nearest centre chosen so far."""
@@ -180,7 +189,7 @@ def kmeans_pp(x: Tensor, k: int, generator: torch.Generator, chunk: int = DEFAUL
         total = closest.sum()
         # all points on existing centres (fewer distinct points than k): draw uniformly
         probs = torch.where(total > 0, closest / total.clamp_min(1e-30), torch.full_like(closest, 1.0 / n))
-        idx = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(dev)
+        idx = draw_one(probs.to(generator.device), generator).to(dev)
         c = x[idx]
         centres.append(c)
         for s in range(0, n, chunk):

@@ -170,6 +170,28 @@ def test_kmeans_pp_restarts_and_seed():
     assert all(bool((x == row).all(1).any()) for row in c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_draw_one_is_torch_multinomial_without_its_host_read(monkeypatch, dtype):
+    """k-means++ draws each centre with draw_one: on the CPU the same index and generator state as
+    torch.multinomial(probs, 1), including zero-probability entries, and no host read."""
+    for seed in range(30):
+        probs = torch.rand(500, generator=torch.Generator().manual_seed(100 + seed), dtype=dtype) ** 3
+        probs[: 50 * (seed % 5)] = 0
+        probs /= probs.sum()
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        expected = torch.multinomial(probs, 1, generator=g1)
+        got = km.draw_one(probs, g2)
+        assert torch.equal(got, expected) and torch.equal(g1.get_state(), g2.get_state())
+        assert float(probs[got]) > 0
+    reads = []
+    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+    km.draw_one(probs, torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert reads == []
+
+
 def test_knn_vote_majority_and_tie_break():
     ref = torch.tensor([[0.0], [0.1], [0.2], [5.0], [5.1], [5.2]])
     ref_labels = torch.tensor([0, 0, 0, 1, 1, 1])
