@@ -607,6 +607,16 @@ _code_grid_fused_variant(
     "-o conditioner.fake_conditions=prior-fresh (the G step draws its fake conditions from the prior anew, as "
     "the authors' 2D code does, instead of reusing the D step's draw)",
     {"-o": ["conditioner.fake_conditions=prior-fresh"]})
+# all of the authors' 2D-code mechanics at once: how far is the preset from their procedure, run
+# through dyngan's own code path (benchmarks/reference_2d.py is the separate single-file oracle)?
+AUTHORS_2D = ["detector.average=probability", "partitioner.split_on=average", "partitioner.weighting=reference",
+              "model.init=normal", "conditioner.fake_conditions=prior-fresh"]
+_code_grid_fused_variant(
+    "authors2d", "the authors' 2D-code mechanics all at once", "dyngan-authors2d",
+    "--sampling epoch -o " + " -o ".join(AUTHORS_2D) + " (their detector rule, k-means weighting, initial "
+    "weights, batches and fake-condition draws together; the raw-G row is their procedure, the G-average row "
+    "adds our average)",
+    {"sampling": "epoch", "-o": AUTHORS_2D})
 for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
     TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 # the preset as it is now first: the three target tables of the 2026-12-07 rule, then the rest in order
