@@ -846,7 +846,9 @@ class Trainer:
             was = meta.get("processes", 1)
             moved = isinstance(was, int) and not isinstance(was, bool) and was >= 1 and was != self.world_size
             if self.epoch_batches is not None:
-                self._restore_epoch_order(meta.get("sampling"), ck.step, moved)
+                self._restore_epoch_order(meta.get("sampling"), ck.step, (
+                    f"{self.world_size} process{'es' if self.world_size > 1 else ''}" if moved
+                    else f"{self.device.type}" if rng_moved else None))
             if moved:
                 b = self.cfg["batch_size"]
                 self.progress.warn(f"this run was trained by {was} process{'es' if was > 1 else ''} (effective batch "
@@ -880,7 +882,7 @@ class Trainer:
             self.progress.warn(
                 f"the checkpoint's random streams were saved on another kind of device than "
                 f"{self.device.type}; they restart from the seed, so the continuation differs from "
-                f"one on the original device")
+                f"one on the original device" + (" (and a new epoch begins)" if self.epoch_batches is not None else ""))
 
     def save(self) -> None:
         if self._saved_step == self.step:
@@ -1207,10 +1209,12 @@ class Trainer:
             if log is not None:
                 log.close()
 
-    def _restore_epoch_order(self, saved: Any, step: int, moved: bool) -> None:
+    def _restore_epoch_order(self, saved: Any, step: int, new_on: str | None) -> None:
         """``--sampling epoch`` at a checkpoint of ``step``: continue the saved order (``saved``, from
-        ``EpochBatches.state``), or begin a new epoch when the number of processes ``moved`` (the
-        epochs' slices no longer fit). ValueError for a saved state that cannot be this run's."""
+        ``EpochBatches.state``), or begin a new epoch on ``new_on``, when the run goes on with
+        another number of processes (the epochs' slices no longer fit) or on another kind of device
+        (whose generators draw other permutations). ValueError for a saved state that cannot be
+        this run's."""
         eb = self.epoch_batches
         assert eb is not None
         batches = step * int(self.comps.loss.d_steps)
@@ -1220,8 +1224,8 @@ class Trainer:
         if not isinstance(salt, str) or len(salt) > 200 or not isinstance(origin, int) or isinstance(origin, bool) \
                 or not 0 <= origin <= batches:
             raise ValueError(f"its epoch order {saved!r} cannot be this run's at step {step}")
-        if moved:
-            eb.restart(f"{self.world_size} process{'es' if self.world_size > 1 else ''} from step {step}", batches)
+        if new_on is not None:
+            eb.restart(f"{new_on} from step {step}", batches)
         else:
             eb.restart(salt, origin)
 

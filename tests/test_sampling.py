@@ -195,3 +195,22 @@ def test_a_checkpoint_with_a_bad_epoch_order_is_not_loaded(tmp_path, bad):
     assert "step-00000040" in res.stderr and "epoch order" in res.stderr and "Traceback" not in res.output
     assert json.loads((run / "checkpoints" / "step-00000060.json").read_text())["sampling"] == \
         {"salt": "", "origin": 0}
+
+
+def test_a_resume_on_another_kind_of_device_begins_a_new_epoch(tmp_path):
+    """A CUDA generator draws other permutations than a CPU one: the order restarts at the
+    checkpoint (imitated here by giving the random streams a CUDA generator's shape)."""
+    from core import checkpoint as ckpt_io
+
+    run = tmp_path / "r"
+    api.train(settings(run, steps=20, sampling="epoch"), quiet=True)
+    ck = ckpt_io.read(ckpt_io.list_checkpoints(run / "checkpoints")[-1][1])
+    tensors = dict(ck.tensors)
+    for k in ("rng/train", "rng/components"):
+        tensors[k] = torch.arange(16, dtype=torch.uint8)  # a CUDA (Philox) generator's: seed and offset
+    ckpt_io.save(run / "checkpoints", ck.step, tensors, ck.meta)
+    res = invoke(["train", "--out", str(run), "--resume", "--steps", "40"])
+    assert res.exit_code == 0, res.output
+    assert "another kind of device than cpu" in res.stderr and "(and a new epoch begins)" in res.stderr
+    assert json.loads((run / "checkpoints" / "step-00000040.json").read_text())["sampling"] == \
+        {"salt": "cpu from step 20", "origin": 20}
