@@ -156,8 +156,8 @@ class EpochBatches:
     (``state()``). Under torchrun the ranks share each epoch's permutation and take disjoint
     slices of it, as torch's DistributedSampler does: an epoch is ``N // (batch_size x
     processes)`` D steps of every rank. ``restart`` begins a new order at a batch number (a
-    rollback; a resume with another number of processes). One permutation per epoch, made on the
-    training device; a batch is a slice of it (no host read)."""
+    rollback; a resume with another number of processes or on another kind of device). One
+    permutation per epoch, made on the training device; a batch is a slice of it (no host read)."""
 
     def __init__(self, n: int, batch: int, seed: int, device: torch.device, rank: int = 0,
                  processes: int = 1) -> None:
