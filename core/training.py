@@ -603,19 +603,19 @@ class Trainer:
         if map_device is not None:
             self.device = map_device(self.device)
         self.comps = instantiate(cfg, registry)
-        self._check_fake_conditions()
+        self.fake_conditions = self._fake_conditions()
         self._reports: dict[str, Any] = {}
         self._skip_reason: str | None = None  # the partitioner's last reason for no partition
         self._build()
 
     # ------------------------------------------------------------------ building
 
-    def _check_fake_conditions(self) -> None:
-        """A conditioner's ``fake_conditions`` must be one the loop knows (a plugin's own value
-        would otherwise silently train as another)."""
+    def _fake_conditions(self) -> str | None:
+        """The conditioner's ``fake_conditions`` (None without one), read once; it must be one the
+        loop knows (a plugin's own value would otherwise silently train as another)."""
         c = self.comps.conditioner
         if c is None:
-            return
+            return None
         try:
             value = c.fake_conditions
         except Exception as e:
@@ -623,6 +623,7 @@ class Trainer:
         if value not in FAKE_CONDITIONS:
             raise ComponentFailure(c.kind, c.name, c.plugin, "fake_conditions", ValueError(
                 f"returned {value!r}; the training loop knows {', '.join(FAKE_CONDITIONS)}"))
+        return value
 
     def _build(self) -> None:
         cfg, comps, dev = self.cfg, self.comps, self.device
@@ -1257,8 +1258,8 @@ class Trainer:
         real_grad = bool(loss.wants_real_grad)
         g_needs_real = bool(loss.needs_real_in_g_step)
         conditional = self.comps.conditioner is not None
-        fake_from_prior = conditional and self.comps.conditioner.fake_conditions in ("prior", "prior-fresh")
-        g_draws_own = conditional and self.comps.conditioner.fake_conditions == "prior-fresh"
+        fake_from_prior = self.fake_conditions in ("prior", "prior-fresh")
+        g_draws_own = self.fake_conditions == "prior-fresh"
         zero_cond = torch.zeros(B, dtype=torch.long, device=dev)
         d_params = [p for p in D.parameters()]
         amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.get("amp") == "bf16")
