@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import timed  # noqa: E402
+from suite import machine  # noqa: E402
 
 
 def main() -> None:
@@ -78,8 +78,8 @@ def main() -> None:
         f"speedup_over_{base}_median": {i: round(statistics.median(b / a for a, b in
                                                                    zip(per_step[i], per_step[base])), 4)
                                         for i in impls[:-1]},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, python "
-                   f"{platform.python_version()}, torch {torch.__version__}",
+        "machine": machine(args.device),
+        "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(result))

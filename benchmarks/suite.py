@@ -575,16 +575,16 @@ _variants_1207("fused", "fused Adam (the default since 2026-12-07)",
                lambda base: {m: dict(TABLES[base]["methods"][m]) for m in ("ns", "dyngan")})
 
 
-def _code_grid_fused_variant(kind: str, what: str, method: str, how: str, settings: dict) -> None:
+def _code_grid_fused_variant(kind: str, what: str, method: str, how: str, options: list[str],
+                             flags: dict | None = None) -> None:
     """``dyngan-code-grid25-KIND-1207``: the code-grid table of the 2026-12-07 rule with fused Adam
-    (seeds 0-9), whose one method ``method`` is the preset with ``settings`` (``how`` says what they do)."""
+    (seeds 0-9), whose one method ``method`` is the preset with the -o ``options`` and the train
+    ``flags`` (``how`` says what they do)."""
     base = "dyngan-code-grid25-fused-1207"
-    preset = TABLES[base]["methods"]["dyngan"]
     _variant(f"dyngan-code-grid25-{kind}-1207", base, title=f"{TABLES['dyngan-code-grid25-1207']['title']}, {what}",
              protocol=f"as '{TABLES[base]['title']}' (seeds 0-9, fused Adam); {method} is the preset with {how}; "
                       "the preset itself: that table's rows.",
-             methods={method: preset | settings | ({"-o": preset.get("-o", []) + settings["-o"]}
-                                                     if "-o" in settings else {})})
+             methods={method: _with_options(TABLES[base]["methods"]["dyngan"], options) | (flags or {})})
 
 
 # the image code draws a fake batch's conditions as the real batch's labels (c = y), the 2D code from
@@ -593,20 +593,20 @@ _code_grid_fused_variant(
     "fakereal", "fake conditions from the real batch", "dyngan-fakereal",
     "-o conditioner.fake_conditions=real (each fake sample takes the condition of the real sample beside it "
     "in the batch, as in the authors' image code, instead of a draw from the partition prior)",
-    {"-o": ["conditioner.fake_conditions=real"]})
+    ["conditioner.fake_conditions=real"])
 # the 2D code trains on shuffled epochs of its 1,250 points (each once per epoch, last partial batch
 # dropped), dyngan by default on batches drawn with replacement: does the epoch order raise the HQ?
 _code_grid_fused_variant(
     "epoch", "shuffled epochs", "dyngan-epoch",
     "--sampling epoch (real batches as shuffled epochs of the 1,250 points, each once per epoch and the last "
     "partial batch dropped, as the authors' 2D code trains, instead of drawn with replacement)",
-    {"sampling": "epoch"})
+    [], {"sampling": "epoch"})
 # the 2D code's G step draws its own fake conditions from the prior; dyngan's reuses the D step's draw
 _code_grid_fused_variant(
     "gfresh", "the G step drawing its own fake conditions", "dyngan-gfresh",
     "-o conditioner.fake_conditions=prior-fresh (the G step draws its fake conditions from the prior anew, as "
     "the authors' 2D code does, instead of reusing the D step's draw)",
-    {"-o": ["conditioner.fake_conditions=prior-fresh"]})
+    ["conditioner.fake_conditions=prior-fresh"])
 # all of the authors' 2D-code mechanics at once: how far is the preset from their procedure, run
 # through dyngan's own code path (benchmarks/reference_2d.py is the separate single-file oracle)?
 AUTHORS_2D = ["detector.average=probability", "partitioner.split_on=average", "partitioner.weighting=reference",
@@ -616,7 +616,7 @@ _code_grid_fused_variant(
     "--sampling epoch -o " + " -o ".join(AUTHORS_2D) + " (their detector rule, k-means weighting, initial "
     "weights, batches and fake-condition draws together; the raw-G row is their procedure, the G-average row "
     "adds our average)",
-    {"sampling": "epoch", "-o": AUTHORS_2D})
+    AUTHORS_2D, {"sampling": "epoch"})
 for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
     TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 # the preset as it is now first: the three target tables of the 2026-12-07 rule, then the rest in order
