@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping
 
-from .components import every_problem
+from .components import every_problem, schema_problem
 from .errors import OptionError, PluginError, UsageError
 from .options import Option, check_value
 from .plugins import PluginHost, load_plugins, set_host
@@ -61,6 +61,7 @@ __all__ = [
     "tiny_mixture",
     "tiny_networks",
     "tiny_train_context",
+    "single_thread",
 ]
 
 
@@ -176,7 +177,8 @@ def check_options_schema(cls: type) -> None:
     default that its own schema accepts; ``cls.resolve_options({})`` returns
     exactly the defaults. A detector or partitioner declares an integer ``every``
     option with a minimum >= 1 or overrides the ``every`` property (what registering
-    it requires).
+    it requires); nothing else registering would refuse (``schema_problem``), such as a
+    min or max on an option that is not a number.
     """
     where = f"{getattr(cls, 'kind', '?')} {getattr(cls, 'name', cls.__name__)!r}"
     problems: list[str] = []
@@ -196,14 +198,25 @@ def check_options_schema(cls: type) -> None:
         except TypeError as e:
             problems.append(f"option {key!r}: {e}")
             continue
+        if (opt.min is not None or opt.max is not None) and opt.value_type not in (int, float):
+            problems.append(f"option {key!r} has a min or max, but its type is {opt.value_type.__name__}, "
+                            "not a number")
+            continue
         try:
             check_value(where, key, opt.default, opt)
         except OptionError as e:
             problems.append(f"option {key!r}: its default is invalid under its own schema ({e})")
+        except Exception as e:  # noqa: BLE001 - a schema the option checks cannot apply
+            problems.append(f"option {key!r}: its default cannot be checked against its own schema "
+                            f"({type(e).__name__}: {e})")
         if opt.choices is not None and not opt.choices:
             problems.append(f"option {key!r} has an empty tuple of choices")
         if opt.min is not None and opt.max is not None and opt.min > opt.max:
             problems.append(f"option {key!r} has min {opt.min} > max {opt.max}")
+    if not problems:  # anything else registering the class would refuse
+        refused = schema_problem(cls)
+        if refused is not None:
+            problems.append(f"registering the class would be refused: it {refused}")
     if not problems:
         try:
             resolved = cls.resolve_options({})
@@ -228,10 +241,16 @@ def check_state_roundtrip(component: Any) -> None:
     safetensors to the CPU, the rest through JSON) into ``load_state_dict``,
     and a second ``state_dict()`` must hold equal keys, dtypes, shapes and values.
     """
+    where = type(component).__name__
+    stage = ["state_dict()"]
+    _guarded(lambda: _roundtrip(component, where, stage), stage, where, [])()
+
+
+def _roundtrip(component: Any, where: str, stage: list[str]) -> None:
+    """``check_state_roundtrip``'s checks; ``stage[0]`` names the component's method being called."""
     import torch
     from safetensors.torch import load as st_load, save as st_save
 
-    where = type(component).__name__
     state = component.state_dict()
     if not isinstance(state, Mapping):
         raise AssertionError(f"{where}.state_dict() returned {type(state).__name__}, not a mapping")
@@ -254,8 +273,9 @@ def check_state_roundtrip(component: Any) -> None:
     restored = dict(js)
     if tensors:
         restored.update(st_load(st_save(tensors)))
+    stage[0] = "load_state_dict()"
     component.load_state_dict(restored)
-
+    stage[0] = "state_dict() after load_state_dict()"
     again = component.state_dict()
     if not isinstance(again, Mapping) or set(again) != set(state):
         got = sorted(again) if isinstance(again, Mapping) else again
@@ -528,6 +548,23 @@ def _fail(where: str, problems: list[str]) -> None:
         raise AssertionError(f"{where}: " + "; ".join(problems))
 
 
+def _guarded(run: Callable[[], Any], stage: list[str], where: str, problems: list[str]) -> Callable[[], Any]:
+    """``run`` that turns an exception of the component's into an AssertionError naming the call
+    ``stage[0]`` was at (``run`` keeps it current), as the training loop would name the component."""
+
+    def guarded() -> Any:
+        try:
+            return run()
+        except AssertionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the component's own error: list it as a problem
+            problems.append(f"{stage[0]} raised {type(e).__name__}: {e}")
+            _fail(where, problems)
+            raise
+
+    return guarded
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -549,8 +586,11 @@ def check_loss(loss_cls: type, options: Mapping[str, Any] | None = None, *, batc
 
     options = dict(options or {})
     where = f"loss {getattr(loss_cls, 'name', loss_cls)!r}"
-    loss = loss_cls(**options)
     problems: list[str] = []
+    stage = ["__init__()"]
+    loss = _guarded(lambda: loss_cls(**options), stage, where, problems)()
+    stage[0] = "optimizer_defaults()"
+    defaults = _guarded(loss.optimizer_defaults, stage, where, problems)()
     d_steps = loss.d_steps
     if not isinstance(d_steps, int) or isinstance(d_steps, bool) or d_steps < 1:
         problems.append(f"d_steps is {d_steps!r}, not an int >= 1")
@@ -558,7 +598,6 @@ def check_loss(loss_cls: type, options: Mapping[str, Any] | None = None, *, batc
         problems.append(f"wants_real_grad is {loss.wants_real_grad!r}, not a bool")
     if not isinstance(loss.needs_real_in_g_step, bool):
         problems.append(f"needs_real_in_g_step is {loss.needs_real_in_g_step!r}, not a bool")
-    defaults = loss.optimizer_defaults()
     if not isinstance(defaults, Mapping) or set(defaults) - {"lr_g", "lr_d", "betas"}:
         problems.append(f"optimizer_defaults() returned {defaults!r}; keys must be among lr_g, lr_d, betas")
     _fail(where, problems)
@@ -783,17 +822,7 @@ def check_detector(
         _check_reports(reports, "report", problems)
         return {"detections": results + [going_on, resumed], "reports": reports}
 
-    def guarded() -> dict[str, Any]:
-        try:
-            return run()
-        except AssertionError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the loop would name the component; list it as a problem
-            problems.append(f"{stage[0]} raised {type(e).__name__}: {e}")
-            _fail(where, problems)
-            raise
-
-    return _run_twice(guarded, where, problems, "run")["detections"][0]
+    return _run_twice(_guarded(run, stage, where, problems), where, problems, "run")["detections"][0]
 
 
 # --------------------------------------------------------------------------- datasets
@@ -822,9 +851,14 @@ def check_dataset(dataset_cls: type, options: Mapping[str, Any] | None = None, *
     if not isinstance(ev, int) or isinstance(ev, bool) or ev < 1:
         problems.append(f"eval_samples is {ev!r}, not an int >= 1")
 
+    stage = ["__init__()"]  # what run() is calling: named when it raises
+
     def run() -> tuple[Any, Any]:
+        stage[0] = "__init__()"
         ds = dataset_cls(**options)
+        stage[0] = "load()"
         x = ds.load(torch.Generator().manual_seed(seed))
+        stage[0] = "info()"
         info = ds.info()
         try:
             info = json.loads(json.dumps(info))
@@ -832,6 +866,7 @@ def check_dataset(dataset_cls: type, options: Mapping[str, Any] | None = None, *
             problems.append(f"info() is not JSON-serialisable: {e}")
         return x, info
 
+    run = _guarded(run, stage, where, problems)
     x, info = run()
     if not isinstance(x, torch.Tensor):
         problems.append(f"load() returned {type(x).__name__}, not a tensor")
@@ -849,8 +884,9 @@ def check_dataset(dataset_cls: type, options: Mapping[str, Any] | None = None, *
     if not isinstance(info, dict):
         problems.append(f"info() returned {type(info).__name__}, not a dict")
     _fail(where, problems)
+    again = run()
     try:
-        assert_same((x, info), run(), "(load, info)")
+        assert_same((x, info), again, "(load, info)")
     except AssertionError as e:
         problems.append(f"not deterministic under a fixed seed: {e}")
     _fail(where, problems)
@@ -897,17 +933,24 @@ def check_metric(
     real = real if real is not None else tiny_mixture(256, seed=2)
     problems: list[str] = []
 
+    stage = ["__init__()"]  # what run() is calling: named when it raises
+
     def run() -> dict[str, float]:
+        stage[0] = "__init__()"
         m = metric_cls(**options)
-        if m.supports(dataset) is not True:
-            problems.append(f"supports() returned {m.supports(dataset)!r} for the dataset given: pass one it supports")
+        stage[0] = "supports()"
+        supported = m.supports(dataset)
+        if supported is not True:
+            problems.append(f"supports() returned {supported!r} for the dataset given: pass one it supports")
             _fail(where, problems)
+        stage[0] = "check()"
         try:
             m.check(int(fake.shape[0]), int(real.shape[0]))
         except DynganError as e:
             problems.append(f"check({fake.shape[0]}, {real.shape[0]}) refused: {e}")
             _fail(where, problems)
         f0, r0 = fake.clone(), real.clone()
+        stage[0] = "compute()"
         with torch.no_grad():
             out = m.compute(fake, real, dataset)
         if not (torch.equal(fake, f0) and torch.equal(real, r0)):
@@ -920,4 +963,4 @@ def check_metric(
         problems.extend(f"{k} is {v}, not finite" for k, v in vals.items() if not math.isfinite(v))
         return vals
 
-    return _run_twice(run, where, problems, "values")
+    return _run_twice(_guarded(run, stage, where, problems), where, problems, "values")

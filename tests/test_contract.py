@@ -303,6 +303,10 @@ def test_check_options_schema_accepts_a_good_schema():
     ({"two-words": Option(1, "a count")}, "option key 'two-words' is not a Python identifier"),
     ({"delta": 0.1}, "option 'delta' is float, not core.options.Option"),
     ({"d": Option(0.5, "x", min=1.0, max=0.0)}, "option 'd' has min 1.0 > max 0.0"),
+    # bounds on an option that is not a number: registering the class refuses them
+    ({"mode": Option("fast", "a mode", min=0)}, "option 'mode' has a min or max, but its type is str"),
+    ({"flag": Option(True, "a flag", max=5)}, "option 'flag' has a min or max, but its type is bool"),
+    ({"n": Option(3, "a count", min="1")}, "option 'n': its default cannot be checked against its own schema"),
 ])
 def test_check_options_schema_finds_problems(opts, problem):
     cls = type("Bad", (Loss,), {"name": "bad", "options": opts})
@@ -310,6 +314,17 @@ def test_check_options_schema_finds_problems(opts, problem):
         check_options_schema(cls)
     assert str(exc.value).startswith("loss 'bad': ")
     assert problem in str(exc.value)
+
+
+@pytest.mark.parametrize("opt", [Option("fast", "a mode", min=0), Option(True, "a flag", max=5)])
+def test_check_options_schema_fails_what_registering_refuses(opt):
+    # the kit and the registry agree: a class the kit passes is one a plugin can register
+    from core.components import schema_problem
+
+    cls = type("Bounded", (Loss,), {"name": "bounded", "options": {"x": opt}})
+    assert schema_problem(cls) is not None
+    with pytest.raises(AssertionError, match="has a min or max"):
+        check_options_schema(cls)
 
 
 def test_check_options_schema_catches_a_broken_resolve_options():
@@ -323,6 +338,16 @@ def test_check_options_schema_catches_a_broken_resolve_options():
 
     with pytest.raises(AssertionError, match=r"returned \{'x': 2\}, not the defaults \{'x': 1\}"):
         check_options_schema(Overridden)
+
+
+@pytest.mark.parametrize("method, stage", [("state_dict", "state_dict()"), ("load_state_dict", "load_state_dict()")])
+def test_check_state_roundtrip_names_the_method_that_raised(method, stage):
+    def broken(self, *args):
+        raise ValueError("no state here")
+
+    cls = type("Broken", (Component,), {method: broken})
+    with pytest.raises(AssertionError, match=re.escape(f"Broken: {stage} raised ValueError: no state here")):
+        check_state_roundtrip(cls())
 
 
 def test_check_state_roundtrip_accepts_a_good_component():

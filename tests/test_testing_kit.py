@@ -299,6 +299,30 @@ def test_check_dataset_catches(cls, message):
     assert message in str(e.value)
 
 
+class RaisingData(GoodData):
+    """Loads ``works`` times, then raises (counted on the class: each check makes new instances)."""
+
+    options = {**GoodData.options, "works": Option(0, "loads that succeed", min=0)}
+    calls = 0
+
+    def load(self, generator):
+        type(self).calls += 1
+        if type(self).calls > self.opts.works:
+            raise ValueError("file went away")
+        return super().load(generator)
+
+
+@pytest.mark.parametrize("works", [
+    0,
+    1,  # the second load, of the determinism check, raises: said as such, not as a difference
+])
+def test_check_dataset_names_the_method_that_raised(works):
+    cls = type("Raising", (RaisingData,), {"calls": 0})
+    with pytest.raises(AssertionError) as e:
+        check_dataset(cls, {"works": works})
+    assert str(e.value) == "dataset 'kit-good': load() raised ValueError: file went away"
+
+
 # ---------------------------------------------------------------------- building blocks
 
 
@@ -396,6 +420,26 @@ def test_check_metric_names_what_a_metric_gets_wrong(compute, needle):
 
     with pytest.raises(AssertionError, match=re.escape(needle)):
         check_metric(_metric(compute))
+
+
+def test_check_metric_and_check_loss_name_the_method_that_raised():
+    from core.testing import check_metric
+
+    def compute(f, r):
+        raise ValueError("no centres")
+
+    with pytest.raises(AssertionError, match=re.escape("metric 'mine': compute() raised ValueError: no centres")):
+        check_metric(_metric(compute))
+
+    class Unbuildable(Loss):
+        name = "unbuildable"
+
+        def __init__(self, **options):
+            super().__init__(**options)
+            raise RuntimeError("needs a GPU")
+
+    with pytest.raises(AssertionError, match=re.escape("loss 'unbuildable': __init__() raised RuntimeError: needs a GPU")):
+        check_loss(Unbuildable)
 
 
 def test_a_run_under_plugin_host_records_the_modules_own_version(tmp_path):
