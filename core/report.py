@@ -24,6 +24,7 @@ matplotlib is the optional extra ``dyngan[plots]``, imported only here.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -444,18 +445,25 @@ def _samples_images(run: "Run", seed: int, plt: Any) -> Path:
 # --------------------------------------------------------------------------- curves
 
 
+#: logged values beyond this size are left out of the curves: an axis cannot span them
+_PLOTTABLE = 1e300
+
+
 def _num(v: Any) -> float | None:
-    """A logged number (NaN/inf are logged as strings) or None."""
+    """A logged number that a curve can show, or None. NaN (logged as a string) stays NaN: a gap
+    in its line. inf, values beyond +-1e300 (no axis spans them) and non-numbers are None."""
     if isinstance(v, bool):
         return None
     if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
+        f = float(v) if not isinstance(v, int) or abs(v) < 2**1023 else math.inf
+    elif isinstance(v, str):
         try:
-            return float(v)
+            f = float(v)
         except ValueError:
             return None
-    return None
+    else:
+        return None
+    return f if math.isnan(f) or abs(f) <= _PLOTTABLE else None
 
 
 def _series(records: list[dict[str, Any]], key: str, event: str | None) -> tuple[list[int], list[float]]:

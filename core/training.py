@@ -270,7 +270,7 @@ def call_component(component: Component, method: str, *args: Any) -> Any:
         return getattr(component, method)(*args)
     except DynganError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a plugin's sys.exit() is its failure, not the run's end
         from .distributed import collective_failure
 
         if collective_failure(e):  # torchrun: another process stopped, not this component's fault
@@ -604,6 +604,7 @@ class Trainer:
             self.device = map_device(self.device)
         self.comps = instantiate(cfg, registry)
         self.fake_conditions = self._fake_conditions()
+        self.d_steps = self._d_steps()
         self._reports: dict[str, Any] = {}
         self._skip_reason: str | None = None  # the partitioner's last reason for no partition
         self._build()
@@ -623,6 +624,18 @@ class Trainer:
         if value not in FAKE_CONDITIONS:
             raise ComponentFailure(c.kind, c.name, c.plugin, "fake_conditions", ValueError(
                 f"returned {value!r}; the training loop knows {', '.join(FAKE_CONDITIONS)}"))
+        return value
+
+    def _d_steps(self) -> int:
+        """The loss's ``d_steps``, read once; an int >= 1 (with 0 the G step would have no fake batch)."""
+        lo = self.comps.loss
+        try:
+            value = lo.d_steps
+        except Exception as e:
+            raise ComponentFailure(lo.kind, lo.name, lo.plugin, "d_steps", e) from e
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ComponentFailure(lo.kind, lo.name, lo.plugin, "d_steps", ValueError(
+                f"returned {value!r}; it must be an int >= 1 (discriminator steps per generator step)"))
         return value
 
     def _build(self) -> None:
@@ -856,7 +869,10 @@ class Trainer:
                                   f"{was * b}) and goes on with {self.world_size} (effective batch "
                                   f"{self.world_size * b}): the same settings, another batch from here on"
                                   + (", and a new epoch begins" if self.epoch_batches is not None else ""))
-            partition_count = int(meta.get("partition_count", 1))
+            partition_count = meta.get("partition_count", 1)
+            if not isinstance(partition_count, int) or isinstance(partition_count, bool) \
+                    or not 1 <= partition_count <= self.capacity:
+                raise ValueError(f"partition_count {partition_count!r} is not a count from 1 to {self.capacity}")
             det_js = meta.get("detection")
             detection = None if det_js is None else ckpt_io.join_detection(
                 det_js, t, type(self.comps.detector) if self.comps.detector is not None else None, self.device)
@@ -1218,12 +1234,12 @@ class Trainer:
         this run's."""
         eb = self.epoch_batches
         assert eb is not None
-        batches = step * int(self.comps.loss.d_steps)
+        batches = step * self.d_steps
         if saved is None:  # a checkpoint written before the order was saved: the run's first order
             saved = {"salt": "", "origin": 0}
         salt, origin = (saved.get("salt"), saved.get("origin")) if isinstance(saved, dict) else (None, None)
-        if not isinstance(salt, str) or len(salt) > 200 or not isinstance(origin, int) or isinstance(origin, bool) \
-                or not 0 <= origin <= batches:
+        if not isinstance(salt, str) or len(salt) > 200 or not salt.isprintable() or not isinstance(origin, int) \
+                or isinstance(origin, bool) or not 0 <= origin <= batches:  # (isprintable: no lone surrogates)
             raise ValueError(f"its epoch order {saved!r} cannot be this run's at step {step}")
         if new_on is not None:
             eb.restart(f"{new_on} from step {step}", batches)
@@ -1238,7 +1254,7 @@ class Trainer:
         self.gen.manual_seed(self.cfg["seed"] + 1_000_003 * attempt + self.step)
         if self.epoch_batches is not None:
             self.epoch_batches.restart(f"rollback {attempt} at step {self.step}",
-                                       self.step * int(self.comps.loss.d_steps))
+                                       self.step * self.d_steps)
         self._own_streams = False  # the new stream is rank 0's: the others derive theirs from it
         self._sync_ranks()
         if log is not None:
@@ -1254,7 +1270,7 @@ class Trainer:
         opt_g, opt_d, loss = self.opt_g, self.opt_d, self.comps.loss
         data, labels, prior, gen, z_dim = self.data, self.labels, self.prior, self.gen, self.z_dim
         report = self._report
-        d_steps = int(loss.d_steps)
+        d_steps = self.d_steps
         real_grad = bool(loss.wants_real_grad)
         g_needs_real = bool(loss.needs_real_in_g_step)
         conditional = self.comps.conditioner is not None

@@ -158,6 +158,8 @@ def _read_npy(path: Path) -> "Tensor":
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
+    elif arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float64)  # long double: torch has no such dtype (training data is float32)
     elif arr.dtype.kind == "u" and arr.dtype.itemsize > 1 and arr.dtype != np.uint64:
         arr = arr.astype(np.int64)  # torch has limited unsigned support
     elif arr.dtype == np.uint64:
@@ -200,6 +202,8 @@ def _read_safetensors(path: Path, key: str | None) -> "Tensor":
         t = t.to(torch.uint8)
     if not (t.is_floating_point() or t.dtype in _int_dtypes()):
         raise DataError(f"{path}: tensor {key!r} has unsupported dtype {t.dtype}")
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.to(torch.float32)  # the float8 types: exact in float32, which torch's checks support
     return t
 
 

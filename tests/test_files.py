@@ -161,6 +161,30 @@ def test_complex_safetensors_rejected(tmp_path):
     _one_line_naming(e, p)
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_safetensors_load_as_their_float32_values(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    x = (torch.arange(12, dtype=torch.float32).view(6, 2) / 4 - 1).to(getattr(torch, dtype))
+    p = tmp_path / "f8.safetensors"
+    save_file({"x": x}, str(p))
+    got = _load(path=str(p))
+    assert got.dtype == torch.float32 and torch.equal(got, x.to(torch.float32))
+    x[2, 1] = float("nan")  # the finiteness check still applies to them
+    save_file({"x": x}, str(p))
+    with pytest.raises(DataError, match=r"1 NaN value; the first at index \(2, 1\)"):
+        _load(path=str(p))
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="long double is float64 on this platform")
+def test_long_double_npy_loads_through_float64(tmp_path):
+    arr = np.arange(8, dtype=np.longdouble).reshape(4, 2) / 3
+    p = tmp_path / "ld.npy"
+    np.save(p, arr)
+    got = _load(path=str(p))
+    assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(arr.astype(np.float32)))
+
+
 class _Boom:
     """Unpickling this would run code; the loader must refuse before that."""
 

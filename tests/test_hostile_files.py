@@ -152,6 +152,14 @@ def corrupt_meta_types(ck, runs):
     _rewrite(ck, components=[1, 2], partition_count="many")
 
 
+def corrupt_partition_count_inf(ck, runs):
+    _rewrite(ck, partition_count=float("inf"))  # JSON Infinity: int() of it overflows
+
+
+def corrupt_partition_count_zero(ck, runs):
+    _rewrite(ck, partition_count=0)
+
+
 def corrupt_optimiser_settings(ck, runs):
     meta = json.loads((ck / "step-00000020.json").read_text())
     meta["optim"]["G"]["param_groups"][0]["lr"] = "fast"
@@ -225,6 +233,8 @@ CORRUPTIONS = {
     "tensor-shape": (corrupt_tensor_shape, "does not fit"),
     "hostile-header": (corrupt_hostile_header, "not a valid safetensors file"),
     "meta-types": (corrupt_meta_types, "does not fit"),
+    "partition-count-inf": (corrupt_partition_count_inf, "partition_count inf is not a count"),
+    "partition-count-zero": (corrupt_partition_count_zero, "partition_count 0 is not a count"),
     "optimiser-settings": (corrupt_optimiser_settings, "does not fit"),
     "step-mismatch": (corrupt_step_mismatch, "bad step"),
     "path-escape": (corrupt_path_escape, "bad tensor file name"),
@@ -233,7 +243,7 @@ CORRUPTIONS = {
 
 
 #: corruptions of what only a resumed run reads (optimiser, component state)
-TRAINING_STATE_ONLY = {"meta-types", "optimiser-settings", "optimiser-state-shape", "negative-adam-step",
+TRAINING_STATE_ONLY = {"meta-types", "partition-count-inf", "partition-count-zero", "optimiser-settings", "optimiser-state-shape", "negative-adam-step",
                        "nan-adam-moment"}
 
 

@@ -30,6 +30,7 @@ from cli_helpers import invoke
 from core.components import CollapseDetector, Detection, Loss, Metric, Option, PartitionUpdate, Partitioner
 from dyngan_plugins.dyngan import DynGANDetector
 from dyngan_plugins.conditioners import OneHotConditioner
+from dyngan_plugins.losses import NonSaturatingLoss
 from core.errors import CheckpointError, UsageError
 from core.training import Trainer
 
@@ -1005,6 +1006,42 @@ def test_a_conditioner_with_fake_conditions_the_loop_does_not_know_fails_clearly
     assert "conditioner 'odd-fakes' (plugin 'odd-fakes') raised in fake_conditions()" in res.stderr
     assert "returned 'uniform'; the training loop knows prior, prior-fresh, real" in res.stderr
     assert not (tmp_path / "r").exists()  # refused before training: no run left behind
+
+
+class _NoDSteps(NonSaturatingLoss):
+    name = "no-d-steps"
+
+    @property
+    def d_steps(self):
+        return 0  # the G step would have no fake batch
+
+
+class _ExitingLoss(NonSaturatingLoss):
+    name = "exiting"
+
+    def d_loss(self, ctx):
+        raise SystemExit(0)  # a plugin's sys.exit() must not end the run as a success
+
+
+@hookimpl
+def _register_odd_losses(register):
+    register(_NoDSteps)
+    register(_ExitingLoss)
+
+
+@pytest.mark.parametrize("loss, message, left", [
+    ("no-d-steps", "loss 'no-d-steps' (plugin 'odd-losses') raised in d_steps(): ValueError: returned 0; it must "
+                   "be an int >= 1", False),  # refused before training: no run left behind
+    ("exiting", "loss 'exiting' (plugin 'odd-losses') raised in d_loss(): SystemExit: 0", True),
+])
+def test_a_loss_that_breaks_the_loop_fails_clearly(tmp_path, loss, message, left):
+    from core.testing import plugin_host
+
+    with plugin_host(("odd-losses", types.SimpleNamespace(register_losses=_register_odd_losses))):
+        res = invoke(["train", *SMALL_FLAGS, "--steps", "5", "--loss", loss, "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert message in res.stderr
+    assert (tmp_path / "r").exists() == left
 
 
 class _BadMetric(Metric):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -220,6 +221,25 @@ def test_series_and_numbers():
     xs, ys = report._series(recs, "loss/d", None)
     assert xs == [1, 2] and ys[0] == 1.5 and ys[1] != ys[1]  # NaN kept as NaN
     assert report._series(recs, "loss/d", "eval") == ([4], [9.0])
+    # inf, and values no axis can span, are left out (matplotlib raises on them)
+    recs = [{"step": 1, "loss/d": "inf"}, {"step": 2, "loss/d": -math.inf}, {"step": 3, "loss/d": 1e308},
+            {"step": 4, "loss/d": -10**400}, {"step": 5, "loss/d": 1e299}, {"step": 6, "loss/d": "-2.5"}]
+    assert report._series(recs, "loss/d", None) == ([5, 6], [1e299, -2.5])
+
+
+@pytest.mark.parametrize("rec", [
+    {"step": 30, "event": "partition", "partition/count": "inf"},
+    {"step": 30, "loss/d": 1e308, "loss/g": -1e308},
+    {"step": 30, "event": "eval", "mixture/hq": "inf", "mixture/reverse_kl": -1e308},
+])
+def test_curves_survive_values_no_axis_can_span(tmp_path, run2d, rec):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(run2d, run)
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+    _check_png(report.write_report(run)[1])
 
 
 # --------------------------------------------------------------------------- images

@@ -185,7 +185,7 @@ def test_a_resume_with_another_number_of_processes_begins_a_new_epoch(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"salt": 5, "origin": 0}, {"salt": "", "origin": 41}, {"salt": "", "origin": True},
-                                 [1, 2]])
+                                 [1, 2], {"salt": "\ud800", "origin": 0}])  # a lone surrogate cannot be hashed
 def test_a_checkpoint_with_a_bad_epoch_order_is_not_loaded(tmp_path, bad):
     run = tmp_path / "r"
     api.train(settings(run, steps=40, sampling="epoch"), quiet=True)  # checkpoints at 20 and 40
