@@ -477,6 +477,7 @@ class LoadedRun(NamedTuple):
     #: its file name for messages; None: it holds none
     saved_labels: Any = None
     checkpoint: str = ""
+    data_shape: tuple[int, ...] | None = None  # what G's samples must be shaped (per sample)
 
 
 def warn_stderr(text: str) -> None:
@@ -546,7 +547,7 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
 
     ck = ckpt_io.load_latest(run_dir / rundir.CHECKPOINTS, apply, warn)
     return LoadedRun(cfg, comps, holder["G"], holder["prior"], dev, ck.step, holder["weights"], holder["labels"],
-                     ck.path.name)
+                     ck.path.name, holder["shape"])
 
 
 class Run:
@@ -562,6 +563,7 @@ class Run:
         self.cfg, self.comps, self.G, self.prior = loaded.cfg, loaded.comps, loaded.G, loaded.prior
         self.device, self.step, self.weights = loaded.device, loaded.step, loaded.weights
         self._saved_labels, self._checkpoint = loaded.saved_labels, loaded.checkpoint
+        self._data_shape = loaded.data_shape
         self.z_dim = int(self.comps.model.z_dim)
         self._warn = warn
 
@@ -632,7 +634,8 @@ class Run:
         with _out_of_memory_as_usage(f"drawing {n:,} samples on {self.device}"):
             # filled batch by batch into one CPU tensor: a GPU holds a batch, not the draw
             return generate(self.G, n, self.z_dim, self.prior, self.device, g, condition=condition,
-                            out_device=torch.device("cpu"), progress=progress)
+                            out_device=torch.device("cpu"), progress=progress, model=self.comps.model,
+                            data_shape=self._data_shape)
 
 
 @contextlib.contextmanager
@@ -776,7 +779,7 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
             warn(warning)
     with _out_of_memory_as_usage(f"drawing {n:,} samples on {dev}"):
         fake = generate(loaded.G, n, comps.model.z_dim, loaded.prior, dev,
-                        torch.Generator(device=dev).manual_seed(seed))
+                        torch.Generator(device=dev).manual_seed(seed), model=comps.model, data_shape=loaded.data_shape)
     with _out_of_memory_as_usage(f"scoring {n:,} samples on {dev}"):
         values, protocols = score(comps, fake, real)
     return {"run": str(run_dir), "step": loaded.step, "samples": n, "dataset": cfg["dataset"],

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -114,9 +115,11 @@ def save(directory: Path, step: int, tensors: dict[str, Any], meta: dict[str, An
             "size": len(blob),
         })
         atomic_write_bytes(json_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-    except OSError as e:
+    except BaseException as e:
         if not json_path.exists():  # a tensor file without its JSON must not linger
             tensor_path.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         raise RunFailure(f"could not write checkpoint at step {step} in {directory}: {e.strerror or e}; "
                          "the previous checkpoint is intact") from None
     _prune(directory, keep, step)
@@ -424,9 +427,18 @@ def split_state(prefix: str, state: dict[str, Any], tensors: dict[str, Any]) -> 
     the key of a value that is neither."""
     import torch
 
+    if not isinstance(state, Mapping):
+        raise ValueError(f"its state_dict() returned {type(state).__name__}, not a dict of str keys (an empty "
+                         "dict when it keeps no state)")
     js = {}
     for k, v in state.items():
+        if not isinstance(k, str):
+            raise ValueError(f"its state_dict() has the key {k!r} ({type(k).__name__}); keys must be strings "
+                             "(a checkpoint's JSON and tensor names are)")
         if isinstance(v, torch.Tensor):
+            if v.layout != torch.strided:
+                raise ValueError(f"its state_dict() value {k!r} is a {v.layout} tensor; a checkpoint keeps dense "
+                                 "tensors (call .to_dense() on it)")
             tensors[f"{prefix}/{k}"] = v
         else:
             try:
@@ -465,7 +477,11 @@ def split_detection(det: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, torch.Tensor):
             tensors[f"detection/{f.name}"] = v
         else:
-            json.dumps(v)  # a Detection's fields are tensors or plain values
+            try:
+                json.dumps(v)  # a Detection's fields are tensors or plain values
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"its Detection's field {f.name!r} ({type(v).__name__}) is neither a tensor nor "
+                                 f"JSON ({e}); a checkpoint keeps the last detection for an exact resume") from None
             fields[f.name] = v
     return {"type": f"{type(det).__module__}:{type(det).__qualname__}", "fields": fields}
 

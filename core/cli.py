@@ -9,6 +9,7 @@ imported inside the commands, so ``dyngan --help`` answers at once.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 from typing import Any
@@ -300,9 +301,14 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
         click.echo(json.dumps(api.dry_run(settings, resume=resume), indent=2, sort_keys=True))
         return
 
+    import contextlib
+
     comm = from_env()  # started by torchrun: data-parallel over its ranks (core/distributed.py)
     try:
-        result = api.train(settings, resume=resume, quiet=quiet, comm=comm)
+        # stdout carries the run directory alone (RUN=$(dyngan train ...)): what a component
+        # prints while the run trains goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = api.train(settings, resume=resume, quiet=quiet, comm=comm)
     finally:
         if comm is not None:
             comm.close()
@@ -367,8 +373,9 @@ def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool,
     from . import api
 
     res = api.evaluate(run_dir, n, seed, device=device, generator=generator)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
+    if as_json:  # standard JSON: a NaN or inf value is written as a string, as metrics.jsonl does
+        values = {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in res["metrics"].items()}
+        click.echo(json.dumps({**res, "metrics": values}, indent=2, allow_nan=False))
         return
     click.echo(f"{res['run']}  step {res['step']}  {res['dataset']}  {res['samples']} samples  "
                f"generator {res['generator']}")

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import OptionError, UsageError
+from .errors import ComponentFailure, DynganError, OptionError, UsageError
 from .options import Option, _exact_int, toml_type_problem
 from .registry import Registry
 
@@ -463,12 +463,34 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
         )
 
     # optimiser: the user's values, else the loss's recommendation, else the preset's, else the fallback
-    loss = classes["loss"](**resolved_opts["loss"])
-    rec = loss.optimizer_defaults() or {}
+    loss_cls = classes["loss"]
+
+    def loss_failure(error: BaseException, method: str = "optimizer_defaults") -> ComponentFailure:
+        return ComponentFailure(loss_cls.kind, loss_cls.name, getattr(loss_cls, "plugin", None), method, error)
+
+    method = "__init__"
+    try:
+        loss = loss_cls(**resolved_opts["loss"])
+        method = "optimizer_defaults"
+        rec = loss.optimizer_defaults() or {}
+    except DynganError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the plugin's own error
+        raise loss_failure(e, method) from e
+    if not isinstance(rec, Mapping):
+        raise loss_failure(TypeError(f"returned {type(rec).__name__}; it must return a dict of lr_g, lr_d "
+                                     "and/or betas (an empty one for the defaults)"))
+    from_loss = [key for key in _OPTIMIZER_KEYS if user.get(key) is None and key in rec]
     for key in _OPTIMIZER_KEYS:
         if user.get(key) is None:
             cfg[key] = rec.get(key, preset_settings.get(key, FALLBACK_OPTIMIZER[key]))
-    _check_scalars(cfg)
+    try:
+        _check_scalars(cfg)
+    except UsageError as e:  # a value the loss recommended, not the user's: the loss's failure
+        bad = next((key for key in from_loss if f"setting {key!r}" in str(e)), None)
+        if bad is None:
+            raise
+        raise loss_failure(ValueError(f"recommended {bad} = {rec[bad]!r}, which dyngan refuses ({e})")) from None
 
     metrics = _metric_names(cfg.get("metrics"))
     if metrics is None:

@@ -278,6 +278,25 @@ def call_component(component: Component, method: str, *args: Any) -> Any:
         raise ComponentFailure(component.kind, component.name, component.plugin, method, e) from e
 
 
+#: the loop's own tensors a TrainContext lends to components: never to be changed in place
+_LENT = ("data", "labels", "prior")
+
+
+def call_with_context(component: Component, method: str, ctx: Any, *args: Any) -> Any:
+    """``call_component`` for a method given the loop's ``TrainContext``: a component that changes
+    the training data, the partition labels or the prior in place (a relabelling must come back as
+    a PartitionUpdate, which the loop checks) fails naming itself, before anything is saved.
+    Checked by the tensors' version counters: no copy, no synchronisation."""
+    before = [getattr(ctx, name)._version for name in _LENT]
+    out = call_component(component, method, ctx, *args)
+    changed = [f"ctx.{name}" for name, v in zip(_LENT, before) if getattr(ctx, name)._version != v]
+    if changed:
+        raise ComponentFailure(component.kind, component.name, component.plugin, method, RuntimeError(
+            f"changed {' and '.join(changed)} in place; they are the training loop's own (a partitioner "
+            "returns new labels and prior in a PartitionUpdate; clone a tensor before changing it)"))
+    return out
+
+
 def load_dataset(comps: Components, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     data = call_component(comps.dataset, "load", gen)
@@ -296,9 +315,13 @@ def generate(
     condition: int | None = None,
     out_device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
+    model: Component | None = None,
+    data_shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """``n`` float32 samples with conditions drawn from ``prior``, in eval mode, batched; with
     ``condition``, every sample of that one condition (``generator`` then draws only the noise).
+    With ``model`` (the run's model component), an exception of G's, or samples that are not
+    ``(batch, *data_shape)`` floats, fail as a ``ComponentFailure`` naming it.
 
     The samples are written batch by batch into one tensor on ``out_device`` (default ``device``;
     the CPU keeps a GPU's samples off its memory): the only full-size copy. ``progress`` is told
@@ -319,9 +342,17 @@ def generate(
             else:
                 cond = torch.full((b,), condition, dtype=torch.long, device=device)
             z = torch.randn(b, z_dim, device=device, generator=generator)
-            x = G(z, cond)
+            if model is None:
+                x = G(z, cond)
+            else:
+                x = _forward(model, "G.forward", G, z, cond)
+                if start == 0:
+                    problem = sample_problem(x, b, data_shape)
+                    if problem is not None:
+                        raise ComponentFailure(model.kind, model.name, model.plugin, "G.forward",
+                                               ValueError(f"in eval mode {problem}"))
             if b == n:  # one batch: already allocated, nothing to refuse
-                return x.to(out_device, torch.float32)
+                return x.detach().to(out_device, torch.float32)
             if out is None:
                 _check_fits(n, tuple(x.shape[1:]), out_device)
                 out = torch.empty((n, *x.shape[1:]), dtype=torch.float32, device=out_device)
@@ -331,6 +362,46 @@ def generate(
     finally:
         G.train(was_training)
     return out if out is not None else torch.empty(0)
+
+
+def _forward(model: Component, where: str, net: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``net(*args)``, one of the run's networks: its exception fails naming ``model`` (an
+    allocation failure stays itself, for the callers that turn it into advice)."""
+    try:
+        return net(*args, **kwargs)
+    except DynganError:
+        raise
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise
+        raise ComponentFailure(model.kind, model.name, model.plugin, where, e) from e
+
+
+def _backward(loss: Component, method: str, value: torch.Tensor) -> None:
+    """``value.backward()`` for the loss ``method`` returned: autograd's error (an in-place change
+    of a tensor it needs, a second backward) fails naming the loss; an allocation failure, or a
+    collective that failed under torchrun, stays itself."""
+    try:
+        value.backward()
+    except RuntimeError as e:
+        from .distributed import collective_failure
+
+        if is_out_of_memory(e) or collective_failure(e):
+            raise
+        raise ComponentFailure(loss.kind, loss.name, loss.plugin, method, RuntimeError(
+            f"back-propagating the value it returned failed: {one_line(e)}")) from e
+
+
+def sample_problem(x: Any, batch: int, data_shape: tuple[int, ...] | None) -> str | None:
+    """What is wrong with G's output ``x`` for ``batch`` samples of data ``data_shape``, or None."""
+    if not isinstance(x, torch.Tensor):
+        return f"G returned {type(x).__name__}, not a tensor"
+    if not x.is_floating_point():
+        return f"G returned a tensor of dtype {x.dtype}, not a floating-point one"
+    want = (batch, *data_shape) if data_shape is not None else None
+    if want is not None and tuple(x.shape) != want:
+        return f"G returned samples of shape {tuple(x.shape)} for {batch} samples of data shaped {tuple(data_shape)}"
+    return None
 
 
 #: the share of a device's available memory that drawn samples may take (the rest: the process,
@@ -463,7 +534,10 @@ def _metric_values(m: Component, out: Any, earlier: Mapping[str, float]) -> dict
             v = v.item()
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise fail(f"returned {type(v).__name__} for {k!r}, not a number")
-        vals[k] = float(v)
+        try:
+            vals[k] = float(v)
+        except OverflowError:  # an int past float's range
+            raise fail(f"returned for {k!r} an integer of {int(v).bit_length()} bits, too large for a float") from None
     return vals
 
 
@@ -604,7 +678,7 @@ class Trainer:
             self.device = map_device(self.device)
         self.comps = instantiate(cfg, registry)
         self.fake_conditions = self._fake_conditions()
-        self.d_steps = self._d_steps()
+        self.d_steps, self.wants_real_grad, self.needs_real_in_g_step, self.differentiates_d = self._loss_traits()
         self._reports: dict[str, Any] = {}
         self._skip_reason: str | None = None  # the partitioner's last reason for no partition
         self._build()
@@ -626,17 +700,24 @@ class Trainer:
                 f"returned {value!r}; the training loop knows {', '.join(FAKE_CONDITIONS)}"))
         return value
 
-    def _d_steps(self) -> int:
-        """The loss's ``d_steps``, read once; an int >= 1 (with 0 the G step would have no fake batch)."""
+    def _loss_traits(self) -> tuple[int, bool, bool, bool]:
+        """The loss's ``d_steps``, ``wants_real_grad``, ``needs_real_in_g_step`` and
+        ``differentiates_d``, read once: an int >= 1 (with 0 the G step would have no fake batch)
+        and three truth values."""
         lo = self.comps.loss
-        try:
-            value = lo.d_steps
-        except Exception as e:
-            raise ComponentFailure(lo.kind, lo.name, lo.plugin, "d_steps", e) from e
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ComponentFailure(lo.kind, lo.name, lo.plugin, "d_steps", ValueError(
-                f"returned {value!r}; it must be an int >= 1 (discriminator steps per generator step)"))
-        return value
+        values = []
+        for key in ("d_steps", "wants_real_grad", "needs_real_in_g_step", "differentiates_d"):
+            try:
+                value = getattr(lo, key)
+                if key != "d_steps":
+                    value = bool(value)
+            except Exception as e:
+                raise ComponentFailure(lo.kind, lo.name, lo.plugin, key, e) from e
+            if key == "d_steps" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ComponentFailure(lo.kind, lo.name, lo.plugin, key, ValueError(
+                    f"returned {value!r}; it must be an int >= 1 (discriminator steps per generator step)"))
+            values.append(value)
+        return values[0], values[1], values[2], values[3]
 
     def _build(self) -> None:
         cfg, comps, dev = self.cfg, self.comps, self.device
@@ -679,6 +760,7 @@ class Trainer:
             m = comps.model
             raise ComponentFailure(m.kind, m.name, m.plugin, "build", e) from e
         self.spec = spec
+        self._check_spec()
         self._check_output_range()
         self._check_intervals()
         self.G, self.D = G.to(dev), D.to(dev)
@@ -693,6 +775,7 @@ class Trainer:
             self._ema_buffers = list(zip(self.G_ema.buffers(), self.G.buffers()))
         self.z_dim = comps.model.z_dim
         self.capacity = spec.capacity
+        self._probe_networks()
         betas = tuple(cfg["betas"])
         self.opt_g, adam_note = make_adam(self.G.parameters(), cfg["adam_impl"], cfg["lr_g"], betas)
         self.opt_d, _ = make_adam(self.D.parameters(), cfg["adam_impl"], cfg["lr_d"], betas)
@@ -715,7 +798,7 @@ class Trainer:
         self.notes: list[str] = [adam_note] if adam_note else []  # said once the run starts
         if cfg.get("compile"):
             self.G_call = torch.compile(self.G)
-            if bool(comps.loss.differentiates_d):
+            if self.differentiates_d:
                 # torch.compile's autograd has no double backward: R1 or a gradient penalty
                 # through a compiled D fails at the first step
                 self.notes.append(f"--compile: D stays uncompiled, because loss '{comps.loss.name}' "
@@ -723,6 +806,52 @@ class Trainer:
             else:
                 self.D_call = torch.compile(self.D)
         check_amp(cfg, dev)
+
+    def _check_spec(self) -> None:
+        """The conditioner's ``ConditioningSpec``: counts the loop can size tensors by."""
+        c, spec = self.comps.conditioner, self.spec
+        if c is None:
+            return
+        for key, low in (("capacity", 1), ("d_heads", 1), ("g_dim", 0), ("d_dim", 0)):
+            v = getattr(spec, key, None)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ComponentFailure(c.kind, c.name, c.plugin, "spec", ValueError(
+                    f"its ConditioningSpec has {key} = {v!r}; it must be an int >= {low}"))
+
+    def _probe_networks(self) -> None:
+        """One forward of G and D at the run's batch size before training, in train mode as the loop
+        runs them: a model whose samples do not have the data's shape, or whose D does not give one
+        logit and a row of features per sample, fails here naming it rather than as a shape error
+        deep in the loop. No side effects: no gradients, BatchNorm statistics and the random
+        streams are restored (the run is the same with or without it)."""
+        m, dev, B = self.comps.model, self.device, int(self.cfg["batch_size"])
+        gen = torch.Generator(device=dev).manual_seed(0)
+        z = torch.randn(B, self.z_dim, device=dev, generator=gen)
+        cond = torch.zeros(B, dtype=torch.long, device=dev)
+        saved = [(b, b.detach().clone()) for net in (self.G, self.D) for b in net.buffers()]
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                x = _forward(m, "G.forward", self.G, z, cond)
+                problem = sample_problem(x, B, self.data_shape)
+                if problem is not None:
+                    raise ComponentFailure(m.kind, m.name, m.plugin, "G.forward", ValueError(problem))
+                out = _forward(m, "D.forward", self.D, x, cond, features=True)
+                logits, feats = out
+                if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.shape != (B,):
+                    got = (type(logits).__name__ if not isinstance(logits, torch.Tensor)
+                           else f"{logits.dtype} {tuple(logits.shape)}")
+                    raise ComponentFailure(m.kind, m.name, m.plugin, "D.forward", ValueError(
+                        f"D must give one floating-point logit per sample ({B} for a batch of {B}"
+                        + (f", from its {self.spec.d_heads} heads" if self.spec.d_heads > 1 else "")
+                        + f"); got {got}"))
+                if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != B:
+                    got = type(feats).__name__ if not isinstance(feats, torch.Tensor) else f"shape {tuple(feats.shape)}"
+                    raise ComponentFailure(m.kind, m.name, m.plugin, "D.forward", ValueError(
+                        f"D must return (logits, features) with features shaped (batch, F); got {got}"))
+        finally:
+            with torch.no_grad():
+                for b, v in saved:
+                    b.copy_(v)
 
     def context(self) -> TrainContext:
         return TrainContext(
@@ -742,7 +871,9 @@ class Trainer:
         )
 
     def _check_intervals(self) -> None:
-        """A detector's or partitioner's ``every`` must be an integer >= 1 (a plugin may override it)."""
+        """A detector's or partitioner's ``every`` must be an integer >= 1 (a plugin may override it);
+        read here once, the loop uses these values (``self.every``)."""
+        self.every: dict[str, int] = {}
         for comp in (self.comps.detector, self.comps.partitioner):
             if comp is None:
                 continue
@@ -753,6 +884,7 @@ class Trainer:
             if isinstance(every, bool) or not isinstance(every, int) or every < 1:
                 raise ComponentFailure(comp.kind, comp.name, comp.plugin, "every",
                                        ValueError(f"`every` must be an integer >= 1, got {every!r}"))
+            self.every[comp.kind] = every
 
     def _check_output_range(self) -> None:
         """Warn when the data lie outside what G can output (``Model.output_range``): 0-255 pixels
@@ -805,8 +937,12 @@ class Trainer:
         det, part = self.comps.detector, self.comps.partitioner
         # the partitioner may use a detection of an earlier step (its interval not a multiple of
         # the detector's): keep it for an exact resume
-        if self.last_detection is not None and part is not None and det is not None and part.every % det.every:
-            meta["detection"] = ckpt_io.split_detection(self.last_detection, tensors)
+        if self.last_detection is not None and part is not None and det is not None and \
+                self.every[part.kind] % self.every[det.kind]:
+            try:
+                meta["detection"] = ckpt_io.split_detection(self.last_detection, tensors)
+            except ValueError as e:  # the detector's result: named like a detect() that raised
+                raise ComponentFailure(det.kind, det.name, det.plugin, "detect", e) from None
         meta["last_fraction"] = self.last_fraction
         if self.epoch_batches is not None:
             meta["sampling"] = self.epoch_batches.state()
@@ -1025,9 +1161,9 @@ class Trainer:
     def _setup_components(self) -> None:
         ctx = self.context()
         if self.comps.detector is not None:
-            call_component(self.comps.detector, "setup", ctx)
+            call_with_context(self.comps.detector, "setup", ctx)
         if self.comps.partitioner is not None:
-            call_component(self.comps.partitioner, "setup", ctx)
+            call_with_context(self.comps.partitioner, "setup", ctx)
 
     def _clock(self) -> float:
         """Start time of a periodic phase: on an accelerator, once the queued training steps
@@ -1045,7 +1181,7 @@ class Trainer:
     def _run_detection(self, det: Any, log: rundir.MetricsLog | None) -> None:
         t0 = self._clock()
         with torch.no_grad():
-            result = call_component(det, "detect", self.context())
+            result = call_with_context(det, "detect", self.context())
         wrong = detection_problems(result, self.N)
         if wrong:  # what the partitioner would otherwise trip over, or silently misread
             raise ComponentFailure(det.kind, det.name, det.plugin, "detect", TypeError(
@@ -1068,7 +1204,7 @@ class Trainer:
     def _run_partition(self, part: Any, log: rundir.MetricsLog | None) -> None:
         t0 = self._clock()
         with torch.no_grad():
-            upd = call_component(part, "partition", self.context(), self.last_detection)
+            upd = call_with_context(part, "partition", self.context(), self.last_detection)
         if upd is None:
             rec = {"step": self.step, "event": "partition-check", "changed": False,
                    "seconds": round(time.perf_counter() - t0, 6)}
@@ -1089,18 +1225,27 @@ class Trainer:
         if not isinstance(upd, PartitionUpdate):
             raise ComponentFailure(part.kind, part.name, part.plugin, "partition",
                                    TypeError("must return a PartitionUpdate or None"))
-        labels = upd.labels.to(self.device, torch.long) if isinstance(upd.labels, torch.Tensor) else None
+        integral = isinstance(upd.labels, torch.Tensor) and not upd.labels.is_floating_point() \
+            and not upd.labels.is_complex() and upd.labels.dtype != torch.bool
+        labels = upd.labels.to(self.device, torch.long) if integral else None
         if labels is None or labels.shape != (self.N,) or int(labels.min()) < 0 or int(labels.max()) >= self.capacity:
-            got = (f"labels of type {type(upd.labels).__name__}" if labels is None
+            got = (f"labels of type {type(upd.labels).__name__}" if not isinstance(upd.labels, torch.Tensor)
+                   else f"labels of dtype {upd.labels.dtype}, not an integer one" if labels is None
                    else f"labels of shape {tuple(labels.shape)}" if labels.shape != (self.N,)
                    else f"values in [{int(labels.min())}, {int(labels.max())}]")
             raise ComponentFailure(part.kind, part.name, part.plugin, "partition", ValueError(
                 f"labels must have shape ({self.N},) with values in [0, {self.capacity}); got {got}"))
         sizes = torch.bincount(labels, minlength=self.capacity)
-        prior = upd.prior.to(self.device, torch.float32) if upd.prior is not None else sizes.float() / self.N
-        if prior.shape != (self.capacity,) or not torch.isfinite(prior).all() or float(prior.sum()) <= 0:
-            raise ComponentFailure(part.kind, part.name, part.plugin, "partition",
-                                   ValueError("prior must be finite, non-negative, one entry per condition"))
+        prior = sizes.float() / self.N if upd.prior is None else upd.prior.to(self.device, torch.float32) \
+            if isinstance(upd.prior, torch.Tensor) and not upd.prior.is_complex() else None
+        if prior is None or prior.shape != (self.capacity,) or not bool(torch.isfinite(prior).all()) \
+                or bool((prior < 0).any()) or float(prior.sum()) <= 0:
+            got = (f"{type(upd.prior).__name__}" if prior is None else f"shape {tuple(prior.shape)}"
+                   if prior.shape != (self.capacity,) else str([round(v, 4) for v in prior[:8].tolist()])
+                   + (" ..." if self.capacity > 8 else ""))
+            raise ComponentFailure(part.kind, part.name, part.plugin, "partition", ValueError(
+                f"prior must be a tensor of {self.capacity} finite, non-negative entries (one per condition) "
+                f"with a positive sum; got {got}"))
         changed = int((labels != self.labels).sum())
         if changed:
             # the detection judged the samples under their former labels: a later check gets None
@@ -1125,7 +1270,8 @@ class Trainer:
     def evaluate(self, n: int | None = None) -> dict[str, float]:
         n = n or self.cfg["eval_samples"]
         g = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] + 7919 * (self.step + 1))
-        fake = generate(self.sampling_generator, n, self.z_dim, self.prior, self.device, g)
+        fake = generate(self.sampling_generator, n, self.z_dim, self.prior, self.device, g,
+                        model=self.comps.model, data_shape=self.data_shape)
         return score(self.comps, fake, self.data)[0]
 
     def named_networks(self) -> dict[str, torch.nn.Module]:
@@ -1271,8 +1417,8 @@ class Trainer:
         data, labels, prior, gen, z_dim = self.data, self.labels, self.prior, self.gen, self.z_dim
         report = self._report
         d_steps = self.d_steps
-        real_grad = bool(loss.wants_real_grad)
-        g_needs_real = bool(loss.needs_real_in_g_step)
+        real_grad = self.wants_real_grad
+        g_needs_real = self.needs_real_in_g_step
         conditional = self.comps.conditioner is not None
         fake_from_prior = self.fake_conditions in ("prior", "prior-fresh")
         g_draws_own = self.fake_conditions == "prior-fresh"
@@ -1280,6 +1426,7 @@ class Trainer:
         d_params = [p for p in D.parameters()]
         amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.get("amp") == "bf16")
         det, part = self.comps.detector, self.comps.partitioner
+        det_every, part_every = self.every.get("detector", 0), self.every.get("partitioner", 0)
         log_every, eval_every, ck_every = cfg["log_every"], cfg["eval_every"], cfg["checkpoint_every"]
         sync_grads = getattr(self.comm, "sync_grads", None)
         ema = self.G_ema is not None
@@ -1318,7 +1465,7 @@ class Trainer:
                 loss_d = _scalar(loss, "d_loss", call_component(loss, "d_loss", DStepContext(
                     real, fake, real_logits, fake_logits, real_cond, fake_cond, d_interp, report, gen)))
                 opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
+                _backward(loss, "d_loss", loss_d)
                 if sync_grads is not None:
                     sync_grads(D)
                 opt_d.step()
@@ -1338,7 +1485,7 @@ class Trainer:
             loss_g = _scalar(loss, "g_loss", call_component(
                 loss, "g_loss", GStepContext(fake, fake_logits, fake_cond, real_logits_g, report)))
             opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            _backward(loss, "g_loss", loss_g)
             if sync_grads is not None:
                 sync_grads(G)
             opt_g.step()
@@ -1351,7 +1498,7 @@ class Trainer:
 
             # ---- periodic work, at completed-step counts
             final = s == steps
-            if det is not None and s % det.every == 0:
+            if det is not None and s % det_every == 0:
                 self._detect(log)
             # metrics before a partition of the same step, as the reference code scores its run:
             # after it, the model would be scored on conditions it has not been trained on yet.
@@ -1363,7 +1510,7 @@ class Trainer:
             # not on the final step: no training would follow a new split, so the saved model
             # would draw conditions it never learnt; a resumed, longer run checks again at the
             # next interval
-            if part is not None and s % part.every == 0 and not final:
+            if part is not None and s % part_every == 0 and not final:
                 self._partition(log)
             if s % log_every == 0 or final:
                 now = time.perf_counter()
