@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from .hookspecs import hookimpl
 
-try:
-    from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError, version as _version
 
+try:
     __version__ = _version("dyngan")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"

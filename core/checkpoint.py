@@ -120,8 +120,15 @@ def save(directory: Path, step: int, tensors: dict[str, Any], meta: dict[str, An
             tensor_path.unlink(missing_ok=True)
         if not isinstance(e, OSError):
             raise
+        try:
+            earlier = [s for s, _ in list_checkpoints(directory) if s != step]
+        except Exception:  # noqa: BLE001 - cannot tell: say nothing about them
+            earlier = None
+        state = ("the previous checkpoint is intact" if earlier else
+                 "no checkpoint of this run was written before it, so there is nothing to resume from"
+                 if earlier is not None else "earlier checkpoints are left as they were")
         raise RunFailure(f"could not write checkpoint at step {step} in {directory}: {e.strerror or e}; "
-                         "the previous checkpoint is intact") from None
+                         f"{state}") from None
     _prune(directory, keep, step)
     return json_path
 

@@ -269,10 +269,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class RunLock:
-    """An exclusive lock on a run directory while a process trains in it (``flock`` on its
-    config.json, so no file is added): a second ``train`` into the same directory is refused
-    instead of writing metrics.jsonl and checkpoints under the first. Released on exit, also
-    when the process dies. A no-op where ``fcntl`` is missing (Windows)."""
+    """An exclusive lock on a run directory while a process trains in it (``flock`` on the
+    directory itself, so no file is added, and none that a resume replaces: a lock on config.json
+    stayed on the old file once a resume that changes ``--steps`` rewrote it, and let a second
+    process in): a second ``train`` into the same directory is refused instead of writing
+    metrics.jsonl and checkpoints under the first. Released on exit, also when the process dies.
+    A no-op where ``fcntl`` is missing (Windows)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -283,10 +285,12 @@ class RunLock:
             import fcntl
         except ImportError:
             return self
+        if not (self.path / CONFIG).exists():
+            return self  # no config.json: no run, nothing is training here
         try:
-            self._fd = os.open(self.path / CONFIG, os.O_RDONLY)
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError:
-            return self  # no config.json to lock: nothing is training here
+            return self
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -70,12 +70,16 @@ def rate_text(rate: float) -> str:
 class Interrupted(DynganError):
     """Training stopped by a signal after saving a checkpoint."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path, torchrun: bool = False) -> None:
+    def __init__(self, signum: int, step: int, run_dir: Path, torchrun: bool = False, complete: bool = False) -> None:
         self.signum, self.step, self.run_dir = signum, step, run_dir
         self.exit_code = 128 + signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        super().__init__(f"interrupted by {name} at step {step}; checkpoint saved in {run_dir}; "
-                         + rundir.resume_advice(run_dir, torchrun))
+        if complete:  # during the final evaluation, which finished: nothing is left to resume
+            super().__init__(f"interrupted by {name} during the final evaluation at step {step}; the run is "
+                             f"complete and saved in {run_dir}")
+        else:
+            super().__init__(f"interrupted by {name} at step {step}; checkpoint saved in {run_dir}; "
+                             + rundir.resume_advice(run_dir, torchrun))
 
 
 class Aborted(DynganError):
@@ -1531,6 +1535,11 @@ class Trainer:
                 eval_error = self._eval(log)
                 if eval_error is not None:
                     raise eval_error
+                # a signal during the final evaluation (the step is saved): stop as a signal
+                # says, after it (under torchrun each rank by its own flag: no collective follows)
+                signum = getattr(flag, "local", flag).signum
+                if signum is not None:
+                    raise Interrupted(signum, s, self.run_dir, torchrun=self.world_size > 1, complete=True)
         if self.step >= steps:
             self.save()  # a no-op when this step is already on disk
 

@@ -311,6 +311,18 @@ def _fail_at(name_part, error):
     return fake
 
 
+def test_a_failed_first_checkpoint_does_not_claim_an_earlier_one(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    make = _fail_at("step-00000010.", OSError(errno.EFBIG, os.strerror(errno.EFBIG)))
+    monkeypatch.setattr(ckpt_io.os, "replace", make(os.replace))
+    with pytest.raises(RunFailure) as e:
+        api.train(settings(out, 20, checkpoint_every=10), quiet=True)
+    monkeypatch.undo()
+    assert "could not write checkpoint at step 10" in str(e.value) and "intact" not in str(e.value)
+    assert "no checkpoint of this run was written before it, so there is nothing to resume from" in str(e.value)
+    assert not list((out / "checkpoints").glob("*"))  # no tensor file left without its JSON
+
+
 @pytest.mark.parametrize("where", ["replace-tensors", "replace-json", "fsync"])
 def test_failed_rename_or_fsync_keeps_the_previous_checkpoint(tmp_path, monkeypatch, straight30, where):
     if where == "fsync" and not os.path.isdir("/proc/self/fd"):

@@ -115,9 +115,9 @@ def test_dry_run_says_a_run_still_starting_is_in_use_as_train_does(tmp_path):
     tiny_run(tmp_path / "full", 5)
     out.mkdir()
     shutil.copy(tmp_path / "full" / "config.json", out / "config.json")
-    fd = os.open(out / "config.json", os.O_RDONLY)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a training process holds
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a training process holds: the run directory
         for args in (["train", "--out", str(out), "--steps", "20", *BASE],
                      ["train", "--out", str(out), "--steps", "20", *BASE, "--dry-run"]):
             err = assert_clean_error(invoke(args), 2, "another dyngan process is training in")

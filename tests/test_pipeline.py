@@ -677,6 +677,9 @@ def test_a_second_process_cannot_train_in_a_run_directory_in_use(run60, tmp_path
     shutil.copytree(src, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with rundir.RunLock(out):
+        # the first process's resume changed --steps: config.json was replaced by a new file
+        (out / "config.new").write_bytes((out / "config.json").read_bytes())
+        os.replace(out / "config.new", out / "config.json")
         res = invoke(["train", "--resume", "--out", str(out), "--steps", "70", "-q"])
         assert res.exit_code == 2, res.output
         assert "another dyngan process is training in" in res.stderr and "Traceback" not in res.output

@@ -91,3 +91,33 @@ def test_sigint_saves_exits_130_and_resume_finishes(tmp_path):
 def test_sigterm_saves_and_exits_143(tmp_path):
     out, rc, _, stderr = _interrupt(tmp_path, signal.SIGTERM)
     _check_interrupted_run(out, rc, stderr, 143)
+
+
+def test_a_signal_during_the_final_evaluation_stops_after_it(tmp_path):
+    """The final step is saved before its evaluation; a SIGTERM that comes while it scores (a
+    long evaluation, a scheduler's grace period) ends the process with 143 once it is done,
+    instead of being ignored (exit 0)."""
+    import types
+
+    from cli_helpers import assert_clean_error, invoke
+    from core import hookimpl
+    from core.components import Metric
+    from core.testing import plugin_host
+
+    class SignalledWhileScoring(Metric):
+        name = "sig-at-eval"
+
+        def compute(self, fake, real, dataset):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's flag: no exit here
+            return {"sig-at-eval/x": 1.0}
+
+    plugin = types.SimpleNamespace(register_metrics=hookimpl(lambda register: register(SignalledWhileScoring)))
+    out = tmp_path / "run"
+    with plugin_host(("sig", plugin)):
+        res = invoke(["train", "--out", str(out), "--dataset", "grid25", "--device", "cpu", "--steps", "10",
+                      "-o", "dataset.n=500", "--eval-every", "0", "--metrics", "sig-at-eval", "-q"])
+    assert_clean_error(res, 143, "interrupted by SIGTERM during the final evaluation at step 10",
+                       "the run is complete and saved")
+    assert _checkpoints(out) == [10]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["sig-at-eval/x"] for e in evals] == [1.0]  # the evaluation finished and is logged
