@@ -53,7 +53,7 @@ def resolve_settings(settings: Mapping[str, Any], host: PluginHost | None = None
     layers: list[Mapping[str, Any]] = []
     file = settings.pop("config", None)
     if file is not None:
-        layers.append(read_toml(file))
+        layers.append(read_toml(usable_path(file, "--config")))
     layers.append({k: v for k, v in settings.items() if v is not None})
     cfg = resolve(host.registry, layers)
     used = set()
@@ -73,15 +73,8 @@ def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str,
     # a run from before adam_impl existed stepped Adam tensor by tensor: it goes on that way, so that
     # its resumed steps round as the uninterrupted run's would have
     saved.setdefault("adam_impl", "loop")
-    layer = _settings_only(saved)
-    # without its preset: the saved settings already hold everything the preset set, and an option
-    # the run's version did not have must take the component's default (the behaviour it trained
-    # with), not what a newer preset sets it to
-    preset = layer.pop("preset", None)
     try:
-        cfg = resolve(host.registry, [layer])
-        cfg["preset"] = None if _none(preset) else preset
-        return saved, cfg
+        return saved, _resolve_saved(host, saved)
     except UnknownComponentError as e:  # a plugin that is not installed (or no longer has the component)
         # name the plugin the run used and why it is missing, not a near name ("did you mean 'hinge'?")
         why = host.missing_plugins(e.kind, e.name, saved.get("plugins")) if e.name is not None else None
@@ -93,6 +86,18 @@ def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str,
     except UsageError as e:
         raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb}: its {rundir.CONFIG} is invalid "
                               f"(damaged or edited): {e}") from None
+
+
+def _resolve_saved(host: PluginHost, saved: Mapping[str, Any], *more: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config re-resolved, with ``more`` layers over it, WITHOUT its preset: the saved
+    settings already hold everything the preset set, and an option the run's version did not have
+    must take the component's default (the behaviour it trained with), not what a newer preset sets
+    it to (nor fail when the preset's plugin is gone). The preset's name is kept in the result."""
+    layer = _settings_only(saved)
+    preset = layer.pop("preset", None)
+    cfg = resolve(host.registry, [layer, *({k: v for k, v in m.items() if k != "preset"} for m in more)])
+    cfg["preset"] = None if _none(preset) else preset
+    return cfg
 
 
 def _flat_options(options: Any, prefix: str = "") -> dict[str, Any]:
@@ -129,6 +134,8 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
     if isinstance(fixed.get("options"), Mapping) and "metric" in fixed["options"]:
         rest = {kind: v for kind, v in fixed["options"].items() if kind != "metric"}
         metric_opts = fixed["options"]["metric"]
+        if not isinstance(metric_opts, Mapping):  # as a new run's settings say it
+            raise UsageError(f"`options.metric` must be a table of option values, got {type(metric_opts).__name__}")
         fixed = {k: v for k, v in fixed.items() if k != "options"}
         if rest:
             fixed["options"] = rest
@@ -141,7 +148,7 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
                              f"it was {_shown(cfg.get(k))}, not {_shown(_component_name(fixed[k]))} ({only})")
     if fixed:
         # settings given again must resolve to what the run already has
-        trial = resolve(host.registry, [_settings_only(saved), fixed])
+        trial = _resolve_saved(host, saved, fixed)  # (a preset given again was checked above)
         for k in sorted(fixed):
             if k == "options":  # name the differing options only, not the whole table
                 was, now = _flat_options(cfg.get("options")), _flat_options(trial.get("options"))
@@ -157,7 +164,7 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
     if "metrics" in changed or metric_opts is not None:
         cfg = _resolve_new_evaluation(host, saved, cfg, changed, metric_opts)
     elif changed:
-        cfg = resolve(host.registry, [_settings_only(saved), changed])
+        cfg = _resolve_saved(host, saved, changed)
     plugins = saved.get("plugins", {})
     if not isinstance(plugins, dict):
         raise CheckpointError(f"{str(run_dir)!r}: config.json has a malformed plugins record")
@@ -175,7 +182,7 @@ def _resolve_new_evaluation(host: PluginHost, saved: Mapping[str, Any], cfg: Map
     base = _settings_only(saved)
     base_opts = dict(base.get("options") or {})
     base_opts["metric"] = {}
-    chosen = resolve(host.registry, [{**base, "options": base_opts}, changed])["metrics"]
+    chosen = _resolve_saved(host, {**base, "options": base_opts}, changed)["metrics"]
     saved_opts = cfg["options"].get("metric") or {}
     opts = {f"{m}.{k}": v for m in chosen for k, v in (saved_opts.get(m) or {}).items()}
     given = flat_metric_options(metric_opts or {})
@@ -183,7 +190,7 @@ def _resolve_new_evaluation(host: PluginHost, saved: Mapping[str, Any], cfg: Map
         takers = [] if "." in key else [m for m in chosen if key in host.registry.get("metric", m).options]
         opts.update({f"{m}.{key}": given[key] for m in takers} if takers else {key: given[key]})
     base_opts["metric"] = opts  # a key no chosen metric has is left for resolve to name
-    return resolve(host.registry, [{**base, "options": base_opts}, changed])
+    return _resolve_saved(host, {**base, "options": base_opts}, changed)
 
 
 #: a run directory whose training stopped before its first checkpoint: neither resumable nor new
@@ -226,9 +233,28 @@ def _out(settings: Mapping[str, Any]) -> Any:
     if not isinstance(settings, Mapping):
         raise UsageError(f"settings must be a mapping (a dict of settings), got {type(settings).__name__}")
     out = settings.get("out")
-    if out is not None and not str(out).strip():
-        raise UsageError("--out is empty: name the run directory (or leave --out out for a new one under runs/)")
+    if out is not None:
+        out = usable_path(out, "--out (the run directory)")
+        if not str(out).strip():
+            raise UsageError("--out is empty: name the run directory (or leave --out out for a new one under runs/)")
     return out
+
+
+def usable_path(value: Any, what: str) -> Any:
+    """``value`` if it can name a file here: a str or os.PathLike of text with no NUL character that
+    the file system's encoding can write; UsageError naming ``what`` otherwise."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{what} must be a path (str or pathlib.Path), got {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise UsageError(f"{what} must be a path as text (str or pathlib.Path), got {type(text).__name__}")
+    if "\0" in text:
+        raise UsageError(f"{what} {text[:60]!r} contains a NUL character, which no file name may hold")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} {text[:60]!r} cannot be written as a file name here ({e.reason})") from None
+    return value
 
 
 def dry_run(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHost | None = None) -> dict[str, Any]:
@@ -499,7 +525,7 @@ def _load_run(run_dir: Path, host: PluginHost, device: str = "cpu", generator: s
     from .networks import build_networks
     from .training import EMA_PREFIX, instantiate, resolve_device, valid_prior
 
-    if generator not in GENERATORS:
+    if not isinstance(generator, str) or generator not in GENERATORS:
         raise UsageError(f"generator must be one of {', '.join(GENERATORS)}, got {generator!r}")
 
     dev = resolve_device(device)  # as train checks --device: a malformed or missing one is exit 2

@@ -27,8 +27,20 @@ def fail(error: DynganError) -> "click.exceptions.Exit":
     with its code."""
     if traceback_wanted():
         click.echo(format_traceback(error), err=True)
-    click.echo(f"Error: {error}", err=True)
+    click.echo(f"Error: {_bounded(str(error))}", err=True)
     return click.exceptions.Exit(error.exit_code)
+
+
+#: the longest error line printed: a message quoting a huge value (a 500,000-character setting in a
+#: config file) keeps its start and end around a note of what was left out
+MAX_ERROR_CHARS = 4000
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    head, tail = MAX_ERROR_CHARS * 3 // 4, MAX_ERROR_CHARS // 4
+    return f"{text[:head]} [... {len(text) - head - tail:,} characters left out ...] {text[-tail:]}"
 
 
 class DynganGroup(click.Group):

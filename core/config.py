@@ -280,7 +280,7 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
             if isinstance(v, bool):
                 raise TypeError
             f = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (an int past float's range)
             raise UsageError(f"setting {key!r} must be a number, got {v!r}") from None
         if not math.isfinite(f) or f <= 0:
             raise UsageError(f"setting {key!r} must be a positive number, got {v!r}")
@@ -293,7 +293,7 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
             if isinstance(v, bool):
                 raise TypeError
             f = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (an int past float's range)
             raise UsageError(f"setting 'g_ema' must be a number in [0, 1), got {v!r}") from None
         if isinstance(v, bool) or not 0.0 <= f < 1.0:
             raise UsageError(f"setting 'g_ema' must be a number in [0, 1) (0 = no average), got {v!r}")
@@ -306,13 +306,13 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
             if isinstance(b, Mapping) or any(isinstance(x, bool) for x in b):
                 raise TypeError
             b = [float(x) for x in b]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (an int past float's range)
             raise UsageError(f"setting 'betas' must be two numbers like 0.5,0.999, got {cfg['betas']!r}") from None
         if len(b) != 2 or not all(0.0 <= x < 1.0 for x in b):
             raise UsageError(f"setting 'betas' must be two numbers in [0, 1), got {cfg['betas']!r}")
         cfg["betas"] = b
     for key, choices in _CHOICES.items():
-        if cfg.get(key) not in choices:
+        if not isinstance(cfg.get(key), str) or cfg.get(key) not in choices:  # (str: an array has no `in`)
             raise UsageError(f"setting {key!r} must be one of {', '.join(choices)}, got {cfg.get(key)!r}")
     if not isinstance(cfg.get("compile"), bool):
         raise UsageError(f"setting 'compile' must be true or false, got {cfg.get('compile')!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -104,6 +105,13 @@ def _int_in_range(v: int) -> int:
 def _coerce(value: Any, opt: Option) -> Any:
     """Convert ``value`` to the option's type or raise ValueError."""
     t = opt.value_type
+    # a NumPy integer or float (from a script's arithmetic): the plain Python number it holds, as the
+    # top-level settings take it (np.float64 is a float already; a bool of any kind is no number)
+    if not isinstance(value, (bool, int, float, str)) and type(value).__module__ == "numpy":
+        if isinstance(value, numbers.Integral):
+            value = int(value)
+        elif isinstance(value, numbers.Real):
+            value = float(value)
     # "none" from the command line means None, except for a string option that is
     # not nullable: there it is the literal word (e.g. choices=("none", "spectral"))
     is_none_word = isinstance(value, str) and value.strip().lower() in ("none", "null")
@@ -144,7 +152,10 @@ def _coerce(value: Any, opt: Option) -> Any:
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range
+            raise ValueError from None
     if t is str:
         if not isinstance(value, str):
             raise ValueError
@@ -208,7 +219,7 @@ def resolve_options(where: str, schema: Mapping[str, Option], values: Mapping[st
     unknown = [k for k in values if k not in schema]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, list(schema), n=1)
+        close = difflib.get_close_matches(str(key), list(schema), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         known = ", ".join(sorted(schema)) or "none"
         raise OptionError(f"{where}: unknown option {key!r}{hint} (options: {known})")

@@ -719,6 +719,75 @@ def test_a_saved_run_takes_defaults_not_a_newer_presets_values_for_options_it_di
     # giving the preset again is not a change
     assert CliRunner().invoke(cli, ["train", "--resume", "--out", str(out), "--preset", preset,
                                     "--dry-run"]).exit_code == 0
+    # nor does a resume that changes its length or its metrics bring the preset back (it did: every
+    # resolution but the first put the saved preset under the saved settings)
+    for extra in (["--steps", "40"], ["--metrics", "mixture"], ["--preset", preset, "-o", "detector.every=5"]):
+        res = CliRunner().invoke(cli, ["train", "--resume", "--out", str(out), *extra, "--dry-run"])
+        assert res.exit_code == 0, res.output
+        cfg = json.loads(res.stdout)
+        assert (cfg["options"]["detector"]["average"], cfg["options"]["partitioner"]["split_on"]) == \
+            ("probability", "average"), extra
+        assert cfg["preset"] == preset
     # and it trains on with them
     result = api.train({"out": str(out), "steps": 20, "device": "cpu", "threads": 1}, resume=True, quiet=True)
     assert result.step == 20
+
+
+# ------------------------------------------------- odd values from the Python API (a QA pass)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr_g": 10**400}, "setting 'lr_g' must be a number"),  # float() overflows: an OverflowError leaked
+    ({"g_ema": 10**400}, "setting 'g_ema' must be a number in [0, 1)"),
+    ({"betas": [10**400, 0.9]}, "setting 'betas' must be two numbers"),
+    ({"options": {"dataset": {"sigma": 10**400}}}, "option 'sigma' must be a number"),
+    ({"options": {"dataset": {1: 2}}}, "unknown option 1"),  # difflib got an int: TypeError
+    ({"amp": __import__("numpy").array(["none", "bf16"])}, "setting 'amp' must be one of none, bf16"),
+    ({"out": 5}, "--out (the run directory) must be a path (str or pathlib.Path), got int"),
+    ({"out": b"runs/x"}, "got bytes"),
+    ({"out": "runs/a\0b"}, "contains a NUL character"),
+    ({"out": "runs/\ud800"}, "cannot be written as a file name here"),
+    ({"config": 5}, "--config must be a path (str or pathlib.Path), got int"),
+    ({"config": "a\0.toml"}, "contains a NUL character"),
+])
+def test_odd_api_values_are_usage_errors(tmp_path, monkeypatch, settings, message):
+    from core import api
+
+    monkeypatch.chdir(tmp_path)
+    for call in (api.dry_run, api.train):
+        with pytest.raises((UsageError, OptionError)) as e:
+            call({"device": "cpu", "steps": 5, **settings})
+        assert message in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # no run directory left
+
+
+def test_numpy_numbers_are_taken_as_option_values():
+    np = pytest.importorskip("numpy")
+    cfg = resolve_settings({"device": "cpu", "options": {"dataset": {"points_per_mode": np.int64(50),
+                                                                      "sigma": np.int32(1)}}})
+    assert cfg["options"]["dataset"]["points_per_mode"] == 50 and type(cfg["options"]["dataset"]["points_per_mode"]) is int
+    assert cfg["options"]["dataset"]["sigma"] == 1.0 and type(cfg["options"]["dataset"]["sigma"]) is float
+    with pytest.raises(OptionError, match="must be an integer"):  # a bool is no number, NumPy's neither
+        resolve_settings({"device": "cpu", "options": {"dataset": {"points_per_mode": np.bool_(True)}}})
+
+
+def test_resume_with_metric_options_that_are_not_a_table_is_a_usage_error(tmp_path, monkeypatch):
+    from core import api
+
+    monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
+    out = tmp_path / "r"
+    api.train({"dataset": "grid25", "steps": 5, "device": "cpu", "threads": 1, "eval_every": 0, "out": str(out),
+               "options": {"dataset": {"n": 500}}}, quiet=True)
+    for bad in ([1], "x"):
+        with pytest.raises(UsageError, match="`options.metric` must be a table of option values"):
+            api.train({"out": str(out), "steps": 10, "options": {"metric": bad}}, resume=True)
+
+
+def test_an_error_quoting_a_huge_value_is_cut_to_a_readable_line(tmp_path):
+    cfg = tmp_path / "long.toml"
+    cfg.write_text('loss = "' + "a" * 500_000 + '"\n')
+    res = CliRunner().invoke(cli, ["train", "--config", str(cfg), "--dry-run"])
+    assert res.exit_code == 2
+    line = res.stderr.strip()
+    assert line.startswith("Error: ") and len(line.splitlines()) == 1 and len(line) < 4200
+    assert "characters left out" in line
