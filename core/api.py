@@ -400,12 +400,19 @@ def _saved_data_error(error: DataError, run_dir: Path | str, cfg: Mapping[str, A
                      f"{str(Path(run_dir) / rundir.CONFIG)!r} to where it is now")
 
 
-def _load_saved_data(comps: Any, cfg: Mapping[str, Any], run_dir: Path | str) -> Any:
-    """The training data of a saved run (CPU), its read errors saying which run and path they concern."""
+def _load_saved_data(comps: Any, cfg: Mapping[str, Any], run_dir: Path | str,
+                     data_shape: tuple[int, ...] | None = None) -> Any:
+    """The training data of a saved run (CPU), its read errors saying which run and path they concern.
+    With ``data_shape`` (the checkpoint's), data whose samples are shaped otherwise are refused: the
+    run's data file was replaced, and nothing the run's G draws could be compared with them."""
     from .training import load_dataset
 
     try:
-        return load_dataset(comps, cfg["seed"])
+        x = load_dataset(comps, cfg["seed"])
+        if data_shape is not None and tuple(x.shape[1:]) != tuple(data_shape):
+            raise DataError(f"its samples are now shaped {list(x.shape[1:])}, but the run was trained on "
+                            f"samples shaped {list(data_shape)}")
+        return x
     except DataError as e:
         raise _saved_data_error(e, run_dir, cfg) from None
 
@@ -604,7 +611,7 @@ class Run:
 
     @cached_property
     def real(self) -> Any:
-        return _load_saved_data(self.comps, self.cfg, self.dir)
+        return _load_saved_data(self.comps, self.cfg, self.dir, self._data_shape)
 
     @cached_property
     def labels(self) -> Any:
@@ -799,7 +806,7 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     cfg, comps, dev = loaded.cfg, loaded.comps, loaded.device
     n = cfg["eval_samples"] if n is None else n
     with _out_of_memory_as_usage("loading the training data", "the dataset does not fit in memory"):
-        real = _load_saved_data(comps, cfg, run_dir).to(dev)
+        real = _load_saved_data(comps, cfg, run_dir, loaded.data_shape).to(dev)
     for warning in check_metrics(comps, n, real.shape[0]):  # refuses a --n a metric cannot score
         if warn is not None:
             warn(warning)

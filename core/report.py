@@ -172,11 +172,15 @@ def _projection(real: "Tensor") -> tuple["Tensor", "Tensor", list[str]]:
     import torch
 
     d = real.shape[1]
+    real = real.double()  # data near float32's range would overflow the mean and the SVD there
     mean = real.mean(0)
     if d == 2:
-        return torch.zeros(2), torch.eye(2), ["x[0]", "x[1]"]
+        return torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), ["x[0]", "x[1]"]
     sub = real[_subsample(real.shape[0], 50_000, 0)] - mean
     _, s, v = torch.linalg.svd(sub, full_matrices=False)
+    if v.shape[0] < 2:  # a single sample: one axis; the second shows nothing
+        v = torch.cat([v, torch.zeros(2 - v.shape[0], d, dtype=v.dtype)])
+        s = torch.cat([s, torch.zeros(2 - s.shape[0], dtype=s.dtype)])
     var = (s ** 2) / max(float((s ** 2).sum()), 1e-30)
     return mean, v[:2].T, [f"principal axis {i + 1} ({100 * float(var[i]):.0f}% of variance)" for i in range(2)]
 
@@ -214,7 +218,7 @@ def _samples_vector(run: "Run", n: int, seed: int, plt: Any) -> Path:
     mean, axes, axis_names = _projection(real)
 
     def proj(x):
-        return (x - mean) @ axes
+        return ((x.double() - mean) @ axes).float()
 
     rp, fp = proj(real_pts), proj(fake[finite])
     # the partition panel only says something when the run partitions (or did)
@@ -317,7 +321,8 @@ def _samples_1d(run: "Run", real: "Tensor", fake: "Tensor", plt: Any) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     lo = float(torch.minimum(real.min(), fake.min() if fake.numel() else real.min()))
     hi = float(torch.maximum(real.max(), fake.max() if fake.numel() else real.max()))
-    bins = torch.linspace(lo, hi if hi > lo else lo + 1, 81).tolist()
+    # float64: hi - lo of data near float32's range overflows there (the bins came out inf)
+    bins = torch.linspace(lo, hi if hi > lo else lo + max(1.0, abs(lo) * 1e-6), 81, dtype=torch.float64).tolist()
     ax.hist(real[:, 0].tolist(), bins=bins, density=True, color="0.6", alpha=0.7, label="real data")
     ax.hist(fake[:, 0].tolist(), bins=bins, density=True, histtype="step", color="tab:blue",
             linewidth=2, label=f"generated ({fake.shape[0]})")
@@ -650,9 +655,9 @@ def write_report(run_dir: str | Path, n: int = 2500, seed: int = 0, host: "Plugi
     shape = tuple(run.real.shape[1:])
     written = []
     with plt.rc_context({"figure.dpi": DPI, "axes.titleweight": "normal"}):
-        if len(shape) == 1:
-            written.append(_samples_vector(run, n, seed, plt))
-        elif len(shape) == 2 or (len(shape) == 3 and shape[1] > 1 and shape[2] > 1):
+        if len(shape) == 2 or (len(shape) == 3 and shape[1] > 1 and shape[2] > 1):
             written.append(_samples_images(run, seed, plt))
+        else:  # vectors, and any other shape as the vectors of its flattened samples
+            written.append(_samples_vector(run, n, seed, plt))
         written.append(_curves(run, plt))
     return written

@@ -276,7 +276,8 @@ def validate_array(t: "Tensor", path: Path, scale: str | None = None) -> "Tensor
         lo, hi = x64.min(), x64.max()
         if not bool(hi > lo):
             raise DataError(f"{path}: every value is {float(lo):g}; minmax scaling needs at least two values")
-        x64 = (x64 - lo) / (hi - lo) * 2.0 - 1.0
+        # halves first: hi - lo of values near float64's range (+-1.5e308) would overflow to inf
+        x64 = (x64 / 2 - lo / 2) / (hi / 2 - lo / 2) * 2.0 - 1.0
     x = x64.to(torch.float32)
     _check_finite(x, path, note=" after conversion to float32 (|value| > 3.4e38)")
     return x.contiguous()

@@ -161,6 +161,13 @@ def test_complex_safetensors_rejected(tmp_path):
     _one_line_naming(e, p)
 
 
+def test_minmax_scales_values_near_float64s_range(tmp_path):
+    p = tmp_path / "wide.npy"
+    np.save(p, np.array([[1.5e308, -1.5e308], [0.0, 1.0]] * 4))  # hi - lo overflowed to inf: NaN data
+    x = _load(path=str(p), scale="minmax")
+    assert torch.equal(x[:2], torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+
+
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
 def test_float8_safetensors_load_as_their_float32_values(tmp_path, dtype):
     from safetensors.torch import save_file

@@ -492,3 +492,40 @@ def test_read_only_run_directory_is_a_clean_error(tmp_path, run2d, monkeypatch):
             for p, m in modes.items():
                 p.chmod(m)
     assert _all_bytes(run) == before
+
+
+# ------------------------------------------------- odd tensor-file data (a QA pass)
+
+
+def _tensor_run(tmp_path: Path, arr: np.ndarray, **extra) -> Path:
+    p = tmp_path / "data.npy"
+    np.save(p, arr)
+    return _train({"dataset": "tensor-file", "steps": 5, "device": "cpu", "threads": 1, "eval_every": 0,
+                   "metrics": "none", "out": str(tmp_path / "r"), "options": {"dataset": {"path": str(p)}}, **extra})
+
+
+@pytest.mark.parametrize("make", [
+    lambda rng: rng.standard_normal((1, 5)),  # one sample: one principal axis (IndexError)
+    lambda rng: rng.uniform(-1, 1, (64, 3, 1, 8)),  # not an image: no samples picture was drawn
+    lambda rng: rng.uniform(-1, 1, (64, 2, 3, 4, 5)),
+    lambda rng: rng.uniform(1, 2, (64, 3)) * 1e37,  # float32's mean and SVD overflowed
+    lambda rng: rng.standard_normal(64) * 1e38,  # 1-D: hi - lo overflowed in the bins
+], ids=["one-sample", "C-1-W", "4-d", "huge-3-d", "huge-1-d"])
+def test_report_draws_samples_of_any_trainable_data(tmp_path, make):
+    run = _tensor_run(tmp_path, make(np.random.default_rng(0)).astype(np.float32))
+    paths = report.write_report(run, n=200)
+    assert [p.name for p in paths] == ["samples.png", "curves.png"]
+    for p in paths:
+        _check_png(p)
+
+
+def test_report_and_evaluate_refuse_data_that_changed_shape_since_training(tmp_path):
+    from core.api import evaluate
+    from core.errors import DataError
+
+    run = _tensor_run(tmp_path, np.random.default_rng(0).standard_normal((64, 50)).astype(np.float32))
+    np.save(tmp_path / "data.npy", np.random.default_rng(1).standard_normal((64, 7)).astype(np.float32))
+    for call in (lambda: report.write_report(run, n=50), lambda: evaluate(run, n=50)):
+        with pytest.raises(DataError, match=r"its samples are now shaped \[7\], but the run was trained on samples "
+                                            r"shaped \[50\]"):
+            call()
