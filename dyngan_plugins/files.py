@@ -381,7 +381,7 @@ class ImageFolder(_PathOption, Dataset):
     default_model = "dcgan"
     default_metrics = ("prdc",)
     options = {
-        "path": Option(None, "the folder of .png/.jpg images (subfolders included)", type=str, nullable=True),
+        "path": Option(None, "the folder of .png/.jpg images (subfolders included; a symbolic link to a folder is not followed, one to an image is read)", type=str, nullable=True),
         "size": Option(32, "side of the square the images are resized to (dcgan: a power of two)", min=4, max=1024),
         "channels": Option(3, "1 (grey) or 3 (RGB)", choices=(1, 3)),
     }
