@@ -282,6 +282,16 @@ def call_component(component: Component, method: str, *args: Any) -> Any:
         raise ComponentFailure(component.kind, component.name, component.plugin, method, e) from e
 
 
+def read_trait(component: Component, key: str, convert: Callable[[Any], Any] | None = None) -> Any:
+    """A component's attribute ``key`` (a plugin's property may raise), passed through ``convert``
+    when given; its exception fails naming the plugin and the attribute. Read once, at set-up."""
+    try:
+        value = getattr(component, key)
+        return convert(value) if convert is not None else value
+    except Exception as e:
+        raise ComponentFailure(component.kind, component.name, component.plugin, key, e) from e
+
+
 #: the loop's own tensors a TrainContext lends to components: never to be changed in place
 _LENT = ("data", "labels", "prior")
 
@@ -695,10 +705,7 @@ class Trainer:
         c = self.comps.conditioner
         if c is None:
             return None
-        try:
-            value = c.fake_conditions
-        except Exception as e:
-            raise ComponentFailure(c.kind, c.name, c.plugin, "fake_conditions", e) from e
+        value = read_trait(c, "fake_conditions")
         if value not in FAKE_CONDITIONS:
             raise ComponentFailure(c.kind, c.name, c.plugin, "fake_conditions", ValueError(
                 f"returned {value!r}; the training loop knows {', '.join(FAKE_CONDITIONS)}"))
@@ -709,19 +716,12 @@ class Trainer:
         ``differentiates_d``, read once: an int >= 1 (with 0 the G step would have no fake batch)
         and three truth values."""
         lo = self.comps.loss
-        values = []
-        for key in ("d_steps", "wants_real_grad", "needs_real_in_g_step", "differentiates_d"):
-            try:
-                value = getattr(lo, key)
-                if key != "d_steps":
-                    value = bool(value)
-            except Exception as e:
-                raise ComponentFailure(lo.kind, lo.name, lo.plugin, key, e) from e
-            if key == "d_steps" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ComponentFailure(lo.kind, lo.name, lo.plugin, key, ValueError(
-                    f"returned {value!r}; it must be an int >= 1 (discriminator steps per generator step)"))
-            values.append(value)
-        return values[0], values[1], values[2], values[3]
+        d_steps = read_trait(lo, "d_steps")
+        if not isinstance(d_steps, int) or isinstance(d_steps, bool) or d_steps < 1:
+            raise ComponentFailure(lo.kind, lo.name, lo.plugin, "d_steps", ValueError(
+                f"returned {d_steps!r}; it must be an int >= 1 (discriminator steps per generator step)"))
+        return (d_steps, read_trait(lo, "wants_real_grad", bool), read_trait(lo, "needs_real_in_g_step", bool),
+                read_trait(lo, "differentiates_d", bool))
 
     def _build(self) -> None:
         cfg, comps, dev = self.cfg, self.comps, self.device
@@ -881,10 +881,7 @@ class Trainer:
         for comp in (self.comps.detector, self.comps.partitioner):
             if comp is None:
                 continue
-            try:
-                every = comp.every
-            except Exception as e:  # noqa: BLE001 - a plugin's property
-                raise ComponentFailure(comp.kind, comp.name, comp.plugin, "every", e) from e
+            every = read_trait(comp, "every")
             if isinstance(every, bool) or not isinstance(every, int) or every < 1:
                 raise ComponentFailure(comp.kind, comp.name, comp.plugin, "every",
                                        ValueError(f"`every` must be an integer >= 1, got {every!r}"))
