@@ -337,13 +337,26 @@ def _pillow():
 
 
 def _find_images(root: Path) -> list[Path]:
+    """The images under ``root``, sorted by their path relative to it. Symbolic links to folders
+    are followed; a folder reached twice (through a link, or a link loop) is read once, at the
+    first path in sorted order. Hidden files and folders are left out."""
     found = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
+    seen = set()
+
+    def fail(e: OSError):
+        raise e
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
             continue
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-            found.append(p)
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            p = Path(dirpath, name)
+            if not name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                found.append(p)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -381,7 +394,7 @@ class ImageFolder(_PathOption, Dataset):
     default_model = "dcgan"
     default_metrics = ("prdc",)
     options = {
-        "path": Option(None, "the folder of .png/.jpg images (subfolders included; a symbolic link to a folder is not followed, one to an image is read)", type=str, nullable=True),
+        "path": Option(None, "the folder of .png/.jpg images (subfolders and symbolic links to folders included; a folder reached twice is read once)", type=str, nullable=True),
         "size": Option(32, "side of the square the images are resized to (dcgan: a power of two)", min=4, max=1024),
         "channels": Option(3, "1 (grey) or 3 (RGB)", choices=(1, 3)),
     }

@@ -466,6 +466,24 @@ def test_image_folder_skips_entries_that_are_not_regular_files(image_dir):
     assert box["x"].shape == (2, 3, 8, 8)
 
 
+def test_image_folder_follows_links_to_folders_and_reads_each_folder_once(image_dir, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(outside / "c.png")
+    (image_dir / "linked").symlink_to(outside, target_is_directory=True)
+    (image_dir / "sub" / "loop").symlink_to(image_dir, target_is_directory=True)  # a link loop
+    (image_dir / "zz-again").symlink_to(outside, target_is_directory=True)  # the same folder twice
+    (image_dir / "broken").symlink_to(tmp_path / "gone", target_is_directory=True)
+    box = {}
+    err = _in_thread(lambda: box.update(x=ImageFolder(path=str(image_dir), size=8).load(None)))
+    assert err is None, err
+    x = box["x"]
+    # a.png, linked/c.png (black), sub/b.PNG; the loop, the second link and the broken one add nothing
+    assert x.shape == (3, 3, 8, 8)
+    assert torch.allclose(x[1], -torch.ones(3, 8, 8))
+
+
 # --------------------------------------------------------------------------- relative paths
 
 
