@@ -67,6 +67,18 @@ def rate_text(rate: float) -> str:
     return f"{rate:.0f}" if rate >= 10 else f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"
 
 
+def eval_text(step: int, vals: Mapping[str, float]) -> str:
+    """One progress line for an evaluation: each metric's headline values (``metric/key``; the
+    nested ones, such as ``mixture/dyngan/hq1``, are in metrics.jsonl), four significant digits."""
+    shown = {k: v for k, v in vals.items() if k.count("/") <= 1} or dict(vals)
+
+    def text(v: float) -> str:
+        whole = isinstance(v, int) or (math.isfinite(v) and float(v).is_integer() and abs(v) < 1e15)
+        return str(int(v)) if whole else f"{v:.4g}"
+
+    return f"step {step}: " + "  ".join(f"{k} {text(v)}" for k, v in shown.items())
+
+
 class Interrupted(DynganError):
     """Training stopped by a signal after saving a checkpoint."""
 
@@ -393,7 +405,8 @@ def _forward(model: Component, where: str, net: Callable[..., Any], *args: Any, 
 
 def _backward(loss: Component, method: str, value: torch.Tensor) -> None:
     """``value.backward()`` for the loss ``method`` returned: autograd's error (an in-place change
-    of a tensor it needs, a second backward) fails naming the loss; an allocation failure, or a
+    of a tensor it needs, a second backward) fails naming the loss, and saying that the model's
+    forward may be the cause (autograd's message does not say which); an allocation failure, or a
     collective that failed under torchrun, stays itself."""
     try:
         value.backward()
@@ -403,7 +416,8 @@ def _backward(loss: Component, method: str, value: torch.Tensor) -> None:
         if is_out_of_memory(e) or collective_failure(e):
             raise
         raise ComponentFailure(loss.kind, loss.name, loss.plugin, method, RuntimeError(
-            f"back-propagating the value it returned failed: {one_line(e)}")) from e
+            f"back-propagating the value it returned failed (in the loss or in the model's forward, which "
+            f"autograd cannot tell apart): {one_line(e)}")) from e
 
 
 def sample_problem(x: Any, batch: int, data_shape: tuple[int, ...] | None) -> str | None:
@@ -614,6 +628,26 @@ class Progress:
             return
         self._write(text)
 
+    #: seconds a phase without steps (loading the data, an evaluation) runs before ``slow`` says so
+    SLOW_NOTICE = 3.0
+
+    @contextlib.contextmanager
+    def slow(self, text: str) -> Iterator[None]:
+        """Shows ``text`` followed by "..." when the block runs longer than ``SLOW_NOTICE`` seconds,
+        so a long phase without steps (a large dataset loading, 26,000 samples being scored, a
+        metric training its classifier) is not silence. Nothing is shown for a quick block."""
+        if self.quiet:
+            yield
+            return
+        timer = threading.Timer(self.SLOW_NOTICE, self._write, (text + " ...",))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()
+
     def warn(self, text: str) -> None:
         """A warning (e.g. checkpoints skipped as corrupt): shown even with --quiet."""
         if self.warnings:
@@ -729,7 +763,8 @@ class Trainer:
         if cfg.get("threads"):
             torch.set_num_threads(cfg["threads"])
         torch.manual_seed(seed)
-        self.data = load_dataset(comps, seed).to(dev)
+        with self.progress.slow(f"loading dataset {comps.dataset.name!r}"):
+            self.data = load_dataset(comps, seed).to(dev)
         self.N = self.data.shape[0]
         self.data_shape = tuple(self.data.shape[1:])
         if comps.metrics:  # refused now rather than after the training the evaluation would end
@@ -1597,9 +1632,12 @@ class Trainer:
             return None
         error: Exception | None = None
         try:
-            vals = self.evaluate()
+            with self.progress.slow(f"step {self.step}: scoring {self.cfg['eval_samples']:,} samples"):
+                vals = self.evaluate()
             if log is not None and vals:
                 log.write({"step": self.step, "event": "eval", **vals})
+            if vals:
+                self.progress.message(eval_text(self.step, vals))
         except Exception as e:  # noqa: BLE001 - returned, raised after the save
             error = e
         if self.world_size < 2:

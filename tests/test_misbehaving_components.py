@@ -282,7 +282,7 @@ def test_samples_that_carry_autograd_history_are_detached(qa, tmp_path):
 
 
 @pytest.mark.parametrize("what, method, needle", [
-    ("in-place", "d_loss", "back-propagating the value it returned failed"),
+    ("in-place", "d_loss", "back-propagating the value it returned failed (in the loss or in the model's forward"),
     ("wants-real-grad", "wants_real_grad", "RuntimeError: wants_real_grad broke"),
     ("defaults-raise", "optimizer_defaults", "RuntimeError: optimizer_defaults broke"),
     ("defaults-list", "optimizer_defaults", "returned list; it must return a dict"),

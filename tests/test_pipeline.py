@@ -929,6 +929,54 @@ def test_the_heartbeat_runs_in_the_training_loop(tmp_path, monkeypatch):
     assert [ln.split()[1] for ln in beats] == ["1/10", "2/10", "3/10", "4/10", "6/10", "7/10", "8/10", "9/10"]
 
 
+def test_a_slow_phase_without_steps_says_what_it_is_doing(monkeypatch):
+    import time
+
+    from core import training
+
+    monkeypatch.setattr(training.Progress, "SLOW_NOTICE", 0.05)
+    stream = io.StringIO()
+    p = training.Progress(100, quiet=False, stream=stream)
+    with p.slow("loading dataset 'x'"):
+        pass  # quick: nothing shown, and the timer does not fire later
+    time.sleep(0.2)
+    assert stream.getvalue() == ""
+    with p.slow("step 5: scoring 100 samples"):
+        time.sleep(0.3)
+    assert stream.getvalue() == "step 5: scoring 100 samples ...\n"
+    quiet = io.StringIO()
+    with training.Progress(100, quiet=True, stream=quiet).slow("loading"):
+        time.sleep(0.2)
+    assert quiet.getvalue() == ""
+
+
+def test_training_says_when_loading_is_slow_and_shows_each_evaluation(tmp_path, monkeypatch):
+    import time
+
+    from core import training
+
+    monkeypatch.setattr(training.Progress, "SLOW_NOTICE", 0.05)
+    real = training.load_dataset
+
+    def slow_load(comps, seed):
+        time.sleep(0.3)
+        return real(comps, seed)
+
+    monkeypatch.setattr(training, "load_dataset", slow_load)
+    stream = io.StringIO()
+    run = api.train(small(tmp_path / "r", steps=10, log_every=5, checkpoint_every=0, eval_every=5),
+                    quiet=False, stream=stream)
+    lines = stream.getvalue().splitlines()
+    assert "loading dataset 'grid25' ..." in lines
+    evals = [ln for ln in lines if ln.startswith("step ") and "mixture/modes" in ln]
+    assert [ln.split(":")[0] for ln in evals] == ["step 5", "step 10"]
+    logged = [json.loads(ln) for ln in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in logged if r.get("event") == "eval"][-1]
+    modes = int(final["mixture/modes"])
+    assert f"mixture/modes {modes}  mixture/hq" in evals[-1]
+    assert "mixture/dyngan/" not in evals[-1]  # the nested values stay in metrics.jsonl
+
+
 def test_a_run_whose_data_file_moved_says_where_it_looks_and_how_to_point_it_elsewhere(tmp_path):
     data = tmp_path / "d.npy"
     np.save(data, np.random.default_rng(0).normal(size=(300, 2)).astype("float32"))
