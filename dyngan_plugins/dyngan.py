@@ -317,6 +317,7 @@ class DynGANPartitioner(Partitioner):
                  "every partition that holds samples the last detection's D pass flags is flagged as a whole "
                  "(split_on 'fresh'), so a split would only rename it")
                 if on_fresh else
+                "no sample is collapsed (tau 0 lets every check through)" if not bool(hit.any()) else
                 "every partition that holds collapsed samples is collapsed as a whole, so a split would "
                 "only rename it (D scores all its real samples above 1/(1+delta): see collapse/score_mean; "
                 "a smaller detector.delta flags fewer)")

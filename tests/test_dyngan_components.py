@@ -557,6 +557,8 @@ def test_the_partitioner_says_why_it_made_no_partition():
     assert "below tau (0.01)" in reason([0] * 200, mask(200, [3]), tau=0.01)
     assert "all 3 condition slots are in use" in reason([0, 0, 1, 1, 2, 2], mask(6, [0, 2, 4]), capacity=3)
     assert "collapsed as a whole" in reason([0, 0, 0], mask(3, [0, 1, 2]))
+    # tau 0 lets a check with no collapsed sample through the gate: it says so, not "as a whole"
+    assert reason([0] * 5, mask(5, []), tau=0.0) == "no sample is collapsed (tau 0 lets every check through)"
     # a partition made clears it
     ctx, _ = make_ctx(FakeD(torch.zeros(4)), [0] * 4)
     part = DynGANPartitioner(refine=False)

@@ -204,6 +204,16 @@ def test_knn_vote_majority_and_tie_break():
     assert out.tolist() == [1]
 
 
+def test_knn_vote_is_unchanged_by_a_common_offset_of_the_features():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2000, 16, generator=g)
+    labels = (ref[:, 0] > 0).long() + 2 * (ref[:, 1] > 0).long()
+    q = torch.randn(3000, 16, generator=g)
+    base = km.knn_vote(q, ref, labels, 4)
+    for offset in (100.0, 1000.0):  # 20 and 920 labels changed before the centring
+        assert torch.equal(km.knn_vote(q + offset, ref + offset, labels, 4), base), offset
+
+
 # ---------------------------------------------------------------- the partitioner
 
 

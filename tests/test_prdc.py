@@ -123,6 +123,18 @@ def test_chunking_gives_the_same_answer():
         assert prdc(real, fake, k=3, chunk_size=chunk) == whole
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_common_shift_of_both_sets_changes_nothing(dtype):
+    # PRDC depends on distances only; readings of 3000 +- 1 lost them in cdist's |x|^2 + |y|^2 - 2xy
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 8, generator=g, dtype=torch.float64)
+    fake = torch.randn(400, 8, generator=g, dtype=torch.float64) * 1.2 + 0.3
+    want = prdc(real, fake)
+    for offset in (300.0, 3000.0):
+        got = prdc((real + offset).to(dtype), (fake + offset).to(dtype))
+        assert got == pytest.approx(want, abs=1e-9), offset
+
+
 def test_k_matters_and_too_few_samples_fail():
     g = torch.Generator().manual_seed(8)
     real, fake = torch.randn(300, 2, generator=g), 0.5 * torch.randn(300, 2, generator=g) + 1.0
