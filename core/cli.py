@@ -313,13 +313,10 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
         click.echo(json.dumps(api.dry_run(settings, resume=resume), indent=2, sort_keys=True))
         return
 
-    import contextlib
-
     comm = from_env()  # started by torchrun: data-parallel over its ranks (core/distributed.py)
     try:
-        # stdout carries the run directory alone (RUN=$(dyngan train ...)): what a component
-        # prints while the run trains goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+        # stdout carries the run directory alone (RUN=$(dyngan train ...))
+        with _components_print_to_stderr():
             result = api.train(settings, resume=resume, quiet=quiet, comm=comm)
     finally:
         if comm is not None:
@@ -350,14 +347,24 @@ def sample(run_dir: str, n: int, out: str, seed: int, device: str, generator: st
     if not out.endswith(".npy"):
         raise UsageError(f"--out must name a .npy file, got {out!r}")
     api._check_n(n)  # the message names the flag (the library's names its argument)
-    arr = api.sample(run_dir, n, seed, device=device, generator=generator, condition=condition,
-                     progress=None if quiet else api.SamplingProgress(n))
+    with _components_print_to_stderr():
+        arr = api.sample(run_dir, n, seed, device=device, generator=generator, condition=condition,
+                         progress=None if quiet else api.SamplingProgress(n))
     try:
         _save_npy(Path(out), arr)
     except OSError as e:
         raise UsageError(f"cannot write {out!r}: {e.strerror or e}") from None
     of = "" if condition is None else f" of condition {condition}"
     click.echo(f"{out}: {arr.shape[0]} samples{of} of shape {tuple(arr.shape[1:])}")
+
+
+def _components_print_to_stderr() -> Any:
+    """A context in which what is printed (a plugin's ``print``, a library's chatter) goes to
+    stderr: a command's stdout holds its own output alone (`train`'s run directory, `evaluate
+    --json`'s JSON, `sample`'s and `report`'s file lines), for scripts that read it."""
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _save_npy(path: Any, arr: Any) -> None:
@@ -384,7 +391,8 @@ def evaluate(run_dir: str, n: int | None, seed: int, device: str, as_json: bool,
     on samples from its latest checkpoint."""
     from . import api
 
-    res = api.evaluate(run_dir, n, seed, device=device, generator=generator)
+    with _components_print_to_stderr():  # `evaluate --json | jq`: stdout holds the JSON alone
+        res = api.evaluate(run_dir, n, seed, device=device, generator=generator)
     if as_json:  # standard JSON: a NaN or inf value is written as a string, as metrics.jsonl does
         values = {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in res["metrics"].items()}
         click.echo(json.dumps({**res, "metrics": values}, indent=2, allow_nan=False))
@@ -409,7 +417,9 @@ def report(run_dir: str, n: int, seed: int) -> None:
 
     from .report import write_report
 
-    for path in write_report(Path(run_dir), n=n, seed=seed):
+    with _components_print_to_stderr():
+        paths = write_report(Path(run_dir), n=n, seed=seed)
+    for path in paths:
         click.echo(str(path))
 
 

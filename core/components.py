@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from .errors import OptionError
-from .options import Option, OptionValues, check_value, resolve_options
+from .options import OPTION_TYPES, Option, OptionValues, check_value, resolve_options
 
 if TYPE_CHECKING:  # torch is imported lazily so that `dyngan --help` stays instant
     import torch
@@ -486,6 +486,31 @@ def every_problem(cls: type) -> str | None:
             "or override the `every` property")
 
 
+def z_dim_problem(cls: type) -> str | None:
+    """What keeps a model class from having a valid ``z_dim``, None when nothing does (and for every
+    other kind): the base reads it from the option of that name, so the class must declare an integer
+    ``z_dim`` option with a minimum >= 1, or override the ``z_dim`` property. Said by the registry and
+    the test kit; without it the run failed on a KeyError when it built the networks."""
+    if not (isinstance(cls, type) and issubclass(cls, Model)):
+        return None
+    if next((c for c in cls.__mro__ if "z_dim" in vars(c)), None) is not Model:
+        return None  # overridden by the class or one of its bases
+    options = getattr(cls, "options", None)
+    opt = options.get("z_dim") if isinstance(options, Mapping) else None
+    fix = ('add `"z_dim": Option(64, "size of the latent vector z", min=1)` to its `options`, or '
+           "override the `z_dim` property")
+    if not isinstance(opt, Option):
+        return f"has no `z_dim` option (the size of G's latent input): {fix}"
+    try:
+        value_type: Any = opt.value_type
+    except TypeError:
+        value_type = None
+    if (value_type is not int or opt.nullable or opt.min is None or opt.min < 1
+            or not isinstance(opt.default, int) or isinstance(opt.default, bool) or opt.default < 1):
+        return f"has a `z_dim` option that is not a non-nullable integer with a minimum >= 1: {fix}"
+    return None
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -512,6 +537,8 @@ def schema_problem(cls: type) -> str | None:
     for key, opt in items:
         if not isinstance(key, str):
             return f"has an option key {_short(key)}, which is not a string"
+        if not key.isidentifier():  # `-o kind.KEY=VALUE` and `self.opts.KEY` need a plain name
+            return f"has an option key {key!r}, which is not a Python identifier (letters, digits, _)"
         if not isinstance(opt, Option):
             return (f"has option {key!r} = {_short(opt)}, which is not an Option (core.components.Option): "
                     f'write `"{key}": Option(default, "what it does")`')
@@ -519,6 +546,10 @@ def schema_problem(cls: type) -> str | None:
             return f"has option {key!r} with type={_short(opt.type)}, which is not a type (int, float, bool or str)"
         if opt.default is None and opt.type is None:
             return f"has option {key!r} whose default is None and no type: give it `type=` (and `nullable=True`)"
+        if opt.value_type not in OPTION_TYPES:  # a tuple or list: -o, TOML and config.json cannot carry it
+            return (f"has option {key!r} of type {opt.value_type.__name__} (default {_short(opt.default)}); an "
+                    "option holds an int, float, bool or str: split a pair into two options, or take a string "
+                    "and parse it in the plugin")
         if (opt.min is not None or opt.max is not None) and opt.value_type not in (int, float):
             return (f"has option {key!r} with a min or max, but its type is {opt.value_type.__name__}, not a number "
                     f"(default {_short(opt.default)})")

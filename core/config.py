@@ -319,6 +319,30 @@ def _check_scalars(cfg: dict[str, Any]) -> None:
     check_device(cfg.get("device"))
 
 
+def optimizer_defaults_problem(rec: Any) -> str | None:
+    """What dyngan refuses in what a loss's ``optimizer_defaults()`` returned, None when nothing: it
+    must be a dict whose keys are among lr_g, lr_d and betas (an unknown key such as ``lr`` was
+    silently ignored) with values the settings of those names accept. Said by ``resolve`` and by
+    the test kit's ``check_loss``, so that the two agree."""
+    if not isinstance(rec, Mapping):
+        return (f"returned {type(rec).__name__}; it must return a dict of lr_g, lr_d and/or betas (an empty "
+                "one for the defaults)")
+    unknown = [k for k in rec if k not in _OPTIMIZER_KEYS]
+    if unknown:
+        return (f"returned the key {unknown[0]!r}, which dyngan does not know; it may recommend "
+                f"{', '.join(_OPTIMIZER_KEYS)}")
+    for key in _OPTIMIZER_KEYS:
+        if key not in rec:
+            continue
+        cfg = copy.deepcopy(DEFAULTS)
+        cfg[key] = rec[key]
+        try:
+            _check_scalars(cfg)
+        except UsageError as e:
+            return f"recommended {key} = {rec[key]!r}, which dyngan refuses ({e})"
+    return None
+
+
 def check_device(dev: Any) -> str:
     """``dev`` if it is a device dyngan accepts (auto, cpu, cuda, cuda:N), else UsageError; whether
     the machine has it is ``core.training.resolve_device``'s question."""
@@ -393,10 +417,12 @@ def _metric_options(classes: Mapping[str, Any], given: Mapping[str, Any]) -> dic
     return {m: cls.resolve_options(per[m]) for m, cls in classes.items()}
 
 
-def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, Any]:
+def resolve(registry: Registry, layers: list[Mapping[str, Any]], _preset_alone: bool = False) -> dict[str, Any]:
     """Merge ``layers`` (config file, then flags) over the defaults and a preset; validate all.
 
-    Raises UsageError (unknown names, bad values) before anything is built.
+    Raises UsageError (unknown names, bad values) before anything is built. A preset whose own
+    settings fail (a misspelt setting, component or option) fails naming the preset: its settings
+    are resolved alone first (``_preset_alone``), since the user typed none of those names.
     """
     files = [layer for layer in layers if isinstance(layer, ConfigFile)]
     user: dict[str, Any] = {}
@@ -407,6 +433,13 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
     preset_settings: dict[str, Any] = {}
     if not _none(preset_name):
         preset = registry.get("preset", str(preset_name))
+        if not _preset_alone:
+            try:
+                resolve(registry, [{"preset": preset.name}], _preset_alone=True)
+            except UsageError as e:
+                plugin = getattr(preset, "plugin", None)
+                raise UsageError(f"preset {preset.name!r}" + (f" (plugin {plugin!r})" if plugin else "")
+                                 + f" has settings dyngan refuses: {e}") from e
         preset_settings = copy.deepcopy(dict(preset.settings))
         # the preset's optimiser settings rank below the chosen loss's recommendation (below)
         cfg = _merge(cfg, {k: v for k, v in preset_settings.items() if k not in _OPTIMIZER_KEYS})
@@ -431,6 +464,13 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
     dataset_cls = registry.get("dataset", str(cfg["dataset"]))
     if _none(cfg.get("model")):
         cfg["model"] = dataset_cls.default_model
+        try:  # a name the user did not type: say where it came from
+            registry.get("model", str(cfg["model"]))
+        except UsageError as e:
+            plugin = getattr(dataset_cls, "plugin", None)
+            raise UsageError(f"dataset {dataset_cls.name!r}" + (f" (plugin {plugin!r})" if plugin else "")
+                             + f" gives default_model {cfg['model']!r}, which dyngan cannot use ({e}); "
+                             "choose a model with --model") from e
     resolved_opts: dict[str, dict[str, Any]] = {}
     classes = {}
     for slot, kind in SLOTS.items():
@@ -477,20 +517,13 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
         raise
     except Exception as e:  # noqa: BLE001 - the plugin's own error
         raise loss_failure(e, method) from e
-    if not isinstance(rec, Mapping):
-        raise loss_failure(TypeError(f"returned {type(rec).__name__}; it must return a dict of lr_g, lr_d "
-                                     "and/or betas (an empty one for the defaults)"))
-    from_loss = [key for key in _OPTIMIZER_KEYS if user.get(key) is None and key in rec]
+    problem = optimizer_defaults_problem(rec)
+    if problem is not None:  # a value the loss recommended, not the user's: the loss's failure
+        raise loss_failure((TypeError if not isinstance(rec, Mapping) else ValueError)(problem))
     for key in _OPTIMIZER_KEYS:
         if user.get(key) is None:
             cfg[key] = rec.get(key, preset_settings.get(key, FALLBACK_OPTIMIZER[key]))
-    try:
-        _check_scalars(cfg)
-    except UsageError as e:  # a value the loss recommended, not the user's: the loss's failure
-        bad = next((key for key in from_loss if f"setting {key!r}" in str(e)), None)
-        if bad is None:
-            raise
-        raise loss_failure(ValueError(f"recommended {bad} = {rec[bad]!r}, which dyngan refuses ({e})")) from None
+    _check_scalars(cfg)
 
     metrics = _metric_names(cfg.get("metrics"))
     if metrics is None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .components import ConditioningSpec, Conditioner, Model
+from .components import Component, ConditioningSpec, Conditioner, Model
 
 
 class ConditionalGenerator(nn.Module):
@@ -43,15 +43,79 @@ class ConditionalDiscriminator(nn.Module):
         return (logits, feats) if features else logits
 
 
+def _refuse(component: Component, method: str, problem: str) -> None:
+    from .errors import ComponentFailure
+
+    raise ComponentFailure(component.kind, component.name, component.plugin, method, ValueError(problem))
+
+
+def spec_problem(spec: Any) -> str | None:
+    """What keeps a conditioner's ``spec()`` from sizing the networks and the loop's tensors."""
+    if not isinstance(spec, ConditioningSpec):
+        return f"returned {type(spec).__name__}, not a core.components.ConditioningSpec"
+    for key, low in (("capacity", 1), ("d_heads", 1), ("g_dim", 0), ("d_dim", 0)):
+        v = getattr(spec, key, None)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            return f"its ConditioningSpec has {key} = {v!r}; it must be an int >= {low}"
+    return None
+
+
 def build_networks(
     model: Model, conditioner: Conditioner | None, data_shape: tuple[int, ...]
 ) -> tuple[ConditionalGenerator, ConditionalDiscriminator, ConditioningSpec]:
-    spec = conditioner.spec() if conditioner is not None else ConditioningSpec()
-    g_net, d_net = model.build(tuple(data_shape), spec)
-    g_code = conditioner.generator_code() if conditioner is not None else None
-    d_code = conditioner.discriminator_code() if conditioner is not None else None
+    """G and D wrapped with the conditioner's code modules. Each component's part is checked as it
+    comes, so that its mistake fails naming it (ComponentFailure) rather than as an error in another
+    plugin's code: the conditioner's spec before the model sizes its networks by it, the model's
+    two trainable modules, the conditioner's code modules (their output widths: ``Trainer``'s probe)."""
+    from .training import call_component
+
+    spec = ConditioningSpec()
+    if conditioner is not None:
+        spec = call_component(conditioner, "spec")
+        problem = spec_problem(spec)
+        if problem is not None:
+            _refuse(conditioner, "spec", problem)
+    nets = call_component(model, "build", tuple(data_shape), spec)
+    if not isinstance(nets, (tuple, list)) or len(nets) != 2:
+        _refuse(model, "build", f"returned {type(nets).__name__}; it must return (G, D), two torch.nn.Modules")
+    for which, net in zip("GD", nets):
+        if not isinstance(net, nn.Module):
+            _refuse(model, "build", f"returned a {which} of type {type(net).__name__}, not a torch.nn.Module")
+        if not any(p.requires_grad for p in net.parameters()):
+            _refuse(model, "build", f"returned a {which} with no trainable parameters (nothing for its optimiser)")
+    codes = []
+    for method, dim in (("generator_code", spec.g_dim), ("discriminator_code", spec.d_dim)):
+        code = call_component(conditioner, method) if conditioner is not None else None
+        if code is not None and not isinstance(code, nn.Module):
+            _refuse(conditioner, method, f"returned {type(code).__name__}; it must return a torch.nn.Module or None")
+        if code is None and dim > 0:
+            _refuse(conditioner, method, f"returned None, but its ConditioningSpec gives the networks a code of "
+                                         f"width {dim}")
+        codes.append(code)
+    g_net, d_net = nets
     return (
-        ConditionalGenerator(g_net, g_code),
-        ConditionalDiscriminator(d_net, d_code, spec.d_heads),
+        ConditionalGenerator(g_net, codes[0]),
+        ConditionalDiscriminator(d_net, codes[1], spec.d_heads),
         spec,
     )
+
+
+def check_codes(conditioner: Conditioner, G: ConditionalGenerator, D: ConditionalDiscriminator,
+                spec: ConditioningSpec, cond: torch.Tensor) -> None:
+    """A conditioner's code modules must map the condition ids ``cond`` ``(B,)`` to floating-point
+    codes ``(B, dim)`` of its spec's widths: else ComponentFailure naming the conditioner (the model
+    was blamed for the shape error that followed). Run once, by ``Trainer``'s probe."""
+    for method, code, dim in (("generator_code", G.code, spec.g_dim), ("discriminator_code", D.code, spec.d_dim)):
+        if code is None:
+            continue
+        try:
+            out = code(cond)
+        except Exception as e:  # noqa: BLE001 - the conditioner's module: named
+            from .errors import ComponentFailure
+
+            raise ComponentFailure(conditioner.kind, conditioner.name, conditioner.plugin, method, e) from e
+        want = (cond.shape[0], dim)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != want:
+            got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"{out.dtype} {tuple(out.shape)}"
+            _refuse(conditioner, method, f"its module maps {cond.shape[0]} condition ids to {got}; the "
+                                         f"ConditioningSpec promises floating-point codes of shape {want}")

@@ -165,6 +165,9 @@ def _coerce(value: Any, opt: Option) -> Any:
     return value
 
 
+#: the types an option's value may have (what ``-o``, TOML and config.json carry alike)
+OPTION_TYPES = (int, float, bool, str)
+
 #: the TOML types a config file's value of an option of each type may have, and how to say so
 _TOML_TYPES: dict[type, tuple[tuple[type, ...], str]] = {
     int: ((int,), "an integer (no quotes, no decimal point)"),

@@ -6,8 +6,12 @@ import difflib
 import re
 from typing import Callable, Iterator
 
-from .components import KINDS, Component, every_problem, schema_problem
+from .components import KINDS, Component, every_problem, schema_problem, z_dim_problem
 from .errors import DuplicateComponentError, PluginError, UnknownComponentError
+
+
+#: characters no component name may hold (list, key and metric-key separators)
+NAME_FORBIDS = ",.=/"
 
 
 class Registry:
@@ -41,9 +45,14 @@ class Registry:
         name = getattr(cls, "name", "")
         if not isinstance(name, str) or not name or name != name.strip() or name.lower() == "none":
             raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} without a valid `name`")
+        bad = sorted({c for c in name if c in NAME_FORBIDS or c.isspace()})
+        if bad:  # `--metrics A,B`, `-o metric.NAME.KEY=V` and metric keys `NAME/...` could never select it
+            raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} ({name!r}), whose name "
+                              f"holds {' '.join(map(repr, bad))}: a component name is used in --metrics lists, "
+                              "-o keys and metric keys, so it may not contain , . = / or spaces")
         # a broken schema (a bad `options` or a preset's `settings`) else dies with a traceback when the
         # component is used; a missing `every` on its first detection or partition, mid-run, on a KeyError
-        problem = every_problem(cls) or schema_problem(cls)
+        problem = every_problem(cls) or z_dim_problem(cls) or schema_problem(cls)
         if problem is not None:
             raise PluginError(f"plugin {plugin!r} registered {kind} class {cls.__name__} ({name!r}), which {problem}")
         existing = self._by_kind[kind].get(name)

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping
 
-from .components import every_problem, schema_problem
+from .components import every_problem, schema_problem, z_dim_problem
 from .errors import OptionError, PluginError, UsageError
 from .options import Option, check_value
 from .plugins import PluginHost, load_plugins, set_host
@@ -226,9 +226,9 @@ def check_options_schema(cls: type) -> None:
             defaults = {k: o.default for k, o in options.items()}
             if resolved != defaults:
                 problems.append(f"resolve_options({{}}) returned {resolved!r}, not the defaults {defaults!r}")
-    every = every_problem(cls)  # a detector or partitioner: registering it would be refused
-    if every is not None:
-        problems.append(f"the class {every}")
+    for wrong in (every_problem(cls), z_dim_problem(cls)):  # registering the class would be refused
+        if wrong is not None:
+            problems.append(f"the class {wrong}")
     if problems:
         raise AssertionError(f"{where}: " + "; ".join(problems))
 
@@ -598,8 +598,11 @@ def check_loss(loss_cls: type, options: Mapping[str, Any] | None = None, *, batc
         problems.append(f"wants_real_grad is {loss.wants_real_grad!r}, not a bool")
     if not isinstance(loss.needs_real_in_g_step, bool):
         problems.append(f"needs_real_in_g_step is {loss.needs_real_in_g_step!r}, not a bool")
-    if not isinstance(defaults, Mapping) or set(defaults) - {"lr_g", "lr_d", "betas"}:
-        problems.append(f"optimizer_defaults() returned {defaults!r}; keys must be among lr_g, lr_d, betas")
+    from .config import optimizer_defaults_problem
+
+    wrong = optimizer_defaults_problem(defaults or {})  # as training reads it: None is no recommendation
+    if wrong is not None:  # what training refuses, in the same words
+        problems.append(f"optimizer_defaults() {wrong}")
     _fail(where, problems)
 
     def scalar(value: Any, what: str) -> bool:

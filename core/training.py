@@ -57,7 +57,7 @@ from .errors import (
     one_line,
     out_of_memory,
 )
-from .networks import build_networks
+from .networks import build_networks, check_codes
 from .registry import Registry
 
 
@@ -799,7 +799,6 @@ class Trainer:
             m = comps.model
             raise ComponentFailure(m.kind, m.name, m.plugin, "build", e) from e
         self.spec = spec
-        self._check_spec()
         self._check_output_range()
         self._check_intervals()
         self.G, self.D = G.to(dev), D.to(dev)
@@ -846,17 +845,6 @@ class Trainer:
                 self.D_call = torch.compile(self.D)
         check_amp(cfg, dev)
 
-    def _check_spec(self) -> None:
-        """The conditioner's ``ConditioningSpec``: counts the loop can size tensors by."""
-        c, spec = self.comps.conditioner, self.spec
-        if c is None:
-            return
-        for key, low in (("capacity", 1), ("d_heads", 1), ("g_dim", 0), ("d_dim", 0)):
-            v = getattr(spec, key, None)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ComponentFailure(c.kind, c.name, c.plugin, "spec", ValueError(
-                    f"its ConditioningSpec has {key} = {v!r}; it must be an int >= {low}"))
-
     def _probe_networks(self) -> None:
         """One forward of G and D at the run's batch size before training, in train mode as the loop
         runs them: a model whose samples do not have the data's shape, or whose D does not give one
@@ -870,6 +858,8 @@ class Trainer:
         saved = [(b, b.detach().clone()) for net in (self.G, self.D) for b in net.buffers()]
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                if self.comps.conditioner is not None:
+                    check_codes(self.comps.conditioner, self.G, self.D, self.spec, cond)
                 x = _forward(m, "G.forward", self.G, z, cond)
                 problem = sample_problem(x, B, self.data_shape)
                 if problem is not None:

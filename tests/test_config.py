@@ -791,3 +791,63 @@ def test_an_error_quoting_a_huge_value_is_cut_to_a_readable_line(tmp_path):
     line = res.stderr.strip()
     assert line.startswith("Error: ") and len(line.splitlines()) == 1 and len(line) < 4200
     assert "characters left out" in line
+
+
+# --------------------------------------------------------------------------- a plugin's own defaults
+
+
+def _attribution_host():
+    import types
+
+    from core import hookimpl
+    from core.components import Preset
+    from core.testing import plugin_host
+    from dyngan_plugins.mixtures import Grid25
+
+    class OddData(Grid25):
+        name = "qa-odd-data"
+        default_model = "no-such-model"
+
+    presets = [type(f"P{i}", (Preset,), {"name": name, "settings": settings}) for i, (name, settings) in enumerate([
+        ("qa-stepz", {"stepz": 100}),
+        ("qa-nope", {"detector": "nope"}),
+        ("qa-typo", {"loss": "hinge", "options": {"loss": {"margin_typo": 1.0}}}),
+    ])]
+    plugin = types.SimpleNamespace(
+        register_datasets=hookimpl(lambda register: register(OddData)),
+        register_presets=hookimpl(lambda register: [register(p) for p in presets]),
+    )
+    return plugin_host(("qa", plugin))
+
+
+@pytest.mark.parametrize("preset, says", [
+    ("qa-stepz", "unknown setting 'stepz'"),
+    ("qa-nope", "unknown detector 'nope'"),
+    ("qa-typo", "unknown option 'margin_typo'"),
+])
+def test_a_presets_own_mistake_names_the_preset(preset, says):
+    # the user typed none of these names: the error said only "unknown setting 'stepz'"
+    with _attribution_host():
+        with pytest.raises(UsageError) as e:
+            resolve_settings({"preset": preset})
+        assert str(e.value).startswith(f"preset '{preset}' (plugin 'qa') has settings dyngan refuses: ")
+        assert says in str(e.value)
+        # and on the command line: exit 2, one line
+        res = CliRunner().invoke(cli, ["train", "--preset", preset, "--dry-run"])
+        assert res.exit_code == 2 and f"preset '{preset}' (plugin 'qa')" in res.output
+        assert "Traceback" not in res.output
+
+
+def test_a_datasets_unknown_default_model_names_the_dataset():
+    with _attribution_host():
+        with pytest.raises(UsageError) as e:
+            resolve_settings({"dataset": "qa-odd-data"})
+        assert str(e.value).startswith("dataset 'qa-odd-data' (plugin 'qa') gives default_model 'no-such-model', "
+                                       "which dyngan cannot use (unknown model 'no-such-model'")
+        assert str(e.value).endswith("choose a model with --model")
+        assert resolve_settings({"dataset": "qa-odd-data", "model": "mlp"})["model"] == "mlp"
+
+
+def test_a_good_preset_still_resolves_with_the_users_settings_on_top():
+    cfg = resolve_settings({"preset": "dyngan", "steps": 77, "options": {"detector": {"delta": 0.3}}})
+    assert cfg["steps"] == 77 and cfg["options"]["detector"]["delta"] == 0.3 and cfg["preset"] == "dyngan"

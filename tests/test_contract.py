@@ -327,6 +327,19 @@ def test_check_options_schema_fails_what_registering_refuses(opt):
         check_options_schema(cls)
 
 
+def test_check_options_schema_fails_a_tuple_option_and_a_model_without_z_dim():
+    # both passed the kit; the registry now refuses them (a tuple option broke the saved config,
+    # a model without z_dim crashed the run with a KeyError)
+    cls = type("Pair", (Loss,), {"name": "pair", "options": {"betas": Option((0.5, 0.9), "two betas")}})
+    with pytest.raises(AssertionError, match="registering the class would be refused: it has option 'betas' of type tuple"):
+        check_options_schema(cls)
+    from core.components import Model
+
+    cls = type("NoZ", (Model,), {"name": "no-z", "options": {"width": Option(8, "a width", min=1)}})
+    with pytest.raises(AssertionError, match=r"model 'no-z': the class has no `z_dim` option"):
+        check_options_schema(cls)
+
+
 def test_check_options_schema_catches_a_broken_resolve_options():
     class Overridden(Loss):
         name = "overridden"

@@ -96,10 +96,26 @@ class BadPartition(Partitioner):
 
 
 class OddCapacity(OneHotConditioner):
+    """The built-in one-hot conditioner with a broken spec or code module: ``what`` says how."""
+
     name = "qa-capacity"
+    options = {**OneHotConditioner.options, "what": Option("capacity", "what goes wrong")}
 
     def spec(self):
-        return ConditioningSpec(g_dim=3, d_dim=3, capacity=0)
+        if self.opts.what == "dict":
+            return {"g_dim": 3, "d_dim": 3, "capacity": 3}
+        if self.opts.what == "capacity":
+            return ConditioningSpec(g_dim=3, d_dim=3, capacity=0)
+        return super().spec()
+
+    def generator_code(self):
+        if self.opts.what == "none-code":
+            return None
+        if self.opts.what == "function":
+            return lambda cond: cond
+        code = super().generator_code()
+        return nn.Sequential(code, nn.Linear(code(torch.zeros(1, dtype=torch.long)).shape[1], 2)) \
+            if self.opts.what == "width" else code
 
 
 class BadModel(MLPModel):
@@ -111,6 +127,10 @@ class BadModel(MLPModel):
     def build(self, data_shape, spec):
         G, D = super().build(data_shape, spec)
         what = self.opts.what
+        if what == "g-function":
+            return (lambda z, code=None: z[:, :2]), D
+        if what == "d-no-params":
+            return G, nn.Identity()
 
         class Broken(nn.Module):
             def __init__(self):
@@ -148,6 +168,8 @@ class BadLoss(NonSaturatingLoss):
             return [1e-3]
         if self.opts.what == "defaults-junk":
             return {"lr_g": -1.0}
+        if self.opts.what == "defaults-lr":
+            return {"lr": 1e-4}
         return super().optimizer_defaults()
 
     def d_loss(self, ctx):
@@ -160,9 +182,12 @@ class BadLoss(NonSaturatingLoss):
 
 class BigMetric(Metric):
     name = "qa-metric"
-    options = {"what": Option("big", "big | inf")}
+    options = {"what": Option("big", "big | inf | print")}
 
     def compute(self, fake, real, dataset):
+        if self.opts.what == "print":
+            print("debug: computing qa-metric")
+            return {"qa-metric/x": 1.0}
         return {"qa-metric/x": 10 ** 400 if self.opts.what == "big" else math.inf}
 
 
@@ -241,10 +266,40 @@ def test_what_a_component_prints_goes_to_stderr(qa, tmp_path):
     assert res.stderr.count("hello from detect") == 3
 
 
-def test_a_conditioner_spec_the_loop_cannot_size_fails_naming_it(qa, tmp_path):
-    res = train(tmp_path / "r", "--conditioner", "qa-capacity")
-    assert_clean_error(res, 1, "conditioner 'qa-capacity' (plugin 'qa') raised in spec()",
-                       "capacity = 0; it must be an int >= 1")
+def test_what_a_metric_prints_leaves_evaluate_json_and_the_other_commands_stdout_alone(qa, tmp_path):
+    run = tmp_path / "r"
+    assert train(run, "--metrics", "qa-metric", "-o", "metric.what=print", steps=10).exit_code == 0
+    res = invoke(["evaluate", str(run), "--n", "100", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["metrics"]["qa-metric/x"] == 1.0  # it began with the metric's line
+    assert "debug: computing qa-metric" in res.stderr
+    res = invoke(["report", str(run), "--n", "100"])
+    assert res.exit_code == 0, res.output
+    assert "debug" not in res.stdout
+
+
+@pytest.mark.parametrize("what, method, needle", [
+    ("capacity", "spec", "capacity = 0; it must be an int >= 1"),
+    ("dict", "spec", "returned dict, not a core.components.ConditioningSpec"),  # blamed the model's build
+    # the model was blamed for the shape error these gave in G's first layer
+    ("width", "generator_code", "its module maps 128 condition ids to torch.float32 (128, 2); the "
+                                "ConditioningSpec promises floating-point codes of shape (128, 30)"),
+    ("none-code", "generator_code", "returned None, but its ConditioningSpec gives the networks a code of width 30"),
+    ("function", "generator_code", "returned function; it must return a torch.nn.Module or None"),
+])
+def test_a_conditioner_the_networks_cannot_use_fails_naming_it(qa, tmp_path, what, method, needle):
+    res = train(tmp_path / "r", "--conditioner", "qa-capacity", "-o", f"conditioner.what={what}")
+    assert_clean_error(res, 1, f"conditioner 'qa-capacity' (plugin 'qa') raised in {method}()", needle)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("what, needle", [
+    ("g-function", "returned a G of type function, not a torch.nn.Module"),
+    ("d-no-params", "returned a D with no trainable parameters"),  # torch's empty-parameter-list traceback
+])
+def test_a_model_whose_networks_cannot_train_fails_naming_it(qa, tmp_path, what, needle):
+    res = train(tmp_path / "r", "--model", "qa-model", "-o", f"model.what={what}")
+    assert_clean_error(res, 1, "model 'qa-model' (plugin 'qa') raised in build()", needle)
     assert not (tmp_path / "r").exists()
 
 
@@ -287,6 +342,9 @@ def test_samples_that_carry_autograd_history_are_detached(qa, tmp_path):
     ("defaults-raise", "optimizer_defaults", "RuntimeError: optimizer_defaults broke"),
     ("defaults-list", "optimizer_defaults", "returned list; it must return a dict"),
     ("defaults-junk", "optimizer_defaults", "recommended lr_g = -1.0, which dyngan refuses"),
+    # an unknown key was ignored without a word (the learning rates stayed dyngan's)
+    ("defaults-lr", "optimizer_defaults", "returned the key 'lr', which dyngan does not know; it may "
+                                          "recommend lr_g, lr_d, betas"),
 ])
 def test_a_loss_that_breaks_fails_naming_it(qa, tmp_path, what, method, needle):
     res = train(tmp_path / "r", "--loss", "qa-loss", "-o", f"loss.what={what}")

@@ -46,10 +46,13 @@ def make_plugin(name: str, **hooks) -> types.ModuleType:
 
 
 def component(base: type, name: str) -> type:
-    """A fresh component class of ``base``'s kind (a detector or partitioner with the `every` option it needs)."""
+    """A fresh component class of ``base``'s kind (a detector or partitioner with the `every` option it
+    needs, a model with its `z_dim`)."""
     attrs: dict = {"name": name}
     if base in (CollapseDetector, Partitioner):
         attrs["options"] = {"every": Option(1, "every this many steps", min=1)}
+    if base is Model:
+        attrs["options"] = {"z_dim": Option(8, "size of z", min=1)}
     return type(f"{base.__name__}_{name.replace('-', '_')}", (base,), attrs)
 
 

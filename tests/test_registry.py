@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.components import KINDS, Dataset, Loss, Metric, Option, Preset
+from core.components import KINDS, Dataset, Loss, Metric, Model, Option, Preset
 from core.errors import DuplicateComponentError, PluginError, UnknownComponentError, UsageError
 from core.registry import Registry
 from core.testing import plugin_host
@@ -187,6 +187,12 @@ def _assert_refused(reg, kind, base, cls_name, name, attrs, says):
                                               "own schema (TypeError: "),
     ({"margin": Option(1.0, "m", type="float")}, "has option 'margin' with type='float', which is not a type"),
     ({3: Option(1, "m")}, "has an option key 3, which is not a string"),
+    # these registered, then broke: -o split a str into its characters, and a tuple default left a
+    # config.json that no resume, sample or evaluate accepted; a dotted key failed the test kit
+    ({"betas": Option((0.5, 0.9), "b")}, "has option 'betas' of type tuple (default (0.5, 0.9)); an option "
+                                         "holds an int, float, bool or str"),
+    ({"weights": Option(None, "w", type=list, nullable=True)}, "has option 'weights' of type list"),
+    ({"a.b": Option(1, "m")}, "has an option key 'a.b', which is not a Python identifier"),
 ])
 def test_a_class_with_a_malformed_options_schema_is_refused_when_it_registers(reg, options, says):
     _assert_refused(reg, "loss", Loss, "BadOpts", "bad-opts", {"options": options}, says)
@@ -201,6 +207,30 @@ def test_a_class_with_a_malformed_options_schema_is_refused_when_it_registers(re
 def test_a_preset_whose_settings_are_not_a_mapping_is_refused_when_it_registers(reg, settings, says):
     _assert_refused(reg, "preset", Preset, "BadPreset", "bad-preset", {"settings": settings}, says)
     assert reg.names("preset") == []
+
+
+@pytest.mark.parametrize("options, says", [
+    ({}, "has no `z_dim` option (the size of G's latent input)"),
+    ({"z_dim": Option(8.0, "z")}, "has a `z_dim` option that is not a non-nullable integer with a minimum >= 1"),
+    ({"z_dim": Option(8, "z")}, "has a `z_dim` option that is not a non-nullable integer with a minimum >= 1"),
+    ({"z_dim": Option(8, "z", min=1, nullable=True)}, "is not a non-nullable integer"),
+])
+def test_a_model_without_a_valid_z_dim_is_refused_when_it_registers(reg, options, says):
+    # it registered, and the run then failed with a KeyError traceback when it built the networks
+    _assert_refused(reg, "model", Model, "NoZ", "no-z", {"options": options}, says)
+
+
+def test_a_model_that_overrides_z_dim_registers_without_the_option(reg):
+    reg.add("model", type("OwnZ", (Model,), {"name": "own-z", "options": {}, "z_dim": 16}), "tidy")
+    assert "own-z" in reg.names("model")
+
+
+@pytest.mark.parametrize("name", ["qa,comma", "a.b", "k=v", "a/b", "two words"])
+def test_a_name_no_command_line_could_select_is_refused(reg, name):
+    cls = type("Odd", (Metric,), {"name": name})
+    with pytest.raises(PluginError, match=r"whose name holds .*: a component name is used in --metrics lists"):
+        reg.add("metric", cls, "sloppy")
+    assert name not in reg.names("metric")
 
 
 def test_well_formed_schemas_still_register(reg):

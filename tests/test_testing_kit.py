@@ -98,6 +98,11 @@ class BadDefaultsLoss(GoodLoss):
         return {"lr": 1e-3}
 
 
+class RefusedDefaultsLoss(GoodLoss):
+    def optimizer_defaults(self):
+        return {"lr_g": -1.0}  # the kit passed it, training refused it
+
+
 def test_check_loss_passes_a_good_loss_and_one_that_needs_real_logits():
     check_loss(GoodLoss)
     check_loss(NeedsRealLoss)
@@ -108,7 +113,8 @@ def test_check_loss_passes_a_good_loss_and_one_that_needs_real_logits():
     (VectorLoss, "g_loss returned torch.float32(16,), not a 0-d float tensor"),
     (RandomLoss, "not deterministic"),
     (DetachedLoss, "g_loss does not depend on the logits"),
-    (BadDefaultsLoss, "optimizer_defaults()"),
+    (BadDefaultsLoss, "optimizer_defaults() returned the key 'lr', which dyngan does not know"),
+    (RefusedDefaultsLoss, "optimizer_defaults() recommended lr_g = -1.0, which dyngan refuses"),
 ])
 def test_check_loss_catches(cls, message):
     with pytest.raises(AssertionError) as e:
