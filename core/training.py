@@ -829,6 +829,9 @@ class Trainer:
         self._own_streams = False  # this rank's random streams came from the checkpoint (torchrun)
         self.last_detection: Detection | None = None
         self.partition_count = 1
+        # a partition check due at a final step, which skips it: kept in the checkpoint, made by a
+        # resume that trains on (else a chain of resumes ending on check steps never partitions)
+        self._partition_pending = False
         self.last_fraction: float | None = None
         # the callables the hot loop uses (compiled when asked)
         self.G_call: Callable[..., torch.Tensor] = self.G
@@ -964,12 +967,14 @@ class Trainer:
         # the partitioner may use a detection of an earlier step (its interval not a multiple of
         # the detector's): keep it for an exact resume
         if self.last_detection is not None and part is not None and det is not None and \
-                self.every[part.kind] % self.every[det.kind]:
+                (self.every[part.kind] % self.every[det.kind] or self._partition_pending):
             try:
                 meta["detection"] = ckpt_io.split_detection(self.last_detection, tensors)
             except ValueError as e:  # the detector's result: named like a detect() that raised
                 raise ComponentFailure(det.kind, det.name, det.plugin, "detect", e) from None
         meta["last_fraction"] = self.last_fraction
+        if self._partition_pending:
+            meta["partition_pending"] = True
         if self.epoch_batches is not None:
             meta["sampling"] = self.epoch_batches.state()
         return tensors, meta
@@ -1035,6 +1040,9 @@ class Trainer:
             if not isinstance(partition_count, int) or isinstance(partition_count, bool) \
                     or not 1 <= partition_count <= self.capacity:
                 raise ValueError(f"partition_count {partition_count!r} is not a count from 1 to {self.capacity}")
+            pending = meta.get("partition_pending", False)
+            if not isinstance(pending, bool):
+                raise ValueError(f"partition_pending {pending!r} is not true or false")
             det_js = meta.get("detection")
             detection = None if det_js is None else ckpt_io.join_detection(
                 det_js, t, type(self.comps.detector) if self.comps.detector is not None else None, self.device)
@@ -1051,6 +1059,7 @@ class Trainer:
             except ComponentFailure as e:  # most likely a foreign or edited state: try an older checkpoint
                 raise CheckpointError(f"{ck.path.name} does not fit this run: {e}") from None
         self.partition_count = partition_count
+        self._partition_pending = pending
         self._own_streams = own_streams
         self.last_detection = detection
         self.last_fraction = float(fraction) if isinstance(fraction, (int, float)) else None
@@ -1461,6 +1470,11 @@ class Trainer:
         def d_interp(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return D_call(x, c)
 
+        if self._partition_pending and part is not None and self.step < steps:
+            # the check the last invocation skipped at its final step: done now, as a run that
+            # never stopped did it at that step (same detection, D and random stream)
+            self._partition(log)
+            self._partition_pending = False
         t_last, s_last = time.perf_counter(), self.step
         tick = self.progress.tick
         loss_d = loss_g = None
@@ -1534,10 +1548,13 @@ class Trainer:
             if eval_every and s % eval_every == 0 and not final:
                 eval_error = self._eval(log)  # raised below, after the save
             # not on the final step: no training would follow a new split, so the saved model
-            # would draw conditions it never learnt; a resumed, longer run checks again at the
-            # next interval
-            if part is not None and s % part_every == 0 and not final:
-                self._partition(log)
+            # would draw conditions it never learnt; the checkpoint keeps the check pending, and a
+            # resumed, longer run makes it before its first step
+            if part is not None and s % part_every == 0:
+                if final:
+                    self._partition_pending = True
+                else:
+                    self._partition(log)
             if s % log_every == 0 or final:
                 now = time.perf_counter()
                 rate = (s - s_last) / max(1e-9, now - t_last)

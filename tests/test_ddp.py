@@ -196,25 +196,38 @@ def test_ddp_dyngan_identical_ranks_and_resume_both_ways(tmp_path):
     assert all(torch.equal(ck[k], c[k]) for k in c if k.startswith(("G/", "D/")))
 
 
-@pytest.mark.parametrize("sampling", ["replacement", "epoch"])
-def test_ddp_resume_with_as_many_processes_is_bit_exact(tmp_path, sampling):
+@pytest.mark.parametrize("sampling, stop", [("replacement", "checkpoint"), ("epoch", "checkpoint"),
+                                             ("replacement", "final-step")])
+def test_ddp_resume_with_as_many_processes_is_bit_exact(tmp_path, sampling, stop):
     """Stopped at a checkpoint and resumed under torchrun, a run ends bit-identical to the one that
     never stopped: every rank continues its own random streams (the checkpoint held rank 0's alone,
     and rank 1 derived a new batch stream from it at the resume). With shuffled epochs (2,000
-    samples, 2 x 128 per step: 7 steps an epoch) the ranks share each epoch's order from the seed."""
+    samples, 2 x 128 per step: 7 steps an epoch) the ranks share each epoch's order from the seed.
+    ``final-step``: a 40-step run extended to 80, whose final step skipped the partition check of
+    step 40; the resume makes it first, on every rank."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(torchrun("-m", "core", "train", "--out", str(straight), "--steps", "80", "--checkpoint-every", "40",
                  "--sampling", sampling, *SMALL, *DYNGAN), env_for())
-    shutil.copytree(straight, resumed)
-    for p in (resumed / "checkpoints").glob("step-00000080.*"):
-        p.unlink()
-    run(torchrun("-m", "core", "train", "--out", str(resumed), "--resume", "-q"), env_for())
+    if stop == "checkpoint":
+        shutil.copytree(straight, resumed)
+        for p in (resumed / "checkpoints").glob("step-00000080.*"):
+            p.unlink()
+        run(torchrun("-m", "core", "train", "--out", str(resumed), "--resume", "-q"), env_for())
+    else:
+        run(torchrun("-m", "core", "train", "--out", str(resumed), "--steps", "40", "--checkpoint-every", "40",
+                     "--sampling", sampling, *SMALL, *DYNGAN), env_for())
+        run(torchrun("-m", "core", "train", "--out", str(resumed), "--resume", "--steps", "80", "-q"), env_for())
     a, b = checkpoint(straight, 80), checkpoint(resumed, 80)
     assert {"rng/rank1/train", "rng/rank1/components", "rng/rank1/cpu"} <= set(a)
     assert not torch.equal(a["rng/rank1/train"], a["rng/train"])  # rank 1's own stream, not rank 0's
     assert set(a) == set(b)
     differ = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
     assert not differ, f"not bit-identical after a torchrun resume: {differ[:8]} ({len(differ)} of {len(a)})"
+    if stop == "final-step":
+        def partitions(run_dir):
+            return [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+                    if '"event": "partition"' in ln]
+        assert partitions(resumed) == partitions(straight) == [40]
 
 
 def assert_no_traceback_of_ours(stderr: str) -> None:

@@ -575,6 +575,38 @@ def test_no_partition_on_the_final_step(tmp_path):
     assert events == [20, 40], events
 
 
+@pytest.mark.parametrize("preset", [None, "dyngan"])
+def test_a_resume_makes_the_partition_check_its_last_final_step_skipped(tmp_path, preset):
+    """A run extended by resumes that each ended on a check step never partitioned (a long-run QA
+    pass: 16,000 steps in 1,000-step resumes stayed at one condition where a run that never stopped
+    opened four). The skipped check is kept in the checkpoint and made before the next step: the
+    resumed run is the run that never stopped, bit for bit."""
+    def cfg(out, steps):
+        c = small(out, steps=steps, checkpoint_every=20)
+        if preset is None:
+            c.update(partitioner="kmeans", conditioner="onehot")
+            c["options"].update(partitioner={"every": 20, "k": 3, "restarts": 1}, conditioner={"capacity": 8})
+        else:  # the detection of the skipped step is kept for it (detector every 10, checks every 20)
+            c["preset"] = "dyngan"
+            c["options"].update(detector={"every": 10}, partitioner={"every": 20, "tau": 0.0})
+        return c
+
+    whole = api.train(cfg(tmp_path / "whole", 60), quiet=True)
+    api.train(cfg(tmp_path / "parts", 20), quiet=True)
+    api.train({**cfg(tmp_path / "parts", 40), "out": str(tmp_path / "parts")}, resume=True, quiet=True)
+    parts = api.train({**cfg(tmp_path / "parts", 60), "out": str(tmp_path / "parts")}, resume=True, quiet=True)
+
+    def checks(res):
+        return [(r["step"], r["event"]) for r in res.metrics if r.get("event") in ("partition", "partition-check")]
+
+    assert checks(parts) == checks(whole)
+    assert [step for step, _ in checks(whole)] == [20, 40]
+    if preset is None:
+        assert [event for _, event in checks(whole)] == ["partition", "partition"]
+    a, b = final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "parts")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------ a failing evaluation
 
 
