@@ -140,6 +140,10 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+#: partitions the sample picture's legend lists one by one (more: a note instead)
+LEGEND_PARTITIONS = 30
+
+
 def _partition_colours(k: int) -> list:
     import matplotlib
 
@@ -213,7 +217,9 @@ def _samples_vector(run: "Run", n: int, seed: int, plt: Any) -> Path:
         centres = None
 
     if d == 1:
-        return _samples_1d(run, real_pts, fake[finite], plt)
+        if labels is not None and not (run.cfg.get("partitioner") or int(run.labels.max()) > 0):
+            labels = None
+        return _samples_1d(run, real_pts, fake[finite], plt, labels)
 
     mean, axes, axis_names = _projection(real)
 
@@ -229,10 +235,11 @@ def _samples_vector(run: "Run", n: int, seed: int, plt: Any) -> Path:
     # fixed layout: equal-aspect axes, titles above, legends below (cropped by the tight bbox)
     fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.12, wspace=0.18)
     ax = axs[0][0]
-    ax.scatter(fp[:, 0], fp[:, 1], s=5, c="tab:blue", alpha=0.45, linewidths=0,
-               label=f"generated ({int(finite.sum())})", rasterized=True, zorder=2)
+    # generated over the real data: drawn under it, samples inside a real cluster were hidden
     ax.scatter(rp[:, 0], rp[:, 1], s=2, c="0.2", alpha=0.5, linewidths=0, label="real data",
-               rasterized=True, zorder=3)
+               rasterized=True, zorder=2)
+    ax.scatter(fp[:, 0], fp[:, 1], s=5, c="tab:blue", alpha=0.45, linewidths=0,
+               label=f"generated ({int(finite.sum())})", rasterized=True, zorder=3)
     head = f"step {run.step}: {_plural(int(finite.sum()), 'generated sample')}"
     if centres is not None and cov is not None:
         cp = proj(torch.as_tensor(centres, dtype=torch.float32))
@@ -269,12 +276,16 @@ def _samples_vector(run: "Run", n: int, seed: int, plt: Any) -> Path:
                         label="mode centre", zorder=4)
         ax2.set_title(f"real data coloured by partition: {_plural(len(active), 'partition')}", fontsize=11)
         _vector_axes(ax2, axis_names, rp, fp)
-        if len(active) <= 12:
-            _point_legend(ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, fontsize=8,
-                                     frameon=False))
+        if len(active) <= LEGEND_PARTITIONS:  # (30: the onehot conditioner's capacity)
+            many = len(active) > 12
+            _point_legend(ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=5 if many else 3,
+                                     fontsize=6.5 if many else 8, frameon=False))
         else:
-            ax2.text(0.01, 0.01, f"{len(active)} partitions; colours repeat after 20", fontsize=8,
-                     transform=ax2.transAxes, va="bottom")
+            distinct = len(set(map(tuple, cols)))
+            ax2.text(0.01, 0.01, f"{len(active)} partitions, one colour each"
+                     + (f" (colours repeat after {distinct})" if len(active) > distinct else "")
+                     + (", + a mode centre" if centres is not None else "") + "; no legend above "
+                     f"{LEGEND_PARTITIONS}", fontsize=8, transform=ax2.transAxes, va="bottom")
     sup = _title(run)
     if centres is not None and cov is not None:
         sup += f"  |  {int(cov.sum())}/{cov.numel()} modes covered"
@@ -315,10 +326,14 @@ def _vector_axes(ax: Any, names: list[str], rp: "Tensor", fp: "Tensor") -> None:
     ax.grid(True, alpha=0.25)
 
 
-def _samples_1d(run: "Run", real: "Tensor", fake: "Tensor", plt: Any) -> Path:
+def _samples_1d(run: "Run", real: "Tensor", fake: "Tensor", plt: Any, labels: "Tensor | None" = None) -> Path:
+    """Histograms of one-dimensional data: generated against real, and (a run that partitions)
+    the real data stacked by partition beside it."""
     import torch
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    panels = 2 if labels is not None else 1
+    fig, axs = plt.subplots(1, panels, figsize=(8 * panels, 4.5), layout="constrained", squeeze=False)
+    ax = axs[0][0]
     lo = float(torch.minimum(real.min(), fake.min() if fake.numel() else real.min()))
     hi = float(torch.maximum(real.max(), fake.max() if fake.numel() else real.max()))
     # float64: hi - lo of data near float32's range overflows there (the bins came out inf)
@@ -331,6 +346,22 @@ def _samples_1d(run: "Run", real: "Tensor", fake: "Tensor", plt: Any) -> Path:
     ax.set_title(f"step {run.step}: generated vs real  |  {_plural(len(run.conditions), 'partition')}", fontsize=11)
     ax.legend()
     ax.grid(True, alpha=0.25)
+    if labels is not None:
+        ax2 = axs[0][1]
+        active = sorted(int(v) for v in torch.unique(run.labels).tolist())
+        counts = torch.bincount(run.labels, minlength=max(active) + 1)
+        cols = _partition_colours(len(active))
+        parts = [(real[labels == lab, 0].tolist(), cols[i], f"partition {lab} ({int(counts[lab])} points)")
+                 for i, lab in enumerate(active)]
+        parts = [p for p in parts if p[0]]
+        ax2.hist([p[0] for p in parts], bins=bins, stacked=True, color=[p[1] for p in parts],
+                 label=[p[2] for p in parts])
+        ax2.set_xlabel("x")
+        ax2.set_ylabel("real samples")
+        ax2.set_title(f"real data stacked by partition: {_plural(len(active), 'partition')}", fontsize=11)
+        if len(active) <= LEGEND_PARTITIONS:
+            ax2.legend(fontsize=8 if len(active) <= 12 else 6.5, ncol=1 if len(active) <= 12 else 3)
+        ax2.grid(True, alpha=0.25)
     fig.suptitle(_title(run), fontsize=12)
     return _save(fig, run.dir / PICTURES / "samples.png")
 
@@ -520,7 +551,7 @@ def _curves(run: "Run", plt: Any) -> Path:
         ax.set_ylabel("loss")
         ax.set_title(f"losses ({run.cfg['loss']})", fontsize=11)
         if drawn:
-            ax.legend(fontsize=9, loc="best")
+            ax.legend(fontsize=9, loc="best", framealpha=0.6)
         else:
             ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax.transAxes)
 
@@ -547,22 +578,39 @@ def _curves(run: "Run", plt: Any) -> Path:
                 ax.axhline(total, color="0.4", linestyle="--", linewidth=1, label=f"all modes ({total})")
             ax.set_ylabel("modes covered")
             _from_zero(ax)
+            if total:  # above the frame, not on it
+                lo, hi = ax.get_ylim()
+                ax.set_ylim(lo, max(hi, 1.06 * total))
             ax.set_title("modes covered (evaluation)", fontsize=11)
-            ax.legend(fontsize=9, loc="best")
+            ax.legend(fontsize=9, loc="best", framealpha=0.6)
 
         panels.append(("modes", modes))
 
     def metric_panel(keys: list[str], ylabel: str, title: str, scale: Callable[[Any], None]):
         """A panel of evaluation series ``keys``, one line each; ``scale(ax)`` sets the y range."""
         def draw(ax):
-            for k in keys:
+            for k, also in _distinct_series(keys):
                 xs, ys = _series(recs, k, "eval")
-                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=k)
+                ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=" = ".join([k, *also]))
             ax.set_ylabel(ylabel)
             scale(ax)
             ax.set_title(title, fontsize=11)
-            ax.legend(fontsize=9, loc="best")
+            ax.legend(fontsize=9, loc="best", framealpha=0.6)
         return draw
+
+    def _distinct_series(keys: list[str]) -> list[tuple[str, list[str]]]:
+        """``keys`` with each series that repeats an earlier one exactly (the PacGAN ``hq`` is the
+        DynGAN protocol's ``hq3``) folded into that one's label: drawn twice, one hid the other."""
+        out: list[tuple[str, list[str]]] = []
+        seen: dict[tuple, int] = {}
+        for k in keys:
+            sig = tuple(map(tuple, _series(recs, k, "eval")))
+            if sig in seen:
+                out[seen[sig]][1].append(k)
+            else:
+                seen[sig] = len(out)
+                out.append((k, []))
+        return out
 
     hq_keys = _keys(recs, "eval", lambda k: re.search(r"/hq\d*$", k) is not None)
     if hq_keys:
@@ -593,7 +641,7 @@ def _curves(run: "Run", plt: Any) -> Path:
             _from_zero(ax)
             det = run.cfg.get("detector")
             ax.set_title("collapse detection" + (f" ({det})" if det else ""), fontsize=11)
-            ax.legend(fontsize=9, loc="best")
+            ax.legend(fontsize=9, loc="best", framealpha=0.6)
 
         panels.append(("collapse", collapse))
 

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -529,3 +530,88 @@ def test_report_and_evaluate_refuse_data_that_changed_shape_since_training(tmp_p
         with pytest.raises(DataError, match=r"its samples are now shaped \[7\], but the run was trained on samples "
                                             r"shaped \[50\]"):
             call()
+
+
+# ------------------------------------------------- what the pictures show (a visual QA pass)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures ``write_report`` saves, by file name (kept open for inspection)."""
+    saved: dict[str, Any] = {}
+    real_save = report._save
+
+    def keep(fig, path):
+        saved[Path(path).name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return saved
+
+
+def _kmeans_settings(tmp_path: Path, k: int, capacity: int = 30, **extra) -> dict:
+    return {"dataset": "grid25", "steps": 4, "seed": 0, "device": "cpu", "out": str(tmp_path / "k"), "threads": 1,
+            "log_every": 2, "eval_every": 2, "partitioner": "kmeans", "conditioner": "onehot",
+            "options": {"dataset": {"n": 1000}, "partitioner": {"every": 2, "k": k, "restarts": 1},
+                        "conditioner": {"capacity": capacity}}, **extra}
+
+
+def test_generated_samples_are_drawn_over_the_real_data(run2d, figures):
+    report.write_report(run2d)
+    ax = figures["samples.png"].axes[0]
+    order = {c.get_label().split(" (")[0]: c.get_zorder() for c in ax.collections}
+    assert order["generated"] > order["real data"]  # drawn under it, samples in a real cluster were hidden
+
+
+@pytest.mark.skipif(not HAVE_KMEANS, reason="the kmeans partitioner or onehot conditioner is not installed")
+@pytest.mark.parametrize("k, legend", [(20, True), (30, True)])
+def test_a_partition_legend_lists_up_to_30_partitions(tmp_path, figures, k, legend):
+    run = _train(_kmeans_settings(tmp_path, k))
+    report.write_report(run, n=200)
+    ax2 = figures["samples.png"].axes[1]
+    names = [t.get_text() for t in ax2.get_legend().get_texts()]
+    assert sum(n.startswith("partition ") for n in names) == k and "mode centre" in names
+
+
+@pytest.mark.skipif(not HAVE_KMEANS, reason="the kmeans partitioner or onehot conditioner is not installed")
+def test_above_30_partitions_the_note_says_how_many_colours_there_are(tmp_path, figures):
+    run = _train(_kmeans_settings(tmp_path, 40, capacity=40))
+    report.write_report(run, n=200)
+    ax2 = figures["samples.png"].axes[1]
+    assert ax2.get_legend() is None
+    note = " ".join(t.get_text() for t in ax2.texts)
+    # 40 distinct colours (tab20, tab20b, tab20c): it said "colours repeat after 20"
+    assert "40 partitions, one colour each, + a mode centre; no legend above 30" in note
+    assert "repeat" not in note
+
+
+@pytest.mark.skipif(not HAVE_KMEANS, reason="the kmeans partitioner or onehot conditioner is not installed")
+def test_a_partitioned_one_dimensional_run_shows_its_partitions(tmp_path, figures):
+    rng = np.random.default_rng(0)
+    data = np.concatenate([rng.normal(c, 0.1, 300) for c in (-2.0, 0.0, 2.0)]).astype(np.float32)[:, None]
+    p = tmp_path / "d1.npy"
+    np.save(p, data)
+    run = _train({"dataset": "tensor-file", "steps": 4, "seed": 0, "device": "cpu", "threads": 1,
+                  "out": str(tmp_path / "r"), "eval_every": 0, "metrics": "none", "partitioner": "kmeans",
+                  "conditioner": "onehot", "options": {"dataset": {"path": str(p)},
+                                                       "partitioner": {"every": 2, "k": 3, "restarts": 1}}})
+    report.write_report(run, n=200)
+    fig = figures["samples.png"]
+    assert len(fig.axes) == 2  # the partitions were only a word in the title
+    ax2 = fig.axes[1]
+    assert ax2.get_title() == "real data stacked by partition: 3 partitions"
+    names = [t.get_text() for t in ax2.get_legend().get_texts()]
+    assert len(names) == 3 and sum(int(n.split("(")[1].split()[0]) for n in names) == 900
+
+
+def test_the_all_modes_line_is_inside_the_frame_and_equal_series_are_drawn_once(run2d, figures):
+    report.write_report(run2d)
+    axes = {ax.get_title(): ax for ax in figures["curves.png"].axes}
+    modes = axes["modes covered (evaluation)"]
+    assert modes.get_ylim()[1] > 25 * 1.05  # the dashed line at 25 merged with the top border
+    quality = axes["high-quality samples (evaluation)"]
+    labels = [ln.get_label() for ln in quality.get_lines()]
+    # the PacGAN hq is the DynGAN protocol's hq3: one line labelled with both, not one hidden under the other
+    assert "mixture/hq = mixture/dyngan/hq3" in labels and "mixture/dyngan/hq3" not in labels
+    kl = axes["KL(generated mode histogram || uniform), 0 is best (evaluation)"]
+    assert [ln.get_label() for ln in kl.get_lines()] == ["mixture/reverse_kl = mixture/dyngan/reverse_kl"]
