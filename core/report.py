@@ -265,9 +265,7 @@ def _samples_vector(run: "Run", n: int, seed: int, plt: Any) -> Path:
         counts = torch.bincount(run.labels, minlength=max(active) + 1)
         cols = _partition_colours(len(active))
         for i, lab in enumerate(active):
-            m = labels == lab
-            if not bool(m.any()):
-                continue
+            m = labels == lab  # (a partition none of the drawn points is in keeps its legend entry)
             ax2.scatter(rp[m, 0], rp[m, 1], s=3, color=cols[i], linewidths=0, alpha=0.8,
                         label=f"partition {lab} ({int(counts[lab])} points)", rasterized=True)
         if centres is not None:

@@ -615,3 +615,12 @@ def test_the_all_modes_line_is_inside_the_frame_and_equal_series_are_drawn_once(
     assert "mixture/hq = mixture/dyngan/hq3" in labels and "mixture/dyngan/hq3" not in labels
     kl = axes["KL(generated mode histogram || uniform), 0 is best (evaluation)"]
     assert [ln.get_label() for ln in kl.get_lines()] == ["mixture/reverse_kl = mixture/dyngan/reverse_kl"]
+
+
+@pytest.mark.skipif(not HAVE_KMEANS, reason="the kmeans partitioner or onehot conditioner is not installed")
+def test_a_partition_none_of_the_drawn_points_is_in_keeps_its_legend_entry(tmp_path, figures, monkeypatch):
+    run = _train(_kmeans_settings(tmp_path, 5))
+    monkeypatch.setattr(report, "MAX_REAL_POINTS", 1)  # one real point drawn: four partitions not in it
+    report.write_report(run, n=200)
+    names = [t.get_text() for t in figures["samples.png"].axes[1].get_legend().get_texts()]
+    assert sorted(n.split(" (")[0] for n in names if n.startswith("partition ")) == [f"partition {i}" for i in range(5)]
