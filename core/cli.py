@@ -310,7 +310,9 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
 
         if launched_by_torchrun() and os.environ.get("RANK", "").strip() != "0":
             return  # under torchrun rank 0 alone checks and prints the config (once, not per rank)
-        click.echo(json.dumps(api.dry_run(settings, resume=resume), indent=2, sort_keys=True))
+        with _components_print_to_stderr():  # a loss's print while it resolves: not in the JSON
+            resolved = api.dry_run(settings, resume=resume)
+        click.echo(json.dumps(resolved, indent=2, sort_keys=True))
         return
 
     comm = from_env()  # started by torchrun: data-parallel over its ranks (core/distributed.py)

@@ -505,8 +505,9 @@ def z_dim_problem(cls: type) -> str | None:
         value_type: Any = opt.value_type
     except TypeError:
         value_type = None
-    if (value_type is not int or opt.nullable or opt.min is None or opt.min < 1
-            or not isinstance(opt.default, int) or isinstance(opt.default, bool) or opt.default < 1):
+    low = opt.min
+    if (value_type is not int or opt.nullable or not isinstance(low, (int, float)) or isinstance(low, bool)
+            or low < 1 or not isinstance(opt.default, int) or isinstance(opt.default, bool) or opt.default < 1):
         return f"has a `z_dim` option that is not a non-nullable integer with a minimum >= 1: {fix}"
     return None
 

@@ -417,13 +417,36 @@ def _metric_options(classes: Mapping[str, Any], given: Mapping[str, Any]) -> dic
     return {m: cls.resolve_options(per[m]) for m, cls in classes.items()}
 
 
-def resolve(registry: Registry, layers: list[Mapping[str, Any]], _preset_alone: bool = False) -> dict[str, Any]:
+def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Merge ``layers`` (config file, then flags) over the defaults and a preset; validate all.
 
-    Raises UsageError (unknown names, bad values) before anything is built. A preset whose own
-    settings fail (a misspelt setting, component or option) fails naming the preset: its settings
-    are resolved alone first (``_preset_alone``), since the user typed none of those names.
+    Raises UsageError (unknown names, bad values) before anything is built. An error that the
+    preset's settings give on their own too (a misspelt setting, component or option: names the
+    user never typed) names the preset. A preset that is valid only with the user's settings on
+    top (it leaves the conditioner or the model to them) is not refused for that.
     """
+    try:
+        return _resolve(registry, layers)
+    except UsageError as e:
+        user: dict[str, Any] = {}
+        for layer in layers:
+            user = _merge(user, layer)
+        name = user.get("preset")
+        if _none(name) or not isinstance(name, str) or name not in registry.names("preset"):
+            raise  # no preset, or the preset itself is unknown: nothing to attribute
+        try:
+            _resolve(registry, [{"preset": name}])
+        except UsageError as alone:
+            if str(alone) == str(e):  # the preset's own mistake, whatever the user added
+                preset = registry.get("preset", name)
+                plugin = getattr(preset, "plugin", None)
+                raise UsageError(f"preset {preset.name!r}" + (f" (plugin {plugin!r})" if plugin else "")
+                                 + f" has settings dyngan refuses: {e}") from e
+        raise
+
+
+def _resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """``resolve`` without the preset's attribution."""
     files = [layer for layer in layers if isinstance(layer, ConfigFile)]
     user: dict[str, Any] = {}
     for layer in layers:
@@ -433,13 +456,6 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]], _preset_alone: 
     preset_settings: dict[str, Any] = {}
     if not _none(preset_name):
         preset = registry.get("preset", str(preset_name))
-        if not _preset_alone:
-            try:
-                resolve(registry, [{"preset": preset.name}], _preset_alone=True)
-            except UsageError as e:
-                plugin = getattr(preset, "plugin", None)
-                raise UsageError(f"preset {preset.name!r}" + (f" (plugin {plugin!r})" if plugin else "")
-                                 + f" has settings dyngan refuses: {e}") from e
         preset_settings = copy.deepcopy(dict(preset.settings))
         # the preset's optimiser settings rank below the chosen loss's recommendation (below)
         cfg = _merge(cfg, {k: v for k, v in preset_settings.items() if k not in _OPTIMIZER_KEYS})

@@ -212,12 +212,15 @@ class MetricsLog:
             if not self._failed:  # a failed write was reported already; do not mask it
                 raise
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records logged after the checkpoint's step (they will be logged again)."""
+    def truncate_after(self, step: int, partition_made: bool = False) -> None:
+        """On resume: drop records logged after the checkpoint's step (they will be logged again).
+        ``partition_made``: the checkpoint's partition check is pending (its step was a final one),
+        so a partition record of that step came after it, from a resume since, and is made again."""
         self._f.close()
         keep = []
         for line, rec in _records(self.path):  # lines cut by a crash or undecodable are dropped
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and (rec["step"] > step or (
+                    partition_made and rec["step"] == step and rec.get("event") in ("partition", "partition-check"))):
                 continue
             keep.append(line)
         try:

@@ -832,6 +832,7 @@ class Trainer:
         # a partition check due at a final step, which skips it: kept in the checkpoint, made by a
         # resume that trains on (else a chain of resumes ending on check steps never partitions)
         self._partition_pending = False
+        self._warned_detection = False  # a detection a checkpoint cannot keep: said once
         self.last_fraction: float | None = None
         # the callables the hot loop uses (compiled when asked)
         self.G_call: Callable[..., torch.Tensor] = self.G
@@ -966,14 +967,25 @@ class Trainer:
         det, part = self.comps.detector, self.comps.partitioner
         # the partitioner may use a detection of an earlier step (its interval not a multiple of
         # the detector's): keep it for an exact resume
-        if self.last_detection is not None and part is not None and det is not None and \
-                (self.every[part.kind] % self.every[det.kind] or self._partition_pending):
+        pending = self._partition_pending
+        exact = part is not None and det is not None and bool(self.every[part.kind] % self.every[det.kind])
+        if self.last_detection is not None and (exact or pending):
+            own: dict[str, Any] = {}  # (merged only when the whole detection can be kept)
             try:
-                meta["detection"] = ckpt_io.split_detection(self.last_detection, tensors)
-            except ValueError as e:  # the detector's result: named like a detect() that raised
-                raise ComponentFailure(det.kind, det.name, det.plugin, "detect", e) from None
+                meta["detection"] = ckpt_io.split_detection(self.last_detection, own)
+                tensors.update(own)
+            except ValueError as e:
+                if exact:  # the detector's result: named like a detect() that raised
+                    raise ComponentFailure(det.kind, det.name, det.plugin, "detect", e) from None
+                # kept only for the check this final step skipped: without it a resume goes on to
+                # the next check, as before there was a pending check (the run itself is saved)
+                pending = False
+                if not self._warned_detection:
+                    self._warned_detection = True
+                    self.progress.warn(f"detector {det.name!r}: {e}; a resume goes on to the next "
+                                       "partition check instead of making the one this final step skipped")
         meta["last_fraction"] = self.last_fraction
-        if self._partition_pending:
+        if pending:
             meta["partition_pending"] = True
         if self.epoch_batches is not None:
             meta["sampling"] = self.epoch_batches.state()
@@ -1367,7 +1379,7 @@ class Trainer:
             if self.resume:
                 self.load_latest()
                 if log is not None:
-                    log.truncate_after(self.step)
+                    log.truncate_after(self.step, partition_made=self._partition_pending)
                 self.progress.message(f"resuming from step {self.step}")
                 if self.step >= cfg["steps"]:
                     self.progress.message(f"the run is already at step {self.step} of --steps {cfg['steps']}: "
@@ -1439,7 +1451,7 @@ class Trainer:
         self._own_streams = False  # the new stream is rank 0's: the others derive theirs from it
         self._sync_ranks()
         if log is not None:
-            log.truncate_after(self.step)
+            log.truncate_after(self.step, partition_made=self._partition_pending)
             log.write({"step": self.step, "event": "rollback", "diverged_at": bad_step, "attempt": attempt})
         self._setup_components()
         self.progress.message(f"{error}; rolled back to step {self.step} (attempt {attempt} of 3)")

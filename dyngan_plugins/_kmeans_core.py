@@ -299,10 +299,12 @@ def knn_vote(
     bonus = 1e-3 * torch.pow(0.5, torch.arange(k, device=query.device, dtype=torch.float64))
     # centred on the reference rows' mean: sq_dists expands |x|^2 + |c|^2 - 2 x.c, which loses
     # the distances of features far from the origin against their spread
+    if not ref.is_floating_point():  # (an integer mean would be cut, and differ from query's)
+        ref = ref.float()
     shift = ref.mean(0, dtype=torch.float64).to(ref.dtype)
     ref = ref - shift
     for s in range(0, query.shape[0], chunk):
-        d = sq_dists(query[s:s + chunk] - shift, ref)
+        d = sq_dists(query[s:s + chunk].to(ref.dtype) - shift, ref)
         nn_idx = d.topk(k, dim=1, largest=False).indices  # sorted, nearest first
         votes = torch.zeros(nn_idx.shape[0], n_classes, dtype=torch.float64, device=query.device)
         votes.scatter_add_(1, ref_labels[nn_idx], (1.0 + bonus).expand(nn_idx.shape[0], k).contiguous())

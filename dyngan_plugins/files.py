@@ -338,13 +338,16 @@ def _pillow():
 
 def _find_images(root: Path) -> list[Path]:
     """The images under ``root``, sorted by their path relative to it. Symbolic links to folders
-    are followed; a folder reached twice (through a link, or a link loop) is read once, at the
-    first path in sorted order. Hidden files and folders are left out."""
+    are followed; a folder reached twice (through a link, or a link loop) is read once, where the
+    walk (depth first, names in sorted order) first reaches it. Hidden files and folders are left
+    out, and so are subfolders that cannot be listed (a root-only ``lost+found`` on a data disk),
+    as ``Path.rglob`` left them out; ``root`` itself that cannot be listed is an OSError."""
     found = []
     seen = set()
 
     def fail(e: OSError):
-        raise e
+        if e.filename is None or os.path.abspath(e.filename) == os.path.abspath(root):
+            raise e
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=fail, followlinks=True):
         st = os.stat(dirpath)
@@ -394,7 +397,7 @@ class ImageFolder(_PathOption, Dataset):
     default_model = "dcgan"
     default_metrics = ("prdc",)
     options = {
-        "path": Option(None, "the folder of .png/.jpg images (subfolders and symbolic links to folders included; a folder reached twice is read once)", type=str, nullable=True),
+        "path": Option(None, "the folder of .png/.jpg images (subfolders and symbolic links to folders included; a folder reached twice is read once; subfolders that cannot be listed are skipped)", type=str, nullable=True),
         "size": Option(32, "side of the square the images are resized to (dcgan: a power of two)", min=4, max=1024),
         "channels": Option(3, "1 (grey) or 3 (RGB)", choices=(1, 3)),
     }

@@ -97,9 +97,13 @@ def prdc(real: "Tensor", fake: "Tensor", k: int = 5, chunk_size: int = 1024) -> 
         # centred on the real mean: torch.cdist expands |x|^2 + |y|^2 - 2 x.y, which loses the
         # distances of data far from the origin against its spread (readings of 300 +- 1, say);
         # PRDC depends on distances only, so the shift changes nothing else
+        # (float64 kept for the subtraction; any other dtype, integers included, as float32 first)
+        real = real if real.dtype == torch.float64 else real.float()
+        fake = fake.to(device=real.device)
+        fake = fake if fake.dtype == torch.float64 else fake.float()
         shift = real.mean(0, dtype=torch.float64)
         real = (real - shift.to(real.dtype)).float()
-        fake = (fake.to(device=real.device) - shift.to(device=real.device, dtype=fake.dtype)).float()
+        fake = (fake - shift.to(fake.dtype)).float()
         r_real = _kth_nn_radius(real, k, chunk_size)  # (N,)
         r_fake = _kth_nn_radius(fake, k, chunk_size)  # (M,)
 

@@ -812,6 +812,7 @@ def _attribution_host():
         ("qa-stepz", {"stepz": 100}),
         ("qa-nope", {"detector": "nope"}),
         ("qa-typo", {"loss": "hinge", "options": {"loss": {"margin_typo": 1.0}}}),
+        ("qa-needs-cond", {"partitioner": "dyngan", "detector": "dyngan"}),  # the conditioner: the user's
     ])]
     plugin = types.SimpleNamespace(
         register_datasets=hookimpl(lambda register: register(OddData)),
@@ -846,6 +847,23 @@ def test_a_datasets_unknown_default_model_names_the_dataset():
                                        "which dyngan cannot use (unknown model 'no-such-model'")
         assert str(e.value).endswith("choose a model with --model")
         assert resolve_settings({"dataset": "qa-odd-data", "model": "mlp"})["model"] == "mlp"
+
+
+def test_a_preset_valid_only_with_the_users_settings_on_top_is_not_refused():
+    # resolving the preset alone first refused it (a review of the attribution)
+    with _attribution_host():
+        cfg = resolve_settings({"preset": "qa-needs-cond", "conditioner": "onehot"})
+        assert cfg["partitioner"] == "dyngan" and cfg["conditioner"] == "onehot"
+        with pytest.raises(UsageError) as e:  # without it, the same error on its own: the preset's
+            resolve_settings({"preset": "qa-needs-cond"})
+        assert str(e.value).startswith("preset 'qa-needs-cond' (plugin 'qa') has settings dyngan refuses: "
+                                       "partitioner 'dyngan' needs a conditioner")
+        # the user's own mistake beside a preset stays the user's
+        with pytest.raises(UsageError) as e:
+            resolve_settings({"preset": "qa-needs-cond", "conditioner": "onehot", "stepz": 3})
+        assert str(e.value).startswith("unknown setting 'stepz'")
+        with pytest.raises(UsageError, match="unknown preset 'nope'"):
+            resolve_settings({"preset": "nope"})
 
 
 def test_a_good_preset_still_resolves_with_the_users_settings_on_top():

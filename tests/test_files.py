@@ -484,6 +484,29 @@ def test_image_folder_follows_links_to_folders_and_reads_each_folder_once(image_
     assert torch.allclose(x[1], -torch.ones(3, 8, 8))
 
 
+def test_image_folder_skips_a_subfolder_it_cannot_list_but_not_its_root(image_dir, monkeypatch):
+    import errno
+    import os
+
+    (image_dir / "lost+found").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fspath(path)) in ("lost+found", "images"):
+            if os.path.basename(os.fspath(path)) == "images" and not scandir.root_denied:
+                return real_scandir(path)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_scandir(path)
+
+    scandir.root_denied = False
+    monkeypatch.setattr(os, "scandir", scandir)
+    # a root-only lost+found on a data disk: skipped, as Path.rglob did (the walk stopped the load)
+    assert ImageFolder(path=str(image_dir), size=8).load(None).shape == (2, 3, 8, 8)
+    scandir.root_denied = True
+    with pytest.raises(DataError, match="cannot list the images"):
+        ImageFolder(path=str(image_dir), size=8).load(None)
+
+
 # --------------------------------------------------------------------------- relative paths
 
 

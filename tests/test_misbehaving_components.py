@@ -170,6 +170,8 @@ class BadLoss(NonSaturatingLoss):
             return {"lr_g": -1.0}
         if self.opts.what == "defaults-lr":
             return {"lr": 1e-4}
+        if self.opts.what == "defaults-print":
+            print("chatty: using the default optimiser")
         return super().optimizer_defaults()
 
     def d_loss(self, ctx):
@@ -264,6 +266,13 @@ def test_what_a_component_prints_goes_to_stderr(qa, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.stdout == f"{tmp_path / 'r'}\n"  # the run directory alone: RUN=$(dyngan train ...)
     assert res.stderr.count("hello from detect") == 3
+
+
+def test_what_a_loss_prints_while_settings_resolve_leaves_dry_runs_json_alone(qa):
+    res = invoke(["train", "--loss", "qa-loss", "-o", "loss.what=defaults-print", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["loss"] == "qa-loss"  # it began with the loss's line
+    assert "chatty" in res.stderr
 
 
 def test_what_a_metric_prints_leaves_evaluate_json_and_the_other_commands_stdout_alone(qa, tmp_path):

@@ -607,6 +607,73 @@ def test_a_resume_makes_the_partition_check_its_last_final_step_skipped(tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_detection_a_checkpoint_cannot_keep_still_saves_the_final_step(tmp_path):
+    """A third-party Detection subclass with a field that is neither a tensor nor JSON (the docs
+    allow extra fields): a final step on a check step kept the detection for the pending check,
+    failed and lost the final checkpoint (a review of the pending check). Now the step is saved
+    without it, with a warning, and a resume goes on to the next check as before."""
+    import dataclasses
+
+    from core.components import Detection
+    from core.testing import plugin_host
+
+    @dataclasses.dataclass
+    class RichDetection(Detection):
+        per_mode: list = dataclasses.field(default_factory=list)
+
+    class RichDetector(DynGANDetector):
+        name = "rich"
+
+        def detect(self, ctx):
+            d = super().detect(ctx)
+            return RichDetection(d.collapsed, d.fraction, d.score, d.features, per_mode=[d.fraction.clone()])
+
+    plugin = types.SimpleNamespace(register_collapse_detectors=hookimpl(lambda register: register(RichDetector)))
+    cfg = small(tmp_path / "r", steps=20, checkpoint_every=10, detector="rich", partitioner="dyngan",
+                conditioner="onehot")
+    cfg["options"].update(detector={"every": 10}, partitioner={"every": 20})
+    stream = io.StringIO()
+    with plugin_host(("qa", plugin), strict=True):
+        res = api.train(cfg, quiet=False, stream=stream)
+        assert res.step == 20 and ckpt_steps(tmp_path / "r") == [10, 20]
+        assert "a resume goes on to the next partition check" in stream.getvalue()
+        meta = json.loads((tmp_path / "r" / "checkpoints" / "step-00000020.json").read_text())
+        assert "partition_pending" not in meta and "detection" not in meta
+        res = api.train({**cfg, "steps": 30}, resume=True, quiet=True)
+        assert res.step == 30
+
+
+def test_a_rollback_to_a_pending_check_logs_the_partition_once(tmp_path):
+    """The resume makes the pending check of step 20; a divergence before the next checkpoint
+    rolls back to step 20, whose check is made again: its first record must go (it was kept,
+    logging the partition twice), as must one from an interrupted resume before."""
+    from core.testing import plugin_host
+
+    class OnceNaN(NonSaturatingLoss):
+        name = "once-nan"
+        fire_at: int | None = None
+        calls = 0
+
+        def d_loss(self, ctx):
+            loss = super().d_loss(ctx)
+            if OnceNaN.fire_at is not None:
+                OnceNaN.calls += 1
+                if OnceNaN.calls == OnceNaN.fire_at:
+                    loss = loss * float("nan")
+            return loss
+
+    plugin = types.SimpleNamespace(register_losses=hookimpl(lambda register: register(OnceNaN)))
+    cfg = small(tmp_path / "r", steps=20, checkpoint_every=20, log_every=5, loss="once-nan",
+                partitioner="kmeans", conditioner="onehot", on_divergence="rollback")
+    cfg["options"].update(partitioner={"every": 20, "k": 3, "restarts": 1}, conditioner={"capacity": 8})
+    with plugin_host(("qa", plugin), strict=True):
+        api.train(cfg, quiet=True)
+        OnceNaN.fire_at = 7  # NaN at the resume's 7th step, before its next checkpoint
+        res = api.train({**cfg, "steps": 40}, resume=True, quiet=True)
+    events = [(r["step"], r["event"]) for r in res.metrics if r.get("event") in ("partition", "rollback")]
+    assert events == [(20, "rollback"), (20, "partition")], events
+
+
 # ------------------------------------------------------------------ a failing evaluation
 
 

@@ -135,6 +135,16 @@ def test_a_common_shift_of_both_sets_changes_nothing(dtype):
         assert got == pytest.approx(want, abs=1e-9), offset
 
 
+def test_integer_inputs_score_as_their_float_values():
+    # the centring shift cast to uint8 wrapped around, to int64 was cut: real and fake moved apart
+    g = torch.Generator().manual_seed(1)
+    real = torch.randint(0, 200, (300, 4), generator=g)
+    fake = torch.randint(0, 200, (250, 4), generator=g)
+    want = prdc(real.double(), fake.double())
+    for rd, fd in ((torch.uint8, torch.float32), (torch.int64, torch.float32), (torch.uint8, torch.uint8)):
+        assert prdc(real.to(rd), fake.to(fd)) == pytest.approx(want, abs=1e-9), (rd, fd)
+
+
 def test_k_matters_and_too_few_samples_fail():
     g = torch.Generator().manual_seed(8)
     real, fake = torch.randn(300, 2, generator=g), 0.5 * torch.randn(300, 2, generator=g) + 1.0

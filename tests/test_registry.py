@@ -214,6 +214,7 @@ def test_a_preset_whose_settings_are_not_a_mapping_is_refused_when_it_registers(
     ({"z_dim": Option(8.0, "z")}, "has a `z_dim` option that is not a non-nullable integer with a minimum >= 1"),
     ({"z_dim": Option(8, "z")}, "has a `z_dim` option that is not a non-nullable integer with a minimum >= 1"),
     ({"z_dim": Option(8, "z", min=1, nullable=True)}, "is not a non-nullable integer"),
+    ({"z_dim": Option(8, "z", min="1")}, "is not a non-nullable integer"),  # a bare TypeError before
 ])
 def test_a_model_without_a_valid_z_dim_is_refused_when_it_registers(reg, options, says):
     # it registered, and the run then failed with a KeyError traceback when it built the networks

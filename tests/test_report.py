@@ -564,8 +564,8 @@ def test_generated_samples_are_drawn_over_the_real_data(run2d, figures):
 
 
 @pytest.mark.skipif(not HAVE_KMEANS, reason="the kmeans partitioner or onehot conditioner is not installed")
-@pytest.mark.parametrize("k, legend", [(20, True), (30, True)])
-def test_a_partition_legend_lists_up_to_30_partitions(tmp_path, figures, k, legend):
+@pytest.mark.parametrize("k", [20, 30])
+def test_a_partition_legend_lists_up_to_30_partitions(tmp_path, figures, k):
     run = _train(_kmeans_settings(tmp_path, k))
     report.write_report(run, n=200)
     ax2 = figures["samples.png"].axes[1]
