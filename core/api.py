@@ -264,7 +264,8 @@ def dry_run(settings: Mapping[str, Any], *, resume: bool = False, host: PluginHo
     from .training import check_amp, resolve_device
 
     if resume:
-        cfg, _ = prepare(settings, resume=True, host=host)
+        cfg, run_dir = prepare(settings, resume=True, host=host)
+        _not_in_use(run_dir)  # as `train --resume` refuses a run another process trains in
     else:
         out = _out(settings)
         cfg = resolve_settings(settings, host)

@@ -782,6 +782,9 @@ def test_a_second_process_cannot_train_in_a_run_directory_in_use(run60, tmp_path
         res = invoke(["train", "--resume", "--out", str(out), "--steps", "70", "-q"])
         assert res.exit_code == 2, res.output
         assert "another dyngan process is training in" in res.stderr and "Traceback" not in res.output
+        # --dry-run checks --out as train does: it printed the config without a word (a QA pass)
+        res = invoke(["train", "--resume", "--out", str(out), "--steps", "70", "--dry-run"])
+        assert res.exit_code == 2 and "another dyngan process is training in" in res.stderr, res.output
         assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     res = invoke(["train", "--resume", "--out", str(out), "--steps", "70", "-q"])  # released: it goes on
     assert res.exit_code == 0, res.output
