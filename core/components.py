@@ -444,6 +444,40 @@ class Partitioner(Component):
         raise NotImplementedError
 
 
+def _count_option_problem(cls: type, base: type, key: str) -> str | None:
+    """What keeps ``cls`` from a valid ``key``, where ``base`` reads that property from the option of
+    the same name: the option must be a non-nullable integer with a minimum >= 1 and a default that
+    meets it. None when it is, or when ``cls`` or one of its bases overrides the property."""
+    if next((c for c in cls.__mro__ if key in vars(c)), None) is not base:
+        return None  # overridden (a property or a plain value) by the class or one of its bases
+    options = getattr(cls, "options", None)
+    opt = options.get(key) if isinstance(options, Mapping) else None
+    an = f"{'an' if key[0] in 'aeiou' else 'a'} `{key}` option"
+    if opt is None:
+        return f"has no `{key}` option"
+    if not isinstance(opt, Option):
+        return f"has {an} that is not an Option but {type(opt).__name__}"
+    try:
+        value_type: Any = opt.value_type
+    except TypeError:
+        value_type = None
+    if value_type is not int:
+        what = getattr(value_type, "__name__", "of no type")
+        return f"has {an} that is {'an' if what[0] in 'aeiou' else 'a'} {what}, not an integer"
+    low = opt.min
+    if low is None:
+        return f"has {an} with no minimum"
+    if not isinstance(low, (int, float)) or isinstance(low, bool):
+        return f"has {an} whose minimum {low!r} is not a number"
+    if low < 1:
+        return f"has {an} with the minimum {low:g}, below 1"
+    if opt.nullable:
+        return f"has {an} that is nullable"
+    if not isinstance(opt.default, int) or isinstance(opt.default, bool) or opt.default < low:
+        return f"has {an} whose default {opt.default!r} is not an integer >= {low:g}"
+    return None
+
+
 def every_problem(cls: type) -> str | None:
     """What keeps a detector or partitioner class from having a valid ``every``, None when nothing does
     (and for every other kind). Its base reads ``every`` from the option of that name, so the class must
@@ -452,34 +486,9 @@ def every_problem(cls: type) -> str | None:
     Said by the registry when a plugin registers the class and by the test kit, both ending in how to fix it.
     """
     base = next((b for b in (CollapseDetector, Partitioner) if isinstance(cls, type) and issubclass(cls, b)), None)
-    if base is None:
+    wrong = None if base is None else _count_option_problem(cls, base, "every")
+    if wrong is None:
         return None
-    owner = next((c for c in cls.__mro__ if "every" in vars(c)), None)
-    if owner is not base:
-        return None  # overridden (a property or a plain value) by the class or one of its bases
-    options = getattr(cls, "options", None)
-    opt = options.get("every") if isinstance(options, Mapping) else None
-    if opt is None:
-        wrong = "has no `every` option"
-    elif not isinstance(opt, Option):
-        wrong = f"has an `every` option that is not an Option but {type(opt).__name__}"
-    else:
-        try:
-            value_type: Any = opt.value_type
-        except TypeError:
-            value_type = None
-        if value_type is not int:
-            what = getattr(value_type, "__name__", "of no type")
-            wrong = f"has an `every` option that is {'an' if what[0] in 'aeiou' else 'a'} {what}, not an integer"
-        elif opt.min is None or opt.min < 1:
-            wrong = ("has an `every` option with no minimum" if opt.min is None
-                     else f"has an `every` option with the minimum {opt.min:g}, below 1")
-        elif opt.nullable:
-            wrong = "has an `every` option that is nullable"
-        elif not isinstance(opt.default, int) or isinstance(opt.default, bool) or opt.default < opt.min:
-            wrong = f"has an `every` option whose default {opt.default!r} is not an integer >= {opt.min:g}"
-        else:
-            return None
     method = "detect" if base is CollapseDetector else "partition"
     return (f"{wrong} (the training loop calls {method}() every `every` steps): add "
             f'`"every": Option(500, "{method} every this many steps", min=1)` to its `options`, '
@@ -493,23 +502,14 @@ def z_dim_problem(cls: type) -> str | None:
     the test kit; without it the run failed on a KeyError when it built the networks."""
     if not (isinstance(cls, type) and issubclass(cls, Model)):
         return None
-    if next((c for c in cls.__mro__ if "z_dim" in vars(c)), None) is not Model:
-        return None  # overridden by the class or one of its bases
-    options = getattr(cls, "options", None)
-    opt = options.get("z_dim") if isinstance(options, Mapping) else None
+    wrong = _count_option_problem(cls, Model, "z_dim")
+    if wrong is None:
+        return None
     fix = ('add `"z_dim": Option(64, "size of the latent vector z", min=1)` to its `options`, or '
            "override the `z_dim` property")
-    if not isinstance(opt, Option):
+    if wrong.startswith("has no "):
         return f"has no `z_dim` option (the size of G's latent input): {fix}"
-    try:
-        value_type: Any = opt.value_type
-    except TypeError:
-        value_type = None
-    low = opt.min
-    if (value_type is not int or opt.nullable or not isinstance(low, (int, float)) or isinstance(low, bool)
-            or low < 1 or not isinstance(opt.default, int) or isinstance(opt.default, bool) or opt.default < 1):
-        return f"has a `z_dim` option that is not a non-nullable integer with a minimum >= 1: {fix}"
-    return None
+    return f"has a `z_dim` option that is not a non-nullable integer with a minimum >= 1: {fix}"
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ComponentFailure, DynganError, OptionError, UsageError
+from .errors import ComponentFailure, DynganError, OptionError, UsageError, component_label
 from .options import Option, _exact_int, toml_type_problem
 from .registry import Registry
 
@@ -428,10 +428,7 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
     try:
         return _resolve(registry, layers)
     except UsageError as e:
-        user: dict[str, Any] = {}
-        for layer in layers:
-            user = _merge(user, layer)
-        name = user.get("preset")
+        name = _merged(layers).get("preset")
         if _none(name) or not isinstance(name, str) or name not in registry.names("preset"):
             raise  # no preset, or the preset itself is unknown: nothing to attribute
         try:
@@ -439,18 +436,23 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
         except UsageError as alone:
             if str(alone) == str(e):  # the preset's own mistake, whatever the user added
                 preset = registry.get("preset", name)
-                plugin = getattr(preset, "plugin", None)
-                raise UsageError(f"preset {preset.name!r}" + (f" (plugin {plugin!r})" if plugin else "")
-                                 + f" has settings dyngan refuses: {e}") from e
+                raise UsageError(f"{component_label('preset', preset.name, getattr(preset, 'plugin', None))} "
+                                 f"has settings dyngan refuses: {e}") from e
         raise
+
+
+def _merged(layers: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The user's layers (config file, then flags) merged, later ones winning."""
+    user: dict[str, Any] = {}
+    for layer in layers:
+        user = _merge(user, layer)
+    return user
 
 
 def _resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, Any]:
     """``resolve`` without the preset's attribution."""
     files = [layer for layer in layers if isinstance(layer, ConfigFile)]
-    user: dict[str, Any] = {}
-    for layer in layers:
-        user = _merge(user, layer)
+    user = _merged(layers)
     cfg = copy.deepcopy(DEFAULTS)
     preset_name = user.get("preset")
     preset_settings: dict[str, Any] = {}
@@ -483,9 +485,8 @@ def _resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, A
         try:  # a name the user did not type: say where it came from
             registry.get("model", str(cfg["model"]))
         except UsageError as e:
-            plugin = getattr(dataset_cls, "plugin", None)
-            raise UsageError(f"dataset {dataset_cls.name!r}" + (f" (plugin {plugin!r})" if plugin else "")
-                             + f" gives default_model {cfg['model']!r}, which dyngan cannot use ({e}); "
+            where = component_label("dataset", dataset_cls.name, getattr(dataset_cls, "plugin", None))
+            raise UsageError(f"{where} gives default_model {cfg['model']!r}, which dyngan cannot use ({e}); "
                              "choose a model with --model") from e
     resolved_opts: dict[str, dict[str, Any]] = {}
     classes = {}

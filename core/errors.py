@@ -99,13 +99,18 @@ class RunFailure(DynganError):
     """A failure while running (divergence, a component raising). Exit code 1."""
 
 
+def component_label(kind: str, name: str, plugin: str | None) -> str:
+    """How a message names a component: ``kind 'name'``, and ``(plugin 'p')`` when a plugin
+    registered it."""
+    return f"{kind} {name!r}" + (f" (plugin {plugin!r})" if plugin else "")
+
+
 class ComponentFailure(RunFailure):
     """A component method raised; names the plugin and the component."""
 
     def __init__(self, kind: str, name: str, plugin: str | None, method: str, error: BaseException):
         self.kind, self.name, self.plugin, self.method, self.error = kind, name, plugin, method, error
-        where = f"{kind} {name!r}" + (f" (plugin {plugin!r})" if plugin else "")
-        super().__init__(f"{where} raised in {method}(): {type(error).__name__}: {error}")
+        super().__init__(f"{component_label(kind, name, plugin)} raised in {method}(): {type(error).__name__}: {error}")
 
 
 class DivergenceError(RunFailure):

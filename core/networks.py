@@ -99,23 +99,3 @@ def build_networks(
         spec,
     )
 
-
-def check_codes(conditioner: Conditioner, G: ConditionalGenerator, D: ConditionalDiscriminator,
-                spec: ConditioningSpec, cond: torch.Tensor) -> None:
-    """A conditioner's code modules must map the condition ids ``cond`` ``(B,)`` to floating-point
-    codes ``(B, dim)`` of its spec's widths: else ComponentFailure naming the conditioner (the model
-    was blamed for the shape error that followed). Run once, by ``Trainer``'s probe."""
-    for method, code, dim in (("generator_code", G.code, spec.g_dim), ("discriminator_code", D.code, spec.d_dim)):
-        if code is None:
-            continue
-        try:
-            out = code(cond)
-        except Exception as e:  # noqa: BLE001 - the conditioner's module: named
-            from .errors import ComponentFailure
-
-            raise ComponentFailure(conditioner.kind, conditioner.name, conditioner.plugin, method, e) from e
-        want = (cond.shape[0], dim)
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != want:
-            got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"{out.dtype} {tuple(out.shape)}"
-            _refuse(conditioner, method, f"its module maps {cond.shape[0]} condition ids to {got}; the "
-                                         f"ConditioningSpec promises floating-point codes of shape {want}")

@@ -155,6 +155,16 @@ def _partition_colours(k: int) -> list:
     return [cols[i % len(cols)] for i in range(k)]
 
 
+def _partition_entries(run: "Run") -> list[tuple[int, Any, str]]:
+    """Each partition the run's labels use: (label, its colour, its legend text with its size)."""
+    import torch
+
+    active = sorted(int(v) for v in torch.unique(run.labels).tolist())
+    counts = torch.bincount(run.labels, minlength=max(active) + 1)
+    cols = _partition_colours(len(active))
+    return [(lab, cols[i], f"partition {lab} ({int(counts[lab])} points)") for i, lab in enumerate(active)]
+
+
 def _subsample(n_total: int, n_max: int, seed: int) -> "Tensor":
     import torch
 
@@ -216,9 +226,10 @@ def _samples_vector(run: "Run", n: int, seed: int, plt: Any) -> Path:
     else:
         centres = None
 
+    # the partition panel only says something when the run partitions (or did)
+    if labels is not None and not (run.cfg.get("partitioner") or int(run.labels.max()) > 0):
+        labels = None
     if d == 1:
-        if labels is not None and not (run.cfg.get("partitioner") or int(run.labels.max()) > 0):
-            labels = None
         return _samples_1d(run, real_pts, fake[finite], plt, labels)
 
     mean, axes, axis_names = _projection(real)
@@ -227,9 +238,6 @@ def _samples_vector(run: "Run", n: int, seed: int, plt: Any) -> Path:
         return ((x.double() - mean) @ axes).float()
 
     rp, fp = proj(real_pts), proj(fake[finite])
-    # the partition panel only says something when the run partitions (or did)
-    if labels is not None and not (run.cfg.get("partitioner") or int(run.labels.max()) > 0):
-        labels = None
     panels = 2 if labels is not None else 1
     fig, axs = plt.subplots(1, panels, figsize=(6.2 * panels, 7.0), squeeze=False)
     # fixed layout: equal-aspect axes, titles above, legends below (cropped by the tight bbox)
@@ -261,27 +269,26 @@ def _samples_vector(run: "Run", n: int, seed: int, plt: Any) -> Path:
 
     if labels is not None:
         ax2 = axs[0][1]
-        active = sorted(int(v) for v in torch.unique(run.labels).tolist())
-        counts = torch.bincount(run.labels, minlength=max(active) + 1)
-        cols = _partition_colours(len(active))
-        for i, lab in enumerate(active):
+        entries = _partition_entries(run)
+        cols = [col for _, col, _ in entries]
+        for lab, col, text in entries:
             m = labels == lab  # (a partition none of the drawn points is in keeps its legend entry)
-            ax2.scatter(rp[m, 0], rp[m, 1], s=3, color=cols[i], linewidths=0, alpha=0.8,
-                        label=f"partition {lab} ({int(counts[lab])} points)", rasterized=True)
+            ax2.scatter(rp[m, 0], rp[m, 1], s=3, color=col, linewidths=0, alpha=0.8, label=text, rasterized=True)
         if centres is not None:
             cp = proj(torch.as_tensor(centres, dtype=torch.float32))
             ax2.scatter(cp[:, 0], cp[:, 1], s=16, c="black", marker="+", linewidths=0.8,
                         label="mode centre", zorder=4)
-        ax2.set_title(f"real data coloured by partition: {_plural(len(active), 'partition')}", fontsize=11)
+        k = len(entries)
+        ax2.set_title(f"real data coloured by partition: {_plural(k, 'partition')}", fontsize=11)
         _vector_axes(ax2, axis_names, rp, fp)
-        if len(active) <= LEGEND_PARTITIONS:  # (30: the onehot conditioner's capacity)
-            many = len(active) > 12
+        if k <= LEGEND_PARTITIONS:  # (30: the onehot conditioner's capacity)
+            many = k > 12
             _point_legend(ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=5 if many else 3,
                                      fontsize=6.5 if many else 8, frameon=False))
         else:
             distinct = len(set(map(tuple, cols)))
-            ax2.text(0.01, 0.01, f"{len(active)} partitions, one colour each"
-                     + (f" (colours repeat after {distinct})" if len(active) > distinct else "")
+            ax2.text(0.01, 0.01, f"{k} partitions, one colour each"
+                     + (f" (colours repeat after {distinct})" if k > distinct else "")
                      + (", + a mode centre" if centres is not None else "") + "; no legend above "
                      f"{LEGEND_PARTITIONS}", fontsize=8, transform=ax2.transAxes, va="bottom")
     sup = _title(run)
@@ -346,19 +353,17 @@ def _samples_1d(run: "Run", real: "Tensor", fake: "Tensor", plt: Any, labels: "T
     ax.grid(True, alpha=0.25)
     if labels is not None:
         ax2 = axs[0][1]
-        active = sorted(int(v) for v in torch.unique(run.labels).tolist())
-        counts = torch.bincount(run.labels, minlength=max(active) + 1)
-        cols = _partition_colours(len(active))
-        parts = [(real[labels == lab, 0].tolist(), cols[i], f"partition {lab} ({int(counts[lab])} points)")
-                 for i, lab in enumerate(active)]
+        entries = _partition_entries(run)
+        parts = [(real[labels == lab, 0].tolist(), col, text) for lab, col, text in entries]
         parts = [p for p in parts if p[0]]
         ax2.hist([p[0] for p in parts], bins=bins, stacked=True, color=[p[1] for p in parts],
                  label=[p[2] for p in parts])
         ax2.set_xlabel("x")
         ax2.set_ylabel("real samples")
-        ax2.set_title(f"real data stacked by partition: {_plural(len(active), 'partition')}", fontsize=11)
-        if len(active) <= LEGEND_PARTITIONS:
-            ax2.legend(fontsize=8 if len(active) <= 12 else 6.5, ncol=1 if len(active) <= 12 else 3)
+        k = len(entries)
+        ax2.set_title(f"real data stacked by partition: {_plural(k, 'partition')}", fontsize=11)
+        if k <= LEGEND_PARTITIONS:
+            ax2.legend(fontsize=8 if k <= 12 else 6.5, ncol=1 if k <= 12 else 3)
         ax2.grid(True, alpha=0.25)
     fig.suptitle(_title(run), fontsize=12)
     return _save(fig, run.dir / PICTURES / "samples.png")

@@ -29,6 +29,7 @@ from .components import (
     Comm,
     Component,
     Conditioner,
+    ConditioningSpec,
     Dataset,
     Detection,
     detection_problems,
@@ -53,11 +54,12 @@ from .errors import (
     OutOfMemory,
     RunFailure,
     UsageError,
+    component_label,
     is_out_of_memory,
     one_line,
     out_of_memory,
 )
-from .networks import build_networks, check_codes
+from .networks import ConditionalDiscriminator, ConditionalGenerator, build_networks
 from .registry import Registry
 
 
@@ -391,8 +393,9 @@ def generate(
 
 
 def _forward(model: Component, where: str, net: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``net(*args)``, one of the run's networks: its exception fails naming ``model`` (an
-    allocation failure stays itself, for the callers that turn it into advice)."""
+    """``net(*args)``, one of the run's networks (or a conditioner's code module): its exception
+    fails naming ``model``, the component that built it (an allocation failure stays itself, for the
+    callers that turn it into advice)."""
     try:
         return net(*args, **kwargs)
     except DynganError:
@@ -418,6 +421,23 @@ def _backward(loss: Component, method: str, value: torch.Tensor) -> None:
         raise ComponentFailure(loss.kind, loss.name, loss.plugin, method, RuntimeError(
             f"back-propagating the value it returned failed (in the loss or in the model's forward, which "
             f"autograd cannot tell apart): {one_line(e)}")) from e
+
+
+def check_codes(conditioner: Component, G: ConditionalGenerator, D: ConditionalDiscriminator,
+                spec: ConditioningSpec, cond: torch.Tensor) -> None:
+    """A conditioner's code modules must map the condition ids ``cond`` ``(B,)`` to floating-point
+    codes ``(B, dim)`` of its spec's widths: else ComponentFailure naming the conditioner (the model
+    was blamed for the shape error that followed). Run once, by ``Trainer``'s probe."""
+    for method, code, dim in (("generator_code", G.code, spec.g_dim), ("discriminator_code", D.code, spec.d_dim)):
+        if code is None:
+            continue
+        out = _forward(conditioner, method, code, cond)
+        want = (cond.shape[0], dim)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != want:
+            got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"{out.dtype} {tuple(out.shape)}"
+            raise ComponentFailure(conditioner.kind, conditioner.name, conditioner.plugin, method, ValueError(
+                f"its module maps {cond.shape[0]} condition ids to {got}; the ConditioningSpec promises "
+                f"floating-point codes of shape {want}"))
 
 
 def sample_problem(x: Any, batch: int, data_shape: tuple[int, ...] | None) -> str | None:
@@ -1097,8 +1117,8 @@ class Trainer:
             m, loss = self.comps.model, self.comps.loss
             raise DivergenceError(
                 f"the {what}'s weights became NaN or inf by step {self.step} (model {m.name!r}, "
-                f"loss {loss.name!r}" + (f" (plugin {loss.plugin!r})" if loss.plugin else "")
-                + "); not saving them (the last good checkpoint is kept)")
+                f"{component_label(loss.kind, loss.name, loss.plugin)}); not saving them (the last good "
+                "checkpoint is kept)")
         rank_rngs = self._gather_rank_rngs()  # every rank: a collective under torchrun
         if self.is_main:
             self._write_checkpoint(rank_rngs)
@@ -1275,7 +1295,9 @@ class Trainer:
         integral = isinstance(upd.labels, torch.Tensor) and not upd.labels.is_floating_point() \
             and not upd.labels.is_complex() and upd.labels.dtype != torch.bool
         labels = upd.labels.to(self.device, torch.long) if integral else None
-        if labels is None or labels.shape != (self.N,) or int(labels.min()) < 0 or int(labels.max()) >= self.capacity:
+        # the rules a checkpoint's labels and prior are held to (labels_problem, valid_prior), in the
+        # words of a partitioner's mistake
+        if labels is None or labels_problem(labels, self.N, self.capacity) is not None:
             got = (f"labels of type {type(upd.labels).__name__}" if not isinstance(upd.labels, torch.Tensor)
                    else f"labels of dtype {upd.labels.dtype}, not an integer one" if labels is None
                    else f"labels of shape {tuple(labels.shape)}" if labels.shape != (self.N,)
@@ -1285,8 +1307,7 @@ class Trainer:
         sizes = torch.bincount(labels, minlength=self.capacity)
         prior = sizes.float() / self.N if upd.prior is None else upd.prior.to(self.device, torch.float32) \
             if isinstance(upd.prior, torch.Tensor) and not upd.prior.is_complex() else None
-        if prior is None or prior.shape != (self.capacity,) or not bool(torch.isfinite(prior).all()) \
-                or bool((prior < 0).any()) or float(prior.sum()) <= 0:
+        if prior is None or not valid_prior(prior, self.capacity):
             got = (f"{type(upd.prior).__name__}" if prior is None else f"shape {tuple(prior.shape)}"
                    if prior.shape != (self.capacity,) else str([round(v, 4) for v in prior[:8].tolist()])
                    + (" ..." if self.capacity > 8 else ""))
@@ -1669,7 +1690,7 @@ class Trainer:
 
     def _diverged(self, name: str, value: float, log: rundir.MetricsLog | None) -> None:
         comp = self.comps.loss
-        where = f"{comp.kind} {comp.name!r}" + (f" (plugin {comp.plugin!r})" if comp.plugin else "")
+        where = component_label(comp.kind, comp.name, comp.plugin)
         existing = ckpt_io.list_checkpoints(self.run_dir / rundir.CHECKPOINTS)
         kept = f"the last good checkpoint (step {existing[-1][0]}) is kept" if existing else "no checkpoint was saved yet"
         if log is not None:
