@@ -617,6 +617,18 @@ _code_grid_fused_variant(
     "weights, batches and fake-condition draws together; the raw-G row is their procedure, the G-average row "
     "adds our average)",
     AUTHORS_2D, {"sampling": "epoch"})
+# 2026-12-07 evening, on another CPU (an Intel Xeon): both authors' codes start the moving average of
+# D's scores from 0, so with lam 0.1 about 17 detections pass before it can cross the threshold and
+# the first partition waits. detector.debias divides it by its weight so far (Adam's correction).
+# The three target tables' preset and NS-GAN again on this CPU, with dyngan-debias beside them
+for _base in CURRENT_TARGETS:
+    _variant(_base.replace("-1207", "-debias-1207"), _base, title=f"{TABLES[_base]['title']}, debiased score",
+             protocol=f"as '{TABLES[_base]['title']}', with dyngan's default Adam kernels (fused), rerun on an "
+                      "Intel Xeon; dyngan-debias is the preset with -o detector.debias=true (the moving average "
+                      "of D's scores divided by the weight of its updates so far, 1 - (1 - lam)^n, instead of "
+                      "starting from 0 as both authors' codes do).",
+             methods={m: dict(TABLES[_base]["methods"][m]) for m in ("ns", "dyngan")}
+             | {"dyngan-debias": _with_options(TABLES[_base]["methods"]["dyngan"], ["detector.debias=true"])})
 for _t in [t for t in TABLES if t.startswith("stacked-digits")]:
     TABLES[_t] = TABLES.pop(_t)  # the 2D tables first
 # the preset as it is now first: the three target tables of the 2026-12-07 rule, then the rest in order

@@ -9,7 +9,12 @@ With ``average = logit`` (the authors' image code) the moving average is taken
 of D's logits instead, starting at logit 0 (probability 0.5), and compared with
 -log(delta): one confident pass then counts for more than on the probability
 scale, which saturates at 1. A reset (``reset_relabelled``) sets the average to
-0 on either scale, as each of the authors' codes does.
+0 on either scale, as each of the authors' codes does. With ``debias`` the
+average is divided by the weight its updates have so far (``1 - (1 - lam)^n``
+after n updates, as Adam corrects its moments), so it is a mean of the values
+seen instead of one pulled towards its starting 0. Both authors' codes start
+from 0: with lam 0.1 and delta 0.2, even a sample D scores 1.0 stays below
+1/(1+delta) for 17 detections on the probability scale.
 
 Partitioner ``dyngan``: when the collapsed fraction is at least ``tau`` and a
 condition slot is free, every partition holding collapsed samples gets a new
@@ -96,6 +101,11 @@ class DynGANDetector(CollapseDetector):
         "reset_relabelled": Option(
             False, "reset the score of samples whose label changed since the last detection (image code)"
         ),
+        "debias": Option(
+            False,
+            "divide the moving average by the weight of its updates so far, 1 - (1 - lam)^n (Adam's "
+            "correction), instead of letting it start from 0 as both authors' codes do",
+        ),
         "average": Option(
             "probability",
             "what the moving average averages: probability (D's probabilities from 0, compared with "
@@ -108,6 +118,7 @@ class DynGANDetector(CollapseDetector):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.score = None  # (S,) moving average over the scored samples
+        self.weight = None  # (S,) with debias: the weight of the updates in each score, 1 - (1 - lam)^n
         self.last_labels = None  # (N,) labels seen at the last detection
         self.subset = None  # (S,) sorted indices, or None for all samples
         self.updates = 0
@@ -146,6 +157,18 @@ class DynGANDetector(CollapseDetector):
                     f"detector 'dyngan': saved score has {tuple(self.score.shape)} entries, expected {m}"
                 )
             self.score = self.score.to(ctx.device, torch.float32)
+        if self.opts.debias:
+            if self.weight is None:  # a new run, or a checkpoint saved without debias: n = updates for all
+                full = 1.0 - (1.0 - float(self.opts.lam)) ** self.updates
+                self.weight = torch.full((m,), full, device=ctx.device)
+            elif self.weight.shape != (m,):
+                raise ValueError(
+                    f"detector 'dyngan': saved score weight has {tuple(self.weight.shape)} entries, expected {m}"
+                )
+            else:
+                self.weight = self.weight.to(ctx.device, torch.float32)
+        else:
+            self.weight = None
         if self.last_labels is None:
             self.last_labels = ctx.labels.detach().clone().to(ctx.device)
         else:
@@ -158,7 +181,7 @@ class DynGANDetector(CollapseDetector):
 
         from ._kmeans_core import discriminator_pass
 
-        if self.score is None or self.last_labels is None:
+        if self.score is None or self.last_labels is None or (self.opts.debias and self.weight is None):
             self.setup(ctx)
         n = int(ctx.data.shape[0])
         labels = ctx.labels.to(ctx.device)
@@ -168,6 +191,8 @@ class DynGANDetector(CollapseDetector):
             if idx is not None:
                 changed = changed[idx]
             self.score = self.score.masked_fill(changed, 0.0)
+            if self.weight is not None:
+                self.weight = self.weight.masked_fill(changed, 0.0)
         self.last_labels = labels.clone()
 
         # scores only: the partitioner recomputes features on the rare steps it splits, with
@@ -179,12 +204,17 @@ class DynGANDetector(CollapseDetector):
         new = logits if on_logits else torch.sigmoid(logits)
         self.score = (1.0 - lam) * self.score + lam * new
         self.updates += 1
+        average = self.score
+        if self.weight is not None:
+            self.weight = (1.0 - lam) * self.weight + lam
+            # 0 only with lam 0, where the score never moves from its start either
+            average = torch.where(self.weight > 0, self.score / self.weight.clamp_min(1e-30), self.score)
 
-        hit = self.score > (self.logit_threshold if on_logits else self.threshold)
+        hit = average > (self.logit_threshold if on_logits else self.threshold)
         fresh_hit = logits > self.logit_threshold
         fraction = hit.float().mean()
         # on the probability scale for the partitioner's weighting and the report, whatever is averaged
-        prob = torch.sigmoid(self.score) if on_logits else self.score
+        prob = torch.sigmoid(average) if on_logits else average
         if idx is None:
             collapsed, fresh, score, features = hit, fresh_hit, prob.clone(), None
         else:
@@ -205,6 +235,8 @@ class DynGANDetector(CollapseDetector):
         out: dict[str, Any] = {"updates": self.updates}
         if self.score is not None:
             out["score"] = self.score.detach().cpu()
+        if self.weight is not None:
+            out["weight"] = self.weight.detach().cpu()
         if self.last_labels is not None:
             out["last_labels"] = self.last_labels.detach().cpu()
         if self.subset is not None:
@@ -214,6 +246,7 @@ class DynGANDetector(CollapseDetector):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.updates = int(state.get("updates", 0))
         self.score = state.get("score")
+        self.weight = state.get("weight")
         self.last_labels = state.get("last_labels")
         self.subset = state.get("subset")
         if self.subset is not None:

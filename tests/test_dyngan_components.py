@@ -132,6 +132,83 @@ def test_reset_relabelled_scores():
     assert torch.allclose(again[[1, 3]], torch.full((2,), p * (1 - 0.5 ** 2)))
 
 
+@pytest.mark.parametrize("average", ["probability", "logit"])
+def test_debias_divides_the_average_by_its_weight_so_far(average):
+    # D's outputs change between detections: 2, then 4, then 0 (logits). lam 0.5: the weights of the
+    # updates are 0.5, 0.75, 0.875; the debiased average is the weighted mean of the values seen
+    outputs = [2.0, 4.0, 0.0]
+    scale = (lambda v: v) if average == "logit" else (lambda v: float(torch.sigmoid(torch.tensor(v))))
+    D = FakeD([0.0])
+    ctx, _ = make_ctx(D, [0])
+    det = DynGANDetector(lam=0.5, average=average, debias=True)
+    plain = DynGANDetector(lam=0.5, average=average)
+    raw, weight = 0.0, 0.0
+    for v in outputs:
+        D.logits = torch.tensor([v])
+        out, ref = det.detect(ctx), plain.detect(ctx)
+        raw, weight = 0.5 * raw + 0.5 * scale(v), 0.5 * weight + 0.5
+        mean = raw / weight
+        want = float(torch.sigmoid(torch.tensor(mean))) if average == "logit" else mean
+        assert float(out.score[0]) == pytest.approx(want, abs=1e-6)
+        # the stored average is the plain one (what a checkpoint holds); only the reading is divided
+        assert float(det.score[0]) == pytest.approx(raw, abs=1e-6) == float(plain.score[0])
+        assert float(ref.score[0]) == pytest.approx(float(torch.sigmoid(torch.tensor(raw))) if average == "logit"
+                                                    else raw, abs=1e-6)
+    assert det.weight.tolist() == pytest.approx([0.875])
+
+
+def test_debias_flags_a_missed_sample_at_the_first_detection():
+    # logit 3 (p 0.953) is above the delta-0.2 threshold (0.833, logit 1.609) from the start: debiased,
+    # the first detection flags it; the plain average from 0 (0.095 after one lam-0.1 update) needs 20
+    D = FakeD([3.0, 1.0])
+    ctx, _ = make_ctx(D, [0, 0])
+    det, plain = DynGANDetector(debias=True), DynGANDetector()
+    assert det.detect(ctx).collapsed.tolist() == [True, False]
+    flags = [plain.detect(ctx).collapsed.tolist() for _ in range(30)]
+    assert all(not f[1] for f in flags)
+    # p (1 - 0.9^n) > 1/1.2 from n = 20 on
+    p = float(torch.sigmoid(torch.tensor(3.0)))
+    first = next(n for n in range(1, 100) if p * (1 - 0.9 ** n) > 1 / 1.2)
+    assert first == 20 and [f[0] for f in flags] == [False] * (first - 1) + [True] * (31 - first)
+    for _ in range(5):
+        assert det.detect(ctx).collapsed.tolist() == [True, False]
+
+
+def test_debias_reset_restarts_the_weight_and_the_state_round_trips():
+    D = FakeD([3.0, 3.0])
+    ctx, _ = make_ctx(D, [0, 0])
+    det = DynGANDetector(lam=0.5, debias=True, reset_relabelled=True)
+    for _ in range(3):
+        det.detect(ctx)
+    ctx.labels = torch.tensor([0, 1])  # sample 1 relabelled: its average restarts from its next value alone
+    D.logits = torch.tensor([-1.0, -1.0])
+    out = det.detect(ctx)
+    p3, pm1 = (float(torch.sigmoid(torch.tensor(v))) for v in (3.0, -1.0))
+    assert det.weight.tolist() == pytest.approx([0.9375, 0.5])
+    assert float(out.score[1]) == pytest.approx(pm1, abs=1e-6)
+    assert float(out.score[0]) == pytest.approx((0.4375 * p3 + 0.5 * pm1) / 0.9375, abs=1e-6)
+    state = det.state_dict()
+    assert torch.equal(state["weight"], det.weight)
+    back = DynGANDetector(lam=0.5, debias=True, reset_relabelled=True)
+    back.load_state_dict({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
+    back.setup(ctx)
+    assert torch.equal(back.detect(ctx).score, det.detect(ctx).score)
+    # a checkpoint saved without debias: every score has had `updates` updates, so that is its weight
+    plain = DynGANDetector(lam=0.5)
+    for _ in range(2):
+        plain.detect(ctx)
+    assert "weight" not in plain.state_dict()
+    on = DynGANDetector(lam=0.5, debias=True)
+    on.load_state_dict(plain.state_dict())
+    on.setup(ctx)
+    assert on.weight.tolist() == pytest.approx([0.75, 0.75])
+    # and the other way: a debiased checkpoint read without debias drops the weight
+    off = DynGANDetector(lam=0.5)
+    off.load_state_dict(state)
+    off.setup(ctx)
+    assert off.weight is None and "weight" not in off.state_dict()
+
+
 def test_subset_is_fixed_seeded_and_kept_in_state():
     n = 50
     logits = torch.full((n,), 5.0)
@@ -211,7 +288,7 @@ def test_registered_with_the_2d_defaults():
     det = host.registry.get("detector", "dyngan")()
     part = host.registry.get("partitioner", "dyngan")()
     assert (det.every, det.opts.delta, det.opts.lam, det.opts.subset) == (500, 0.2, 0.1, None)
-    assert det.opts.reset_relabelled is False
+    assert det.opts.reset_relabelled is False and det.opts.debias is False  # both codes average from 0
     assert (part.every, part.opts.tau, part.opts.tol, part.opts.weighted, part.opts.refine) == (3000, 0.01, 1e-4, True, True)
     preset = host.registry.get("preset", "dyngan")
     assert preset is DynGANPreset

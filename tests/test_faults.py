@@ -468,6 +468,10 @@ EXACT_CASES = {
     "dyngan": dict(preset="dyngan", options={
         "detector": {"every": 20, "delta": 1.0, "lam": 0.5},
         "partitioner": {"every": 40, "tau": 0.0}}, total=120, stop=60),
+    # the debiased score keeps a per-sample weight, reset with the score of relabelled samples
+    "dyngan-debias": dict(preset="dyngan", options={
+        "detector": {"every": 20, "delta": 1.0, "lam": 0.5, "debias": True, "reset_relabelled": True},
+        "partitioner": {"every": 40, "tau": 0.0}}, total=120, stop=60),
     # the partitioner at 80 uses the detection of step 60, made before the stop at 70
     "dyngan-stale-detection": dict(preset="dyngan", options={
         "detector": {"every": 30, "delta": 1.0, "lam": 0.5},
@@ -508,6 +512,9 @@ def test_exact_resume_with_and_without_dyngan(tmp_path, case):
         if case == "dyngan-stale-detection":
             assert any(stop < p["step"] < stop + 30 for p in parts)
         assert any(k.startswith("component/detector/") for k in ta) or case == "kmeans"
+        if case == "dyngan-debias":
+            assert "component/detector/weight" in ta and torch.equal(ta["component/detector/weight"],
+                                                                     tb["component/detector/weight"])
         assert not torch.equal(ta["train/labels"], torch.zeros_like(ta["train/labels"]))
     if case == "dyngan":
         # metadata records dyngan's version and that of every plugin used
