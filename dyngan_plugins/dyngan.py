@@ -158,7 +158,10 @@ class DynGANDetector(CollapseDetector):
                 )
             self.score = self.score.to(ctx.device, torch.float32)
         if self.opts.debias:
-            if self.weight is None:  # a new run, or a checkpoint saved without debias: n = updates for all
+            # a new run, or a state saved without debias (only through the Python API: --resume refuses a
+            # changed option): n = updates for every sample, which overstates the weight of a sample
+            # whose score reset_relabelled restarted since (its count is not in such a state)
+            if self.weight is None:
                 full = 1.0 - (1.0 - float(self.opts.lam)) ** self.updates
                 self.weight = torch.full((m,), full, device=ctx.device)
             elif self.weight.shape != (m,):
