@@ -592,8 +592,7 @@ def _curves(run: "Run", plt: Any) -> Path:
     def metric_panel(keys: list[str], ylabel: str, title: str, scale: Callable[[Any], None]):
         """A panel of evaluation series ``keys``, one line each; ``scale(ax)`` sets the y range."""
         def draw(ax):
-            for k, also in _distinct_series(keys):
-                xs, ys = _series(recs, k, "eval")
+            for k, also, (xs, ys) in _distinct_series(keys):
                 ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.3, label=" = ".join([k, *also]))
             ax.set_ylabel(ylabel)
             scale(ax)
@@ -601,18 +600,20 @@ def _curves(run: "Run", plt: Any) -> Path:
             ax.legend(fontsize=9, loc="best", framealpha=0.6)
         return draw
 
-    def _distinct_series(keys: list[str]) -> list[tuple[str, list[str]]]:
+    def _distinct_series(keys: list[str]) -> list[tuple[str, list[str], tuple[list[int], list[float]]]]:
         """``keys`` with each series that repeats an earlier one exactly (the PacGAN ``hq`` is the
-        DynGAN protocol's ``hq3``) folded into that one's label: drawn twice, one hid the other."""
-        out: list[tuple[str, list[str]]] = []
+        DynGAN protocol's ``hq3``) folded into that one's label: drawn twice, one hid the other.
+        Each comes with its series (steps, values)."""
+        out: list[tuple[str, list[str], tuple[list[int], list[float]]]] = []
         seen: dict[tuple, int] = {}
         for k in keys:
-            sig = tuple(map(tuple, _series(recs, k, "eval")))
+            series = _series(recs, k, "eval")
+            sig = tuple(map(tuple, series))
             if sig in seen:
                 out[seen[sig]][1].append(k)
             else:
                 seen[sig] = len(out)
-                out.append((k, []))
+                out.append((k, [], series))
         return out
 
     hq_keys = _keys(recs, "eval", lambda k: re.search(r"/hq\d*$", k) is not None)

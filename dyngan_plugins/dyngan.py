@@ -149,29 +149,22 @@ class DynGANDetector(CollapseDetector):
             if self.subset.numel() and int(self.subset.max()) >= n:
                 raise ValueError(f"detector 'dyngan': saved subset does not fit a training set of {n} samples")
         m = n if self.subset is None else int(self.subset.shape[0])
-        if self.score is None:
-            self.score = torch.zeros(m, device=ctx.device)
-        else:
-            if self.score.shape != (m,):
-                raise ValueError(
-                    f"detector 'dyngan': saved score has {tuple(self.score.shape)} entries, expected {m}"
-                )
-            self.score = self.score.to(ctx.device, torch.float32)
-        if self.opts.debias:
+
+        def saved(t, what: str):  # a checkpoint's per-scored-sample tensor, checked and on the device
+            if t.shape != (m,):
+                raise ValueError(f"detector 'dyngan': saved {what} has {tuple(t.shape)} entries, expected {m}")
+            return t.to(ctx.device, torch.float32)
+
+        self.score = torch.zeros(m, device=ctx.device) if self.score is None else saved(self.score, "score")
+        if not self.opts.debias:
+            self.weight = None
+        elif self.weight is None:
             # a new run, or a state saved without debias (only through the Python API: --resume refuses a
             # changed option): n = updates for every sample, which overstates the weight of a sample
             # whose score reset_relabelled restarted since (its count is not in such a state)
-            if self.weight is None:
-                full = 1.0 - (1.0 - float(self.opts.lam)) ** self.updates
-                self.weight = torch.full((m,), full, device=ctx.device)
-            elif self.weight.shape != (m,):
-                raise ValueError(
-                    f"detector 'dyngan': saved score weight has {tuple(self.weight.shape)} entries, expected {m}"
-                )
-            else:
-                self.weight = self.weight.to(ctx.device, torch.float32)
+            self.weight = torch.full((m,), 1.0 - (1.0 - float(self.opts.lam)) ** self.updates, device=ctx.device)
         else:
-            self.weight = None
+            self.weight = saved(self.weight, "score weight")
         if self.last_labels is None:
             self.last_labels = ctx.labels.detach().clone().to(ctx.device)
         else:
@@ -210,8 +203,8 @@ class DynGANDetector(CollapseDetector):
         average = self.score
         if self.weight is not None:
             self.weight = (1.0 - lam) * self.weight + lam
-            # 0 only with lam 0, where the score never moves from its start either
-            average = torch.where(self.weight > 0, self.score / self.weight.clamp_min(1e-30), self.score)
+            # a weight of 0 (lam 0) goes with a score of 0, which the clamp keeps at 0
+            average = self.score / self.weight.clamp_min(1e-30)
 
         hit = average > (self.logit_threshold if on_logits else self.threshold)
         fresh_hit = logits > self.logit_threshold

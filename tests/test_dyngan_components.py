@@ -207,6 +207,11 @@ def test_debias_reset_restarts_the_weight_and_the_state_round_trips():
     off.load_state_dict(state)
     off.setup(ctx)
     assert off.weight is None and "weight" not in off.state_dict()
+    # a saved weight of another size (a checkpoint of other data) is refused like a saved score
+    short = DynGANDetector(lam=0.5, debias=True)
+    short.load_state_dict({**state, "weight": state["weight"][:1]})
+    with pytest.raises(ValueError, match=r"saved score weight has \(1,\) entries, expected 2"):
+        short.setup(ctx)
 
 
 def test_subset_is_fixed_seeded_and_kept_in_state():
