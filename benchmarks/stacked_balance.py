@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -29,20 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 def decompose(pred) -> dict:
     """``pred``: ``(n, C)`` predicted digit classes; the KL of the tuples and its split."""
-    import torch
+    from dyngan_plugins.digits import kl_to_uniform, tuple_counts
 
     n, channels = pred.shape
-    weights = 10 ** torch.arange(channels - 1, -1, -1)
-    counts = torch.bincount((pred * weights).sum(1), minlength=10**channels).double()
-
-    def kl_to_uniform(c: "torch.Tensor") -> float:
-        p = c[c > 0] / n
-        return float((p * p.log()).sum()) + math.log(c.numel())
-
-    kl = kl_to_uniform(counts)
+    kl = kl_to_uniform(tuple_counts(pred))
     shares, marginal = [], []
     for ch in range(channels):
-        c = torch.bincount(pred[:, ch], minlength=10).double()
+        c = tuple_counts(pred[:, ch:ch + 1])
         shares.append([round(float(v), 4) for v in c / n])
         marginal.append(kl_to_uniform(c))
     return {"n": n, "kl": kl, "marginal_kl": marginal, "marginal_kl_sum": sum(marginal),
@@ -53,7 +45,7 @@ def analyse(run_dir: str | Path, n: int = 26000, seed: int = 0, generator: str =
     import torch
 
     from core.api import load_run
-    from dyngan_plugins.digits import digit_classifier
+    from dyngan_plugins.digits import digit_classifier, digit_tuples
 
     run = load_run(run_dir, generator=generator)
     info = run.info
@@ -64,15 +56,12 @@ def analyse(run_dir: str | Path, n: int = 26000, seed: int = 0, generator: str =
         raise UsageError(f"{run_dir}: its dataset {run.cfg['dataset']!r} has no digit channels; this script reads "
                          "stacked-digits runs")
     clf = digit_classifier()
-
-    def classify(x: "torch.Tensor") -> "torch.Tensor":
-        return clf.predict(x.reshape(-1, 1, 8, 8)).view(-1, channels).cpu()
-
     fake = run.generate(n, seed=seed)
     real = run.real
     idx = torch.randint(real.shape[0], (n,), generator=torch.Generator().manual_seed(seed))
     return {"run": str(run_dir), "generator": run.weights, "step": run.step,
-            "samples": decompose(classify(fake)), "data": decompose(classify(real[idx]))}
+            "samples": decompose(digit_tuples(clf, fake, channels)),
+            "data": decompose(digit_tuples(clf, real[idx], channels))}
 
 
 def _show(label: str, d: dict) -> str:

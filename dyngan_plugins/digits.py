@@ -434,6 +434,28 @@ class StackedDigits(Dataset):
 # --------------------------------------------------------------------------- the metric
 
 
+def digit_tuples(clf: DigitClassifier, x: "Tensor", channels: int) -> "Tensor":
+    """Each channel's most likely digit class: ``(M, channels, 8, 8)`` images -> ``(M, channels)``
+    long, on the CPU."""
+    return clf.predict(x.reshape(x.shape[0] * channels, 1, 8, 8)).view(x.shape[0], channels).cpu()
+
+
+def tuple_counts(pred: "Tensor") -> "Tensor":
+    """``(M, C)`` digit classes -> how often each of the 10**C tuples occurs (float64, index
+    ``100*c0 + 10*c1 + c2`` for C = 3)."""
+    import torch
+
+    channels = pred.shape[1]
+    weights = 10 ** torch.arange(channels - 1, -1, -1, device=pred.device)
+    return torch.bincount((pred * weights).sum(1), minlength=10**channels).double()
+
+
+def kl_to_uniform(counts: "Tensor") -> float:
+    """KL(histogram ``counts`` || uniform over its bins), natural log: sum p log p + log(bins)."""
+    p = counts[counts > 0] / counts.sum()
+    return float((p * p.log()).sum()) + math.log(counts.numel())
+
+
 class StackedModes(Metric):
     """Modes covered and KL to uniform over digit-class tuples (PacGAN's Stacked-MNIST protocol).
 
@@ -468,19 +490,11 @@ class StackedModes(Metric):
             raise RunFailure("metric 'stacked-modes': the generated samples contain NaN or inf")
         clf = digit_classifier()
         clf.require_accurate()
-        pred = clf.predict(fake.reshape(m * channels, 1, 8, 8)).view(m, channels).cpu()
-        total = 10**channels
-        # the tuple (c0, c1, c2) -> 100*c0 + 10*c1 + c2
-        weights = 10 ** torch.arange(channels - 1, -1, -1)
-        codes = (pred * weights).sum(1)
-        counts = torch.bincount(codes, minlength=total).double()
-        p = counts[counts > 0] / m
-        # KL(p || uniform) = sum p log p + log(total), natural log
-        kl = float((p * p.log()).sum()) + math.log(total)
+        counts = tuple_counts(digit_tuples(clf, fake, channels))
         return {
             "stacked-modes/modes": float((counts > 0).sum()),
-            "stacked-modes/max_modes": float(total),
-            "stacked-modes/kl": max(kl, 0.0),
+            "stacked-modes/max_modes": float(counts.numel()),
+            "stacked-modes/kl": max(kl_to_uniform(counts), 0.0),
             "stacked-modes/classifier_accuracy": float(clf.accuracy),
             "stacked-modes/n": float(m),
         }
