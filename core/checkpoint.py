@@ -30,6 +30,10 @@ _TMP = re.compile(r"^\.step-\d{8,}\.(?:json|safetensors)\.tmp-(\d+)$")
 MAX_JSON_BYTES = 64 << 20
 #: tensor-name prefixes of the networks' weights (generator, discriminator, G's weight average)
 NETWORK_PREFIXES = ("G/", "D/", "G_ema/")
+#: JSON entries that the tensor file's header repeats (as JSON text): what the weights' meaning
+#: rests on, so that a hand-edited sidecar that still parses (a data shape of another layout with
+#: as many values) is refused as damaged instead of trusted
+SEALED = ("data_shape", "n_train")
 
 
 @dataclass
@@ -104,7 +108,9 @@ def save(directory: Path, step: int, tensors: dict[str, Any], meta: dict[str, An
     # safetensors wants contiguous tensors that share no memory
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     try:
-        blob = st_save(plain, metadata={"format": FORMAT, "step": str(step)})
+        header = {"format": FORMAT, "step": str(step)}
+        header.update({k: json.dumps(meta[k]) for k in SEALED if k in meta})
+        blob = st_save(plain, metadata=header)
         atomic_write_bytes(tensor_path, blob)
         record = dict(meta)
         record.update({
@@ -266,10 +272,31 @@ def read(json_path: Path) -> Checkpoint:
         tensors = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{tname}: not a valid safetensors file ({e})") from None
+    sealed = _header_metadata(blob)
+    for key in SEALED:  # checkpoints written before SEALED repeat nothing: nothing to compare
+        if key in sealed:
+            try:
+                saved = json.loads(sealed[key])
+            except ValueError:
+                saved = sealed[key]
+            if meta.get(key) != saved:
+                raise CheckpointError(f"{json_path.name}: its {key} {meta.get(key)!r} is not the {saved!r} "
+                                      f"its tensor file was saved with (edited)")
     for name, t in tensors.items():  # NaN weights are never saved: such a file was edited or damaged
         if name.startswith(NETWORK_PREFIXES) and t.is_floating_point() and not bool(t.isfinite().all()):
             raise CheckpointError(f"{tname}: {name} holds NaN or inf weights")
     return Checkpoint(step=step, tensors=tensors, meta=meta, path=json_path)
+
+
+def _header_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file that ``st_load`` has already accepted
+    (an 8-byte little-endian header length, then the JSON header)."""
+    n = int.from_bytes(blob[:8], "little")
+    try:
+        found = json.loads(blob[8:8 + n]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, str)} if isinstance(found, dict) else {}
 
 
 class CheckpointUnreadable(CheckpointError):

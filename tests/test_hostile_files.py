@@ -863,3 +863,26 @@ def test_no_code_execution_from_data_in_the_source():
     for f in files:
         found += scan(f.read_text(encoding="utf-8"), str(f.relative_to(ROOT)))
     assert found == [], "code that could execute data:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("key, forged", [("data_shape", [2, 1]), ("data_shape", [1, 2]), ("n_train", 499)])
+def test_a_sidecar_edited_to_another_data_layout_is_skipped_as_damaged(tmp_path, runs, key, forged):
+    """The tensor file repeats what the weights mean (``checkpoint.SEALED``): a JSON edited to a data
+    shape with as many values, which the networks would still load, is caught and the previous
+    checkpoint used, with a warning, by sample and evaluate alike."""
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    jpath = out / "checkpoints" / "step-00000020.json"
+    meta = json.loads(jpath.read_text())
+    assert meta[key] != forged
+    meta[key] = forged
+    jpath.write_text(json.dumps(meta))
+    with pytest.raises(core.errors.CheckpointError, match=f"its {key} .* is not the .* its tensor file was saved with"):
+        ckpt_io.read(jpath)
+    res = invoke(["sample", str(out), "--n", "3", "--out", str(tmp_path / "s.npy")])
+    assert res.exit_code == 0, res.output
+    assert "using step 10" in res.stderr and "(edited)" in res.stderr
+    assert np.load(tmp_path / "s.npy").shape == (3, 2)
+    assert api.evaluate(out, n=50, warn=None)["step"] == 10
+    # the untouched sidecar still reads, and the header holds the values as JSON
+    assert ckpt_io.read(out / "checkpoints" / "step-00000010.json").meta["data_shape"] == [2]
