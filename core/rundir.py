@@ -76,11 +76,17 @@ def check_new(path: Path) -> None:
     """UsageError unless ``path`` can become a new run directory (it may exist, empty of runs)."""
     try:
         exists_not_dir = path.exists() and not path.is_dir()
-        held = is_run(path) or bool(list_checkpoints(path / CHECKPOINTS))
+        configured = is_run(path)
+        held = configured or bool(list_checkpoints(path / CHECKPOINTS))
     except OSError as e:  # a name too long, a folder without search permission: exit 2, not a traceback
         raise path_error(path, e) from None
     if exists_not_dir:
         raise UsageError(f"--out {str(path)!r} exists and is not a directory")
+    if held and not configured:  # --resume would refuse it too: say what is missing instead
+        raise UsageError(
+            f"{str(path)!r} holds checkpoints of a run but not its {CONFIG}; restore that file to resume "
+            "the run, or choose another --out"
+        )
     if held:
         raise UsageError(
             f"{str(path)!r} already holds a run; use --resume to continue it or choose another --out"

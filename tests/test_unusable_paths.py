@@ -120,3 +120,17 @@ def test_os_errors_are_usage_errors_and_paths_that_can_be_looked_at_are_unchange
         rundir.check_new(Path(run))
     assert rundir.is_run(Path(run)) and not rundir.is_run(tmp_path)
     assert rundir.read_config(Path(run))["dataset"] == "grid25"
+
+
+def test_a_run_that_lost_its_config_is_named_as_such_by_train_and_resume(tmp_path, run):
+    """Its checkpoints still block a new run there, but the advice is not the --resume that would
+    refuse it too: both say the config.json is what is missing, and nothing is removed."""
+    out = tmp_path / "c9"
+    shutil.copytree(run, out)
+    (out / "config.json").unlink()
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    res = invoke(["train", "--out", str(out), "--steps", "10", "-q"])
+    err = _clean_exit_2(res, "holds checkpoints of a run but not its config.json", "restore that file")
+    assert "use --resume" not in err
+    _clean_exit_2(invoke(["train", "--out", str(out), "--resume", "-q"]), "no config.json")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
