@@ -428,6 +428,7 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
     try:
         return _resolve(registry, layers)
     except UsageError as e:
+        _attribute_to_file(registry, layers, e)
         name = _merged(layers).get("preset")
         if _none(name) or not isinstance(name, str) or name not in registry.names("preset"):
             raise  # no preset, or the preset itself is unknown: nothing to attribute
@@ -439,6 +440,24 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
                 raise UsageError(f"{component_label('preset', preset.name, getattr(preset, 'plugin', None))} "
                                  f"has settings dyngan refuses: {e}") from e
         raise
+
+
+def _attribute_to_file(registry: Registry, layers: list[Mapping[str, Any]], error: UsageError) -> None:
+    """Name the config file in ``error`` when the file gives that error on its own (a bad value or
+    an unknown option written there, not one typed as a flag): the message then starts with
+    ``config file '...':``, as the file's type errors do. The error keeps its class."""
+    text = str(error)
+    if text.startswith("config file "):
+        return
+    for layer in layers:
+        if not isinstance(layer, ConfigFile):
+            continue
+        try:
+            _resolve(registry, [layer])
+        except UsageError as alone:
+            if str(alone) == text:
+                error.args = (f"config file {str(layer.path)!r}: {text}", *error.args[1:])
+                return
 
 
 def _merged(layers: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -869,3 +869,35 @@ def test_a_preset_valid_only_with_the_users_settings_on_top_is_not_refused():
 def test_a_good_preset_still_resolves_with_the_users_settings_on_top():
     cfg = resolve_settings({"preset": "dyngan", "steps": 77, "options": {"detector": {"delta": 0.3}}})
     assert cfg["steps"] == 77 and cfg["options"]["detector"]["delta"] == 0.3 and cfg["preset"] == "dyngan"
+
+
+@pytest.mark.parametrize("text, flags, words", [
+    ('device = 5\n', [], "setting 'device' must be auto, cpu, cuda or cuda:N, got 5"),
+    ('compile = "yes"\n', [], "setting 'compile' must be true or false"),
+    ('detector = "dyngan"\n[options.detector]\nbogus = 3\n', [], "detector 'dyngan': unknown option 'bogus'"),
+    ('loss = "nope"\n', [], "unknown loss 'nope'"),
+])
+def test_a_mistake_written_in_the_config_file_names_the_file(tmp_path, text, flags, words):
+    path = _write_toml(tmp_path / "c.toml", text)
+    res = _dry_run(["--config", path, *flags])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith(f"Error: config file {path!r}: ") and words in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_a_mistake_typed_as_a_flag_is_not_blamed_on_the_config_file(tmp_path):
+    path = _write_toml(tmp_path / "c.toml", 'device = 5\nsteps = 10\n')
+    # the flag's value replaces the file's: the error is the flag's, without the file's name
+    res = _dry_run(["--config", path, "--device", "tpu"])
+    assert res.exit_code == 2 and "got 'tpu'" in res.stderr and "config file" not in res.stderr, res.output
+    good = _write_toml(tmp_path / "good.toml", 'steps = 10\n')
+    res = _dry_run(["--config", good, "-o", "detector.delta=0.1"])
+    assert res.exit_code == 2 and "config file" not in res.stderr and "no detector" in res.stderr, res.output
+    # the library's own errors keep their class when the file is named
+    from core.config import read_toml
+
+    with pytest.raises(OptionError, match=r"^config file .*unknown option 'bogus'"):
+        resolve_settings({"config": _write_toml(tmp_path / "o.toml",
+                                                'detector = "dyngan"\n[options.detector]\nbogus = 3\n')})
+    assert read_toml(good)["steps"] == 10
