@@ -56,15 +56,32 @@ def resolve_settings(settings: Mapping[str, Any], host: PluginHost | None = None
         layers.append(read_toml(usable_path(file, "--config")))
     layers.append({k: v for k, v in settings.items() if v is not None})
     cfg = resolve(host.registry, layers)
-    used = set()
-    for slot in SLOTS:
-        if cfg.get(slot) is not None:
-            used.add(host.registry.get(SLOTS[slot], cfg[slot]).plugin)
-    for m in cfg["metrics"]:
-        used.add(host.registry.get("metric", m).plugin)
     cfg["dyngan_version"] = __version__
-    cfg["plugins"] = host.versions(p for p in used if p)
+    cfg["plugins"] = host.versions(_providers(host, cfg))
     return cfg
+
+
+def _components(cfg: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """``(kind, name, fixed)`` of each component a config names: its slots (fixed for the run's life)
+    and its metrics (which a resume may change). What is not a name (a damaged saved config) is left
+    out, for resolving to refuse."""
+    out = [(kind, cfg[slot], True) for slot, kind in SLOTS.items()
+           if isinstance(cfg.get(slot), str) and not _none(cfg[slot])]
+    metrics = cfg.get("metrics")
+    return out + [("metric", m, False) for m in (metrics if isinstance(metrics, list) else ()) if isinstance(m, str)]
+
+
+def _providers(host: PluginHost, cfg: Mapping[str, Any]) -> set[str]:
+    """The plugins that provide the components of a resolved config (what a run records)."""
+    used = {host.registry.plugin_of(kind, name) for kind, name, _ in _components(cfg)}
+    return {p for p in used if p}
+
+
+def _check_providers(host: PluginHost, cfg: Mapping[str, Any], record: Any) -> str | None:
+    """Why some component a saved run's config names is registered now by another plugin than the
+    run's (``PluginHost.substituted``, for each); None when none is."""
+    problems = [host.substituted(kind, name, record, strict=fixed) for kind, name, fixed in _components(cfg)]
+    return "; ".join(p for p in problems if p) or None
 
 
 def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -73,8 +90,15 @@ def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str,
     # a run from before adam_impl existed stepped Adam tensor by tensor: it goes on that way, so that
     # its resumed steps round as the uninterrupted run's would have
     saved.setdefault("adam_impl", "loop")
+    # a name whose plugin is missing may be registered by another plugin now: never use that one in its
+    # place (a resume would train on with another component, and record it). Checked before resolving,
+    # whose errors (an option the other component lacks) would not say why.
+    substituted = _check_providers(host, saved, saved.get("plugins"))
+    if substituted is not None:
+        raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb} with the installed plugins: "
+                              f"{substituted}")
     try:
-        return saved, _resolve_saved(host, saved)
+        cfg = _resolve_saved(host, saved)
     except UnknownComponentError as e:  # a plugin that is not installed (or no longer has the component)
         # name the plugin the run used and why it is missing, not a near name ("did you mean 'hinge'?")
         why = host.missing_plugins(e.kind, e.name, saved.get("plugins")) if e.name is not None else None
@@ -86,6 +110,7 @@ def _saved_config(run_dir: Path, host: PluginHost, verb: str) -> tuple[dict[str,
     except UsageError as e:
         raise CheckpointError(f"the run in {str(run_dir)!r} cannot be {verb}: its {rundir.CONFIG} is invalid "
                               f"(damaged or edited): {e}") from None
+    return saved, cfg
 
 
 def _resolve_saved(host: PluginHost, saved: Mapping[str, Any], *more: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,7 +194,8 @@ def _resume_config(run_dir: Path, settings: Mapping[str, Any], host: PluginHost)
     if not isinstance(plugins, dict):
         raise CheckpointError(f"{str(run_dir)!r}: config.json has a malformed plugins record")
     cfg["dyngan_version"] = __version__
-    cfg["plugins"] = host.versions(plugins.keys())
+    # the run's plugins, and the plugin of a metric the resume adds
+    cfg["plugins"] = host.versions(set(plugins) | _providers(host, cfg))
     cfg["created"] = saved.get("created")
     return cfg
 

@@ -467,13 +467,15 @@ def install_command(targets: tuple[str, ...], editable: bool, no_deps: bool, no_
                    f"(e.g. DYNGAN_BLOCK_PLUGINS={c.failed})", err=True)
         raise click.exceptions.Exit(2)
     if res.without_plugin:  # pip did install it, and it stays: say so and how to remove it
+        from .install import pip_uninstall_hint
+
         names = [d.name for d in res.without_plugin]
         one = len(names) == 1
         click.echo(f"Error: installed, but {', '.join(names)} {'has' if one else 'have'} no dyngan plugin: "
                    f"{'its distribution declares' if one else 'their distributions declare'} no entry point in the "
                    "group 'dyngan' (`[project.entry-points.dyngan]` in pyproject.toml), so dyngan cannot use "
-                   f"{'it' if one else 'them'}; remove {'it' if one else 'them'} with `dyngan uninstall "
-                   f"{' '.join(names)}`", err=True)
+                   f"{'it' if one else 'them'}; remove {'it' if one else 'them'} with pip (`dyngan uninstall` "
+                   f"removes plugins only): `{pip_uninstall_hint(names)}`", err=True)
         raise click.exceptions.Exit(2)
     if failed:
         click.echo("Error: installed, but a plugin failed to load (see above); `dyngan plugins` shows it too",
@@ -485,13 +487,17 @@ def install_command(targets: tuple[str, ...], editable: bool, no_deps: bool, no_
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 @click.option("-v", "--verbose", is_flag=True, help="Show pip's output.")
 def uninstall_command(names: tuple[str, ...], verbose: bool) -> None:
-    """Uninstall plugin distributions (pip); dyngan itself is refused."""
+    """Uninstall plugin distributions (pip).
+
+    Only a distribution that declares a dyngan plugin (an entry point in the group 'dyngan') is
+    removed: dyngan itself, its dependencies (torch, click, ...) and any other package are refused
+    (exit code 2), and nothing is uninstalled then.
+    """
     from .install import uninstall_plugins
 
     res = uninstall_plugins(names, echo=(lambda line: click.echo(line, err=True)) if verbose else None)
     for name, version, plugins in res.removed:
-        what = f" (plugins: {', '.join(plugins)})" if plugins else " (no dyngan plugin)"
-        click.echo(f"uninstalled {name} {version}{what}")
+        click.echo(f"uninstalled {name} {version} (plugins: {', '.join(plugins)})")
 
 
 def main(argv: list[str] | None = None) -> None:

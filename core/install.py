@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ from typing import Any, Callable, Sequence
 from .errors import RunFailure, UsageError
 from .registry import parse_duplicate
 
-#: the distribution that must never be uninstalled through itself
+#: the distribution that must never be uninstalled through itself (nor its dependencies: ``dyngan
+#: uninstall`` removes plugin distributions only)
 SELF = "dyngan"
 #: how many of pip's last output lines a failure message quotes
 TAIL_LINES = 15
@@ -342,11 +344,81 @@ def _installed_version(name: str) -> str | None:
 # ---------------------------------------------------------------------- uninstall
 
 
-def uninstall_plugins(names: Sequence[str], *, echo: Callable[[str], None] | None = None) -> UninstallResult:
-    """``pip uninstall -y`` the named distributions; dyngan itself is refused.
+def pip_uninstall_hint(names: Sequence[str]) -> str:
+    """The pip command that removes ``names`` from dyngan's environment (what ``dyngan uninstall``
+    refuses to do for a distribution that is no dyngan plugin)."""
+    return " ".join(shlex.quote(a) for a in pip_command(["uninstall", *names]))
 
-    Raises ``UsageError`` (before anything is removed) for ``dyngan`` or a name that
-    is not installed, ``RunFailure`` when pip fails.
+
+_REQUIREMENT_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_EXTRA_MARKER = re.compile(r"""\bextra\s*==\s*['"]([^'"]+)['"]""")
+
+
+def _requirements(dist: str) -> list[tuple[str, str | None]]:
+    """``(canonical name, extra or None)`` of each requirement of the installed distribution ``dist``."""
+    try:
+        reqs = metadata.requires(dist) or []
+    except metadata.PackageNotFoundError:
+        return []
+    out = []
+    for req in reqs:
+        m = _REQUIREMENT_NAME.match(req)
+        if m is None:
+            continue
+        extra = _EXTRA_MARKER.search(req.partition(";")[2])
+        out.append((canonical(m.group(1)), extra.group(1) if extra else None))
+    return out
+
+
+def dyngan_dependencies() -> tuple[set[str], dict[str, list[str]]]:
+    """What dyngan needs, as canonical names: the distributions its runtime requirements pull in,
+    transitively (torch, click, ... and theirs), and its optional ones -> the extras naming them."""
+    needed: set[str] = set()
+    todo = [SELF]
+    while todo:
+        for name, extra in _requirements(todo.pop()):
+            if extra is None and name not in needed and name != SELF:
+                needed.add(name)
+                todo.append(name)
+    optional: dict[str, list[str]] = {}
+    for name, extra in _requirements(SELF):
+        if extra is not None and name not in needed:
+            optional.setdefault(name, []).append(extra)
+    return needed, optional
+
+
+def _no_plugin_refusal(names: list[str]) -> str:
+    """Why ``dyngan uninstall`` refuses the installed distributions ``names``, which declare no dyngan
+    plugin: dyngan's own dependencies (removing one breaks dyngan) are said to be."""
+    needed, optional = dyngan_dependencies()
+    one = len(names) == 1
+    what = (f"{names[0]}: it is not a dyngan plugin (its distribution declares" if one else
+            f"{', '.join(names)}: they are not dyngan plugins (their distributions declare")
+    why = [f"refusing to uninstall {what} no entry point in the group 'dyngan'); `dyngan uninstall` removes "
+           "plugin distributions only"]
+    deps = [n for n in names if canonical(n) in needed]
+    if deps:
+        why.append(f"{', '.join(deps)} {'is' if len(deps) == 1 else 'are'} needed by dyngan itself (removing "
+                   f"{'it' if len(deps) == 1 else 'them'} would break dyngan)")
+    extras = [f"{n} (dyngan[{','.join(sorted(set(optional[canonical(n)])))}])" for n in names
+              if canonical(n) in optional]
+    if extras:
+        why.append(f"{', '.join(extras)} {'is an optional dependency' if len(extras) == 1 else 'are optional dependencies'}"
+                   " of dyngan")
+    others = [n for n in names if canonical(n) not in needed and canonical(n) not in optional]
+    if others:
+        why.append(f"to remove {'it' if len(others) == 1 and one else ', '.join(others)} anyway, use pip: "
+                   f"`{pip_uninstall_hint(others)}`")
+    return "; ".join(why)
+
+
+def uninstall_plugins(names: Sequence[str], *, echo: Callable[[str], None] | None = None) -> UninstallResult:
+    """``pip uninstall -y`` the named plugin distributions.
+
+    Raises ``UsageError`` (before anything is removed) for ``dyngan`` itself, a name that is not
+    installed, and a distribution that declares no dyngan plugin (no entry point in the group
+    ``dyngan``: dyngan's own dependencies among them), as ``install`` refuses those;
+    ``RunFailure`` when pip fails.
     """
     if not names:
         raise UsageError("name at least one distribution to uninstall")
@@ -358,6 +430,7 @@ def uninstall_plugins(names: Sequence[str], *, echo: Callable[[str], None] | Non
             "refusing to uninstall dyngan itself: it would remove this command and every built-in plugin "
             "(if you mean it: python -m pip uninstall dyngan)")
     removed = []
+    no_plugin = []
     for n in names:
         try:
             dist = metadata.distribution(n)
@@ -366,6 +439,10 @@ def uninstall_plugins(names: Sequence[str], *, echo: Callable[[str], None] | Non
         except ValueError as e:  # importlib.metadata refuses the name itself
             raise UsageError(f"{n!r} is not a distribution name ({e})") from None
         plugins = sorted(ep.name for ep in dist.entry_points if ep.group == "dyngan")
+        if not plugins:
+            no_plugin.append(dist.metadata["Name"] or n)
         removed.append((dist.metadata["Name"] or n, dist.version, plugins))
+    if no_plugin:
+        raise UsageError(_no_plugin_refusal(no_plugin))
     run_pip(["uninstall", "-y", *names], echo=echo)
     return UninstallResult(removed)

@@ -3,8 +3,10 @@
 Every plugin, built-in or third-party, is a module declared in the entry-point
 group ``dyngan``. ``load_plugins`` imports each one on its own, registers it
 with pluggy, checks its hook implementations against the specs and runs its
-registration hooks. A plugin that fails at any of these steps is recorded with
-its error and skipped; the others load as if it were not there.
+registration hooks, then its ``register_commands`` (on a stand-in of the CLI
+group; ``add_commands`` adds what it made to the real one). A plugin that fails
+at any of these steps is recorded with its error and skipped, keeping none of its
+components or commands; the others load as if it were not there.
 
 Environment switches:
   DYNGAN_LOAD_PLUGINS   comma-separated allow-list of plugin (entry-point) or
@@ -19,6 +21,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -76,6 +79,9 @@ class PluginInfo:
     traceback: str | None = None
     #: kind -> every name it tried to register, kept when it fails (an unknown name it offers names it)
     offered: dict[str, list[str]] = field(default_factory=dict)
+    #: command name -> the click command its ``register_commands`` made at load time (added to the CLI
+    #: by ``PluginHost.add_commands``)
+    command_objects: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -136,6 +142,9 @@ class PluginHost:
         self.skipped: dict[str, str] = {}
         #: the same plugins -> (the switch that skipped it, its distribution)
         self.skipped_by: dict[str, tuple[str, str | None]] = {}
+        #: name -> click command of the commands no plugin may add a command under; None: the ``dyngan``
+        #: group's own (core) commands
+        self.reserved_commands: Mapping[str, Any] | None = None
         self.registry.explain = self._explain_unknown
 
     # ------------------------------------------------------------------ loading
@@ -209,14 +218,62 @@ class PluginHost:
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise
-            self.registry.remove_plugin(name)
-            self.pm.unregister(name=name)
             msg = str(e) if isinstance(e, DynganError) else f"{type(e).__name__}: {e}"
-            info.error = f"failed while registering: {msg}"
-            info.traceback = traceback.format_exc()
-            info.components = {}
-            info.options = {}
+            self._discard(info, f"failed while registering: {msg}", traceback.format_exc())
+            return info
+        # register_commands runs now too, on a stand-in group: a plugin that fails there fails as a whole
+        # (none of its components either), whether or not the CLI asks for plugin commands later
+        try:
+            self._run_register_commands(name, info)
+        except _CommandClash as e:
+            self._discard(info, f"failed in register_commands: {e}")
+        except BaseException as e:  # noqa: BLE001 - a plugin's hook may raise anything
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            self._discard(info, f"failed in register_commands: {type(e).__name__}: {e}", traceback.format_exc())
         return info
+
+    def _discard(self, info: PluginInfo, error: str, tb: str | None = None) -> None:
+        """Fail a loaded plugin: it keeps none of its components and commands, and pluggy forgets it."""
+        self.registry.remove_plugin(info.name)
+        if self.pm.get_plugin(info.name) is not None:
+            self.pm.unregister(name=info.name)
+        info.error = error
+        info.traceback = tb
+        info.components = {}
+        info.options = {}
+        info.commands = []
+        info.command_objects = {}
+
+    def _core_commands(self) -> dict[str, Any]:
+        """The commands no plugin may replace (``reserved_commands``, by default the ``dyngan`` group's own)."""
+        if self.reserved_commands is not None:
+            return dict(self.reserved_commands)
+        from .cli import cli  # click only; no torch
+
+        own = getattr(cli, "_core_commands", None)  # set once plugin commands were added to the group
+        return {n: c for n, c in cli.commands.items() if own is None or n in own}
+
+    def _run_register_commands(self, plugin_name: str, info: PluginInfo) -> None:
+        """Run a plugin's ``register_commands`` on a stand-in of the ``dyngan`` group (holding the core
+        commands) and keep the commands it adds for ``add_commands``. A command named like a core command
+        or one another loaded plugin adds is a ``_CommandClash``."""
+        impls = self._impls("register_commands", plugin_name)
+        if not impls:
+            return
+        import click
+
+        core = self._core_commands()
+        probe = click.Group(name="dyngan", commands=dict(core))
+        for impl in impls:
+            impl.function(**{a: probe for a in impl.argnames})
+        added = {n: c for n, c in probe.commands.items() if n not in core or c is not core[n]}
+        others = {n for p in self.plugins.values() if p is not info and p.error is None for n in p.command_objects}
+        taken = sorted(n for n in added if n in core or n in others)
+        if taken:
+            raise _CommandClash(_already_exists(taken))
+        info.command_objects = added
+        info.commands = sorted(added)
 
     def _unmarked_hooks(self, obj: object, marked: list[str]) -> list[str]:
         """Functions of a plugin named like a hook but without the hookimpl marker: silently ignored
@@ -271,31 +328,23 @@ class PluginHost:
             raise PluginError("; ".join(dict.fromkeys(str(e) for e in refused)))
 
     def add_commands(self, cli: Any, protected: Iterable[str] = ()) -> None:
-        """Run every plugin's ``register_commands(cli)``, recording what each adds.
+        """Add to the click group ``cli`` the commands every loaded plugin's ``register_commands`` made
+        when the plugin loaded (the hook ran then, once, on a stand-in group).
 
-        A failure marks the plugin; so does replacing a command in ``protected`` (the core
-        commands) or one another plugin of this host added, and the replaced one is put back.
+        A plugin whose command would replace one in ``protected`` (the core commands) fails as one
+        whose hook failed: none of its commands is added and none of its components stays registered.
+        (A clash with the core group's commands or another plugin's already failed it at load time.)
         """
-        for impl in self.pm.hook.register_commands.get_hookimpls():
-            info = self.plugins.get(impl.plugin_name)
-            keep = set(protected) | {n for p in self.plugins.values() if p is not info for n in p.commands}
-            before = dict(getattr(cli, "commands", {}))
-            try:
-                impl.function(**{a: cli for a in impl.argnames})
-            except Exception as e:  # noqa: BLE001
-                if info is not None:
-                    info.error = f"failed in register_commands: {type(e).__name__}: {e}"
-                    info.traceback = traceback.format_exc()
+        protected = set(protected)
+        for info in list(self.plugins.values()):
+            if info.error is not None or not info.command_objects:
                 continue
-            after = getattr(cli, "commands", {})
-            taken = sorted(n for n, c in after.items() if n in keep and n in before and c is not before[n])
-            for name in taken:
-                after[name] = before[name]
-            if info is not None:
-                info.commands = sorted(set(info.commands) | {n for n in after if n not in before})
-                if taken:
-                    info.error = (f"failed in register_commands: command {', '.join(map(repr, taken))} "
-                                  "already exists; the existing one is kept")
+            taken = sorted(n for n in info.command_objects if n in protected)
+            if taken:
+                self._discard(info, f"failed in register_commands: {_already_exists(taken)}")
+                continue
+            for name, command in info.command_objects.items():
+                cli.add_command(command, name)
 
     # ------------------------------------------------------------------ queries
 
@@ -370,6 +419,58 @@ class PluginHost:
         if len(missing) == 1:
             return f"its {kind} {name!r} came from {missing[0]}"
         return f"its {kind} {name!r} came from one of its plugins that are not loaded: {'; '.join(missing)}"
+
+    def substituted(self, kind: str, name: str, record: Any, *, strict: bool = True) -> str | None:
+        """Why the ``kind`` ``name`` registered now is not the one a saved run used, from the run's
+        config.json ``plugins`` record (``{plugin: {"distribution", "version"}}``, the plugins that
+        provided its components); None when it may be the same.
+
+        It is another one when the plugin providing it now is not in the record (another plugin took
+        the name, e.g. while the run's own plugin is blocked or fails to load), or is in the record
+        under a different distribution (another plugin of the same name). ``strict=False`` (a metric,
+        which a resume may add from a plugin the record does not list) lets a plugin outside the
+        record pass while every plugin of the record is loaded. A run with no record (older runs) and
+        a component registered outside any plugin are not checked.
+        """
+        if not isinstance(record, Mapping) or not record:
+            return None
+        current = self.registry.plugin_of(kind, name)
+        if current is None:
+            return None
+        info = self.plugins.get(current)
+        dist_now = info.distribution if info is not None else None
+        version_now = info.version if info is not None else None
+        now = f"plugin {current!r}" + (f" (distribution {dist_now}{f' {version_now}' if version_now else ''})"
+                                       if dist_now else "")
+        if current in record:
+            used = record[current] if isinstance(record[current], Mapping) else {}
+            dist, version = used.get("distribution"), used.get("version")
+            if isinstance(dist, str) and isinstance(dist_now, str) and _dist_key(dist) != _dist_key(dist_now):
+                return (f"its {kind} {name!r} came from plugin {current!r} of distribution "
+                        f"{dist}{f' {version}' if version else ''}, but the plugin {current!r} loaded now is "
+                        f"another one, from distribution {dist_now}{f' {version_now}' if version_now else ''}, "
+                        f"whose {kind} {name!r} the run was not trained with")
+            return None
+        missing = self.missing_plugins(kind, name, record)
+        if missing is None and not strict:
+            return None  # every plugin the run used is loaded: e.g. a metric a resume added
+        then = missing or (f"its {kind} {name!r} came from one of its plugins "
+                           f"({', '.join(map(repr, record))}), none of which registers it now")
+        return (f"{then}; {kind} {name!r} is registered now by {now}, which the run did not use: another "
+                f"plugin's {kind} is never put in its place")
+
+
+class _CommandClash(PluginError):
+    """A plugin's ``register_commands`` added a command named like a core one or another plugin's."""
+
+
+def _already_exists(names: list[str]) -> str:
+    return f"command {', '.join(map(repr, names))} already exists; the existing one is kept"
+
+
+def _dist_key(name: str) -> str:
+    """A distribution name normalised (PEP 503), for comparing: ``Dyngan_Ragan`` -> ``dyngan-ragan``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 LOAD_SWITCH, BLOCK_SWITCH = "DYNGAN_LOAD_PLUGINS", "DYNGAN_BLOCK_PLUGINS"

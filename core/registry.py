@@ -82,6 +82,14 @@ class Registry:
             raise UnknownComponentError(f"unknown {kind} {name!r}{hint} (available: {avail}){note}", kind, name)
         return found
 
+    def plugin_of(self, kind: str, name: str) -> str | None:
+        """The plugin that registered ``kind`` ``name`` in this registry (None: none did, or no plugin).
+
+        Read from this registry, not from ``cls.plugin``: that class attribute is shared by every host
+        in the process and says which one registered the class last."""
+        self._table(kind)
+        return self._plugin_of.get((kind, name))
+
     def names(self, kind: str) -> list[str]:
         return sorted(self._table(kind))
 

@@ -113,8 +113,9 @@ def plugin_host(
       default a failure is recorded as ``host.plugins[name].error``, exactly as
       ``load_plugins`` records a broken installed plugin.
 
-    The plugins' ``register_commands`` hooks are run on the ``dyngan`` click
-    group. On exit the previous host and the group's commands are restored, and so is
+    The plugins' ``register_commands`` hooks run when each plugin loads (on a
+    stand-in group, as for installed plugins), and the commands they made are
+    added to the ``dyngan`` click group. On exit the previous host and the group's commands are restored, and so is
     the ``plugin`` attribute of the component classes (shared by every host).
     """
     from .cli import cli  # click only; no torch

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 
 from core import install as inst
 from core.cli import cli
+from test_plugins import write_dist
 
 
 def run_cli(*args: str):
@@ -37,6 +39,69 @@ def test_uninstall_refuses_dyngan_itself(name, monkeypatch):
     assert res.exit_code == 2
     assert "refusing to uninstall dyngan itself" in res.output
     assert called == []  # nothing was uninstalled, not even the other name
+
+
+@pytest.mark.parametrize("name", ["click", "torch", "numpy", "pluggy", "safetensors", "filelock"])
+def test_uninstall_refuses_dyngans_own_dependencies(name, monkeypatch):
+    """`dyngan uninstall click` removed click (and with it dyngan's CLI); a dependency of dyngan's (torch's
+    filelock too) is no dyngan plugin: refused, one line, exit 2, and pip never runs."""
+    monkeypatch.setattr(inst, "run_pip", lambda *a, **k: pytest.fail("pip must not run"))
+    res = run_cli("uninstall", name)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and len(res.stderr.splitlines()) == 1
+    assert res.stderr.startswith(f"Error: refusing to uninstall {name}: it is not a dyngan plugin (its distribution "
+                                 "declares no entry point in the group 'dyngan'); `dyngan uninstall` removes plugin "
+                                 "distributions only")
+    assert f"{name} is needed by dyngan itself (removing it would break dyngan)" in res.stderr
+    assert "pip uninstall" not in res.stderr  # no advice to break dyngan with pip instead
+
+
+@pytest.fixture
+def fake_dists(tmp_path, monkeypatch):
+    """Two fake installed distributions: dyngan-tiny-plugin 0.1.0 (plugin tiny) and requests-like 0.2.0
+    (no dyngan entry point); pip is faked and records what it is asked (``calls``)."""
+    site = tmp_path / "site"
+    mod = f"tiny_{uuid.uuid4().hex[:8]}"
+    write_dist(site, "dyngan-tiny-plugin", "0.1.0", {"tiny": mod}, {mod: ""})
+    write_dist(site, "requests-like", "0.2.0", {}, {})
+    monkeypatch.syspath_prepend(str(site))
+    calls = []
+    monkeypatch.setattr(inst, "run_pip", lambda args, echo=None: calls.append(list(args)) or [])
+    return calls
+
+
+def test_uninstall_refuses_a_distribution_without_a_dyngan_plugin_and_removes_nothing(fake_dists):
+    res = run_cli("uninstall", "dyngan-tiny-plugin", "requests-like")
+    assert res.exit_code == 2, res.output
+    assert fake_dists == []  # refused before pip: not even the plugin is removed
+    assert res.stderr == ("Error: refusing to uninstall requests-like: it is not a dyngan plugin (its distribution "
+                          "declares no entry point in the group 'dyngan'); `dyngan uninstall` removes plugin "
+                          "distributions only; to remove it anyway, use pip: "
+                          f"`{sys.executable} -m pip uninstall requests-like`\n")
+    res = run_cli("uninstall", "dyngan-tiny-plugin")
+    assert res.exit_code == 0, res.output
+    assert fake_dists == [["uninstall", "-y", "dyngan-tiny-plugin"]]
+    assert res.stdout == "uninstalled dyngan-tiny-plugin 0.1.0 (plugins: tiny)\n"
+
+
+def test_uninstall_names_an_optional_dependency_of_dyngan(monkeypatch):
+    needed, optional = inst.dyngan_dependencies()
+    assert {"torch", "click", "numpy", "pluggy", "safetensors"} <= needed and "filelock" in needed
+    assert "plots" in optional["matplotlib"] and "matplotlib" not in needed
+    monkeypatch.setattr(inst, "run_pip", lambda *a, **k: pytest.fail("pip must not run"))
+    res = run_cli("uninstall", "matplotlib", "click")
+    assert res.exit_code == 2, res.output
+    assert "refusing to uninstall matplotlib, click: they are not dyngan plugins" in res.stderr
+    assert "click is needed by dyngan itself" in res.stderr
+    assert "matplotlib (dyngan[" in res.stderr and "is an optional dependency of dyngan" in res.stderr
+
+
+def test_uninstall_help_says_what_it_refuses():
+    res = run_cli("uninstall", "--help")
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    assert "Only a distribution that declares a dyngan plugin (an entry point in the group 'dyngan') is removed" in text
+    assert "dyngan itself, its dependencies (torch, click, ...) and any other package are refused" in text
 
 
 def test_uninstall_of_a_distribution_that_is_not_installed_is_a_usage_error(monkeypatch):

@@ -361,15 +361,20 @@ def dists(tmp_path, monkeypatch):
         sys.modules.pop(mod, None)
 
 
-def test_install_of_a_distribution_without_a_dyngan_plugin_is_a_usage_error_and_stays_installed(dists):
+def test_install_of_a_distribution_without_a_dyngan_plugin_is_a_usage_error_and_stays_installed(dists, monkeypatch):
     dists("requests-like", [])
     dists.pip_installs.append(("requests-like", True))
     res = invoke(["install", "requests-like"])
     msg = usage_error(res)
     assert "installed requests-like 0.1.0" in res.stdout and "registers no dyngan plugin" in res.stdout
     assert "requests-like has no dyngan plugin" in msg and "[project.entry-points.dyngan]" in msg
-    assert "`dyngan uninstall requests-like`" in msg  # it stays installed: say how to remove it
+    # it stays installed: say how to remove it, with pip, since `dyngan uninstall` refuses what is no plugin
+    assert f"`{sys.executable} -m pip uninstall requests-like`" in msg and "`dyngan uninstall` removes plugins only" in msg
     assert metadata.version("requests-like") == "0.1.0"
+    monkeypatch.setattr(inst, "run_pip", lambda *a, **k: pytest.fail("pip must not run"))
+    refused = usage_error(invoke(["uninstall", "requests-like"]))
+    assert "refusing to uninstall requests-like: it is not a dyngan plugin" in refused
+    assert f"`{sys.executable} -m pip uninstall requests-like`" in refused
 
 
 def test_install_result_lists_the_requested_distributions_without_a_plugin(dists):

@@ -113,10 +113,12 @@ def test_every_registration_hook_fills_its_kind(host):
         for name in names:
             cls = host.registry.get(kind, name)
             assert issubclass(cls, KINDS[kind]) and cls.plugin == "everything"
-    assert seen_cli == []  # register_commands runs only when the CLI asks
+    # register_commands runs once, at load time like the other hooks, on a stand-in of the dyngan group
+    # (so that a plugin failing there fails as a whole); adding the commands to a group does not run it again
+    assert len(seen_cli) == 1 and isinstance(seen_cli[0], click.Group)
     group = click.Group()
     host.add_commands(group)
-    assert seen_cli == [group]
+    assert len(seen_cli) == 1 and seen_cli[0] is not group
 
 
 def test_a_plugin_may_implement_a_hook_without_arguments(host):
@@ -265,6 +267,104 @@ def test_commands_a_plugin_adds_are_recorded_and_cannot_replace_others(host):
     assert runner.invoke(group, ["train"]).output == "core train\n"
     assert runner.invoke(group, ["hello"]).output == "hi\n"
     assert host.report()[0]["commands"] == ["hello"]
+
+
+def _adds_command_then_raises(name):
+    def register_commands(cli):
+        @cli.command(name)
+        def _cmd():
+            click.echo("from a failed plugin")
+        raise RuntimeError("fail after adding a command")
+    return register_commands
+
+
+def test_a_plugin_failing_in_register_commands_keeps_no_component_and_no_command(host):
+    """docs/plugins.md section 3: a FAILED plugin registers none of its components. register_commands runs
+    when the plugin loads, so the failure is known (and its loss gone) before any command or library call
+    uses the registry, whether or not the CLI ever asks for plugin commands."""
+    info = host.add_plugin("cmdfail", lambda: make_plugin(
+        "cmdfail", register_losses=registering(Loss, "cmdfail-loss"),
+        register_commands=_adds_command_then_raises("cmdfail-hello")))
+    assert info.error == "failed in register_commands: RuntimeError: fail after adding a command"
+    assert "RuntimeError" in info.traceback
+    assert info.components == {} and info.options == {} and info.commands == []
+    assert "cmdfail-loss" not in host.registry.names("loss") and host.failed == [info]
+    with pytest.raises(UsageError, match=r"unknown loss 'cmdfail-loss'.*note: plugin 'cmdfail' failed to load "
+                                         r"\(failed in register_commands: RuntimeError: fail after adding a command\)"):
+        host.registry.get("loss", "cmdfail-loss")
+    assert host.pm.get_plugin("cmdfail") is None  # its hooks are not called again
+    group = click.Group()
+    host.add_commands(group)
+    assert "cmdfail-hello" not in group.commands
+
+
+@pytest.mark.parametrize("command", ["train", "plugins", "install"])
+def test_a_plugin_whose_command_takes_a_core_commands_name_keeps_no_component(host, command):
+    info = host.add_plugin("usurper", lambda: make_plugin(
+        "usurper", register_losses=registering(Loss, "usurper-loss"),
+        register_commands=_adds_command(command, "not the core command")))
+    assert info.error == (f"failed in register_commands: command {command!r} already exists; "
+                          "the existing one is kept")
+    assert info.components == {} and "usurper-loss" not in host.registry.names("loss")
+    assert info.commands == []
+
+
+def test_a_plugin_whose_command_takes_another_plugins_keeps_no_component(host):
+    first = host.add_plugin("first", lambda: make_plugin("first", register_commands=_adds_command("hello", "hi")))
+    second = host.add_plugin("second", lambda: make_plugin(
+        "second", register_losses=registering(Loss, "second-loss"), register_commands=_adds_command("hello", "other")))
+    assert first.error is None and first.commands == ["hello"]
+    assert second.error is not None and "'hello' already exists" in second.error
+    assert "second-loss" not in host.registry.names("loss")
+    group = click.Group()
+    host.add_commands(group)
+    assert click.testing.CliRunner().invoke(group, ["hello"]).output == "hi\n"
+
+
+def test_a_command_clash_found_when_the_commands_are_added_fails_the_plugin_then(host):
+    """A name protected only by the group the commands go to (not known when the plugin loaded) fails the
+    plugin as well: its components go, and none of its commands is added."""
+    host.reserved_commands = {}
+    info = host.add_plugin("late", lambda: make_plugin(
+        "late", register_losses=registering(Loss, "late-loss"),
+        register_commands=lambda cli: [_adds_command(n, n)(cli) for n in ("late-one", "special")]))
+    assert info.error is None and info.commands == ["late-one", "special"]
+    assert "late-loss" in host.registry.names("loss")
+    group = click.Group()
+    host.add_commands(group, protected={"special"})
+    assert info.error == "failed in register_commands: command 'special' already exists; the existing one is kept"
+    assert "late-loss" not in host.registry.names("loss") and info.components == {}
+    assert group.commands == {}
+
+
+def test_a_loss_of_a_plugin_failing_in_register_commands_cannot_train():
+    """The QA case end to end: `dyngan train --loss THAT_LOSS` is the usual exit-2 message for a component
+    of a failed plugin, `dyngan plugins` lists the plugin as FAILED with no components, and the command it
+    added before raising does not exist."""
+    plugin = make_plugin("cmdfail", register_losses=registering(Loss, "cmdfail-loss"),
+                         register_commands=_adds_command_then_raises("cmdfail-hello"))
+    with plugin_host(plugin):
+        res = CliRunner().invoke(cli, ["train", "--dry-run", "--loss", "cmdfail-loss", "--dataset", "ring8"])
+        listing = CliRunner().invoke(cli, ["plugins", "--json"])
+        hello = CliRunner().invoke(cli, ["cmdfail-hello"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr.startswith("Error: unknown loss 'cmdfail-loss' (available: hinge, ls, mm, ")
+    assert res.stderr.endswith("; note: plugin 'cmdfail' failed to load (failed in register_commands: RuntimeError: "
+                               "fail after adding a command); see `dyngan plugins`\n")
+    assert len(res.stderr.splitlines()) == 1 and "did you mean" not in res.stderr
+    entry = next(p for p in json.loads(listing.stdout) if p["name"] == "cmdfail")
+    assert entry["components"] == {} and entry["commands"] == [] and entry["error"].startswith("failed in")
+    assert hello.exit_code == 2 and "No such command 'cmdfail-hello'" in hello.output
+
+
+def test_a_loss_of_a_plugin_whose_command_is_named_train_cannot_train():
+    plugin = make_plugin("usurper", register_losses=registering(Loss, "usurper-loss"),
+                         register_commands=_adds_command("train", "HIJACKED train"))
+    with plugin_host(plugin):
+        res = CliRunner().invoke(cli, ["train", "--dry-run", "--loss", "usurper-loss", "--dataset", "ring8"])
+    assert res.exit_code == 2 and "HIJACKED" not in res.output
+    assert ("note: plugin 'usurper' failed to load (failed in register_commands: command 'train' already exists; "
+            "the existing one is kept)") in res.stderr
 
 
 def test_report_and_versions(host):
