@@ -332,22 +332,28 @@ class _Terminated(KeyboardInterrupt):
 
 
 class _SigtermBeforeStart:
-    """From ``start()`` to ``end()``, in the main thread, SIGTERM raises ``_Terminated`` instead of
-    killing the process, so that a new run being set up is removed, as after Ctrl-C: under torchrun
-    a rank whose set-up fails makes torchrun SIGTERM rank 0, whose config.json-only run directory
-    then blocked the same --out. In the training loop training's own handler has SIGTERM."""
+    """From ``start()`` to ``end()``, in the main thread, SIGTERM (and SIGHUP, a closed terminal,
+    unless the process ignores it: ``nohup``) raises ``_Terminated`` instead of killing the process,
+    so that a new run being set up is removed, as after Ctrl-C: under torchrun a rank whose set-up
+    fails makes torchrun SIGTERM rank 0, whose config.json-only run directory then blocked the same
+    --out. In the training loop training's own handler has these signals."""
 
     def __init__(self, active: bool) -> None:
         import threading
 
         self.active = active and threading.current_thread() is threading.main_thread()
-        self._old: Any = None
+        self._old: dict[int, Any] = {}
 
     def start(self) -> None:
         import signal
 
-        if self.active:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+        from .console import stop_signals
+
+        if not self.active:
+            return
+        for s in stop_signals():  # Ctrl-C raises KeyboardInterrupt here already
+            if s != signal.SIGINT:
+                self._old[s] = signal.signal(s, self._handle)
 
     @staticmethod
     def _handle(signum: int, frame: Any) -> None:
@@ -356,9 +362,9 @@ class _SigtermBeforeStart:
     def end(self) -> None:
         import signal
 
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
+        while self._old:
+            s, old = self._old.popitem()
+            signal.signal(s, old)
 
 
 def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = True,
@@ -480,10 +486,16 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
             raise Aborted(e.signum, e.step, run_dir, before_start=True, discarded=True, torchrun=e.torchrun) from None
         raise
     except Exception as e:
+        # a failure before the first training step finished (a component's setup(), the first
+        # step's loss): a new run leaves nothing behind, as one whose data failed to load, so
+        # that the same --out trains once the cause is fixed
+        discarded = (not resume and (comm is None or comm.rank == 0) and trainer.step == 0
+                     and _discard_failed_start(run_dir))
         if not is_out_of_memory(e):
             raise
         saved = rundir.list_checkpoints(run_dir / rundir.CHECKPOINTS)
         where = (f"the checkpoints already in {str(run_dir)!r} are intact" if saved else
+                 "nothing was saved and the new run was removed" if discarded else
                  f"nothing was saved: start again with another --out or after deleting {str(run_dir)!r}")
         raise out_of_memory(e, f"at step {trainer.step} on {trainer.device} with batch size {cfg['batch_size']}",
                             f"use a smaller --batch-size; {where}") from None
@@ -494,6 +506,28 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
     if not pictures_disabled() and (comm is None or comm.rank == 0):
         _pictures(run_dir, trainer)
     return result
+
+
+def _discard_failed_start(run_dir: Path) -> bool:
+    """Remove a new run whose training failed before its first step finished: its metrics.jsonl
+    holds no more than the ``start`` events written before that step (then emptied), and
+    ``rundir.discard_unstarted`` removes config.json, the empty log and the directory if that
+    leaves it empty (a folder that held other files before is kept, with them). Whether the run is
+    gone. Anything else (a logged step, a checkpoint, a line it cannot read) is left as it is."""
+    import json
+
+    metrics = run_dir / rundir.METRICS
+    try:
+        if metrics.is_file() and not metrics.is_symlink():
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+            if not all(isinstance(r, dict) and r.get("event") == "start" and r.get("step") == 0 for r in records):
+                return False
+            if records:
+                metrics.write_bytes(b"")
+    except (OSError, ValueError):  # cannot tell: leave it alone (and do not mask the run's own error)
+        return False
+    return rundir.discard_unstarted(run_dir)
 
 
 def pictures_disabled() -> bool:
@@ -786,6 +820,7 @@ class SamplingProgress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last: float | None = None  # when the last line was shown (at first: the first batch)
         self._shown = False
+        self._closed = False  # a write failed: no more lines
 
     def __call__(self, done: int) -> None:
         now = self.clock()
@@ -794,9 +829,14 @@ class SamplingProgress:
         final = done >= self.total
         if now - self._last < self.EVERY[self.tty] and not (final and self._shown):
             return
+        if self._closed:
+            return
+        from .console import safe_write
+
         line = f"sampling: {done:,} / {self.total:,}"
-        self.stream.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
-        self.stream.flush()
+        # a closed pipe or hung-up terminal ends the progress lines, not the draw
+        self._closed = not safe_write(self.stream, ("\r" + line + ("\n" if final else "")) if self.tty
+                                      else line + "\n")
         self._last, self._shown = now, True
 
 

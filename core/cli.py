@@ -25,9 +25,14 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 def fail(error: DynganError) -> "click.exceptions.Exit":
     """Print a library error as one line (after its traceback with ``DYNGAN_TRACEBACK=1``) and exit
     with its code."""
-    if traceback_wanted():
-        click.echo(format_traceback(error), err=True)
-    click.echo(f"Error: {_bounded(str(error))}", err=True)
+    try:
+        if traceback_wanted():
+            click.echo(format_traceback(error), err=True)
+        click.echo(f"Error: {_bounded(str(error))}", err=True)
+    except OSError:  # stderr is gone (a closed pipe, a hung-up terminal): the exit code still says it
+        from .console import write_failed
+
+        write_failed(sys.stderr)
     return click.exceptions.Exit(error.exit_code)
 
 
@@ -324,7 +329,12 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
         if comm is not None:
             comm.close()
     if comm is None or comm.rank == 0:
-        click.echo(str(result.run_dir))
+        try:
+            click.echo(str(result.run_dir))
+        except OSError:  # stdout was closed (`| head -1`): the run is trained and saved all the same
+            from .console import write_failed
+
+            write_failed(sys.stdout)
 
 
 @cli.command()

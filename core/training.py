@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt_io
-from . import memory, rundir
+from . import console, memory, rundir
 from .components import (
     CollapseDetector,
     Comm,
@@ -600,6 +600,9 @@ class Progress:
         self.warnings = warnings  # warn() shows its text even when quiet (not on torchrun's ranks > 0)
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # a write to the stream failed (a closed pipe, a terminal that hung up): nothing more is
+        # written to it, and training goes on (the run directory and metrics.jsonl are the record)
+        self.closed = False
         self.every = max(1, total // 20)
         self._last_line_step = -1
         self._width = 0
@@ -632,12 +635,10 @@ class Progress:
         line = f"step {step}/{self.total} ({pct:3.0f}%)  {text}"
         if self.tty:
             pad = max(0, self._width - len(line))
-            self.stream.write("\r" + line + " " * pad + ("\n" if final else ""))
+            self._emit("\r" + line + " " * pad + ("\n" if final else ""))
             self._width = len(line)
-            self.stream.flush()
         elif final or force or step - self._last_line_step >= self.every or self._last_line_step < 0:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            self._emit(line + "\n")
             self._last_line_step = step
         else:
             return
@@ -675,14 +676,24 @@ class Progress:
 
     def _write(self, text: str) -> None:
         if self.tty and self._width:
-            self.stream.write("\n")
+            text = "\n" + text
             self._width = 0
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        self._emit(text + "\n")
+
+    def _emit(self, text: str) -> None:
+        """Write and flush ``text``, unless an earlier write failed. A failing write (EPIPE from a
+        closed pipe, EIO from a hung-up terminal) must not stop training: it ends the progress
+        output alone (``console.write_failed`` points a broken stdout / stderr at the null device,
+        so that Python's flush at exit does not fail the finished run either)."""
+        if self.closed:
+            return
+        if not console.safe_write(self.stream, text):
+            self.closed = True
 
 
 class _SignalFlag:
-    """SIGINT / SIGTERM set a flag that the loop checks between steps, so no step is cut in half."""
+    """SIGINT / SIGTERM / SIGHUP set a flag that the loop checks between steps, so no step is cut in
+    half."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -691,7 +702,7 @@ class _SignalFlag:
 
     def __enter__(self) -> "_SignalFlag":
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in console.stop_signals():
                 self._old[s] = signal.signal(s, self._handle)
         return self
 

@@ -3,12 +3,14 @@ with one line, a new run leaves nothing behind, a saved run is left as it was.""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from core import training as training_mod
+from core.errors import OptionError
 from cli_helpers import assert_clean_error, invoke, tiny_run
 
 BASE = ["--dataset", "grid25", "-o", "dataset.n=2000", "--device", "cpu", "--threads", "1", "-q"]
@@ -127,25 +129,146 @@ def test_dry_run_says_a_run_still_starting_is_in_use_as_train_does(tmp_path):
     assert (out / "config.json").exists()
 
 
-def test_sigterm_before_the_first_step_of_a_new_run_exits_143_and_leaves_no_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_before_the_first_step_of_a_new_run_exits_143_and_leaves_no_run(tmp_path, monkeypatch, name, code):
     """SIGTERM while the run is set up used to kill the process and leave a config.json that blocked
-    the same --out (under torchrun, what rank 0 gets when another rank fails to set up)."""
+    the same --out (under torchrun, what rank 0 gets when another rank fails to set up). SIGHUP (a
+    closed terminal) did the same, and is now handled as SIGTERM is."""
     import os
     import signal
 
-    def sigterm(*a, **k):
-        os.kill(os.getpid(), signal.SIGTERM)
+    signum = getattr(signal, name, None)
+    if signum is None:
+        pytest.skip(f"no {name} here")
+
+    def send(*a, **k):
+        os.kill(os.getpid(), signum)
 
     def unhandled(signum, frame):  # stands for the default action (which would end pytest too)
-        raise RuntimeError("SIGTERM reached the handler train() found")
+        raise RuntimeError(f"{name} reached the handler train() found")
 
-    monkeypatch.setattr(training_mod.Trainer, "_setup_components", sigterm)
-    old = signal.signal(signal.SIGTERM, unhandled)
+    monkeypatch.setattr(training_mod.Trainer, "_setup_components", send)
+    old = signal.signal(signum, unhandled)
     try:
         out = tmp_path / "new"
         res = invoke(["train", "--out", str(out), "--steps", "20", *BASE])
-        err = assert_clean_error(res, 143, "interrupted by SIGTERM before the first training step")
+        err = assert_clean_error(res, code, f"interrupted by {name} before the first training step")
         assert "the new run was removed" in err and not out.exists()
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # given back
+        assert signal.getsignal(signum) is unhandled  # given back
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signum, old)
+
+
+# ---------------------------------------------------------------- a failure before the first step
+
+
+def _failing_plugin(kind: str, raises: BaseException):
+    """A plugin whose ``kind`` component (detector: in setup(); loss: in its first d_loss) raises."""
+    import types
+
+    from core import hookimpl
+    from core.components import CollapseDetector, Loss, Option
+
+    if kind == "detector":
+        class Failing(CollapseDetector):
+            name = "fails-in-setup"
+            options = {"every": Option(5, "detect every this many steps", min=1)}
+
+            def setup(self, ctx):
+                raise raises
+
+            def detect(self, ctx):  # pragma: no cover - setup() fails first
+                raise AssertionError("not reached")
+
+        return types.SimpleNamespace(register_collapse_detectors=hookimpl(lambda register: register(Failing)))
+
+    class FailingLoss(Loss):
+        name = "fails-at-first-step"
+
+        def d_loss(self, ctx):
+            raise raises
+
+        def g_loss(self, ctx):  # pragma: no cover
+            raise AssertionError("not reached")
+
+    return types.SimpleNamespace(register_losses=hookimpl(lambda register: register(FailingLoss)))
+
+
+FAILURES = [("detector", ValueError("k does not fit"), 1, "raised in setup(): ValueError: k does not fit"),
+            ("detector", OptionError("detector 'fails-in-setup': k does not fit"), 2, "k does not fit"),
+            ("loss", RuntimeError("shapes do not match"), 1, "raised in d_loss(): RuntimeError")]
+
+
+def _failing_args(kind: str, out: Path) -> list[str]:
+    pick = ["--detector", "fails-in-setup", "-o", "detector.every=5"] if kind == "detector" \
+        else ["--loss", "fails-at-first-step"]
+    return ["train", "--out", str(out), "--steps", "10", *pick, *BASE]
+
+
+@pytest.mark.parametrize("kind, error, code, needle", FAILURES)
+def test_a_failure_before_the_first_step_of_a_new_run_leaves_no_run(tmp_path, kind, error, code, needle):
+    """A component's setup() (or the first step) failing used to leave config.json and an empty
+    metrics.jsonl (or one holding its start line), so the same --out was refused ("holds a run that
+    stopped before its first checkpoint") once the options were fixed."""
+    from core.testing import plugin_host
+
+    out = tmp_path / "new"
+    with plugin_host(("failing", _failing_plugin(kind, error))):
+        assert_clean_error(invoke(_failing_args(kind, out)), code, needle)
+    assert not out.exists()
+    res = invoke(["train", "--out", str(out), "--steps", "10", *BASE])  # the same --out now trains
+    assert res.exit_code == 0, res.output
+    assert (out / "checkpoints" / "step-00000010.json").exists()
+
+
+@pytest.mark.parametrize("kind, error, code, needle", FAILURES[:1] + FAILURES[2:])
+def test_a_failure_before_the_first_step_keeps_a_folder_that_held_other_files(tmp_path, kind, error, code, needle):
+    """--out may be an existing folder without a run: the run's own files go, the folder and what it
+    held before stay."""
+    from core.testing import plugin_host
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with plugin_host(("failing", _failing_plugin(kind, error))):
+        assert_clean_error(invoke(_failing_args(kind, out)), code, needle)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failing_setup_on_resume_leaves_the_saved_run_as_it_was(tmp_path, run10, monkeypatch):
+    out = tmp_path / "r"
+    shutil.copytree(run10, out)
+    before = all_bytes(out)
+
+    def fails(self):
+        raise OptionError("set-up refused")
+
+    monkeypatch.setattr(training_mod.Trainer, "_setup_components", fails)
+    assert_clean_error(invoke(["train", "--resume", "--out", str(out), "-q"]), 2, "set-up refused")
+    assert all_bytes(out) == before
+
+
+def test_a_failure_after_the_first_step_keeps_the_run_and_its_log(tmp_path):
+    """Only a run that trained nothing is removed: one that logged steps keeps its record."""
+    import types
+
+    from core import hookimpl
+    from core.components import CollapseDetector, Option
+    from core.testing import plugin_host
+
+    class FailsInDetect(CollapseDetector):
+        name = "fails-in-detect"
+        options = {"every": Option(5, "detect every this many steps", min=1)}
+
+        def detect(self, ctx):
+            raise ValueError("detection broke")
+
+    plugin = types.SimpleNamespace(register_collapse_detectors=hookimpl(lambda register: register(FailsInDetect)))
+    out = tmp_path / "new"
+    with plugin_host(("failing", plugin)):
+        res = invoke(["train", "--out", str(out), "--steps", "20", "--detector", "fails-in-detect",
+                      "-o", "detector.every=10", "--log-every", "5", "--checkpoint-every", "0", *BASE])
+    assert_clean_error(res, 1, "raised in detect(): ValueError: detection broke")
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss/d" in x]
+    assert logged == [5] and (out / "config.json").exists()

@@ -232,6 +232,29 @@ def test_progress_elsewhere_writes_a_line_every_ten_seconds():
     assert stream.getvalue() == "sampling: 2,000 / 4,000\nsampling: 4,000 / 4,000\n"
 
 
+class _BrokenPipe(_Stream):
+    """A progress stream whose reader went away after ``lines`` writes."""
+
+    def __init__(self, lines):
+        super().__init__(tty=False)
+        self.lines, self.writes = lines, 0
+
+    def write(self, text):
+        self.writes += 1
+        if self.writes > self.lines:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_progress_stops_at_a_closed_pipe_and_the_draw_goes_on():
+    stream = _BrokenPipe(lines=1)
+    p = api.SamplingProgress(4_000, stream=stream, clock=_Clock([0.0, 11.0, 22.0, 33.0, 44.0]))
+    for done in (500, 1_000, 2_000, 3_000, 4_000):
+        p(done)  # raises nothing
+    assert stream.getvalue() == "sampling: 1,000 / 4,000\n"
+    assert stream.writes == 2  # the failed write, then none
+
+
 def test_a_quick_draw_shows_no_progress():
     for tty in (True, False):
         stream = _Stream(tty)

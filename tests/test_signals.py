@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during ``dyngan train``: a checkpoint is saved, the exit code is
+"""Ctrl-C, SIGTERM and SIGHUP during ``dyngan train``: a checkpoint is saved, the exit code is
 128 + signal, and ``--resume`` finishes the run with its full step count."""
 
 from __future__ import annotations
@@ -91,6 +91,37 @@ def test_sigint_saves_exits_130_and_resume_finishes(tmp_path):
 def test_sigterm_saves_and_exits_143(tmp_path):
     out, rc, _, stderr = _interrupt(tmp_path, signal.SIGTERM)
     _check_interrupted_run(out, rc, stderr, 143)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP")
+def test_sighup_saves_like_sigterm_and_exits_129(tmp_path):
+    """A closed terminal (SIGHUP) used to end the run at once: exit 129, no checkpoint, and a run
+    directory that neither a new run nor --resume could use."""
+    out, rc, _, stderr = _interrupt(tmp_path, signal.SIGHUP)
+    _check_interrupted_run(out, rc, stderr, 129)
+    assert "interrupted by SIGHUP at step 10; checkpoint saved" in stderr
+    res = subprocess.run(_train_cmd(out, "--resume", "-q"), capture_output=True, text=True, env=_env(),
+                         cwd=str(tmp_path), timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    assert _checkpoints(out)[-1] == STEPS
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP")
+def test_sighup_is_left_alone_when_the_process_ignores_it(tmp_path):
+    """``nohup dyngan train ...``: the terminal closing must not stop the run."""
+    out = tmp_path / "run"
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    script = hold / "pauser.py"
+    from signal_helpers import PAUSER
+
+    script.write_text(PAUSER)
+    proc = subprocess.Popen([sys.executable, str(script), str(hold), str(TIMEOUT), *_args(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(tmp_path),
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    stdout, stderr = signal_when_held(proc, hold, signal.SIGHUP, TIMEOUT)
+    assert proc.returncode == 0, stderr
+    assert _checkpoints(out) == [STEPS]
 
 
 def test_a_signal_during_the_final_evaluation_stops_after_it(tmp_path):

@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from core import hookimpl
-from core.components import Dataset, Option
+# OptionError (core.errors, re-exported here): bad option values, so the user gets "Error: ..." and exit 2
+from core.components import Dataset, Option, OptionError
 
 __version__ = "0.1.0"
 
@@ -38,7 +39,7 @@ def mode_weights(k: int, profile: str, ratio: float, rare_modes: int, rare_fract
         else:
             raw = [(1.0 - rare_fraction) / (k - r)] * (k - r) + [rare_fraction / r] * r
     else:
-        raise ValueError(f"unknown profile {profile!r}")
+        raise OptionError(f"dataset 'imbalanced-grid': unknown profile {profile!r} (geometric or rare)")
     total = sum(raw)
     return [w / total for w in raw]
 
@@ -47,8 +48,9 @@ def mode_counts(n: int, weights: list[float]) -> list[int]:
     """Points per mode: ``n * weight`` rounded by largest remainder (summing to ``n``),
     then a mode left empty takes one point from the largest mode."""
     k = len(weights)
-    if n < k:
-        raise ValueError(f"dataset 'imbalanced-grid': n={n} is smaller than the number of modes ({k})")
+    if n < k:  # the options do not fit together: the user's to fix, so OptionError (exit 2)
+        raise OptionError(f"dataset 'imbalanced-grid': n={n} is smaller than the number of modes ({k}); "
+                          f"set -o dataset.n to at least {k} or a smaller -o dataset.side")
     share = [n * w for w in weights]
     counts = [int(s) for s in share]
     # largest remainder first, lower mode id on ties

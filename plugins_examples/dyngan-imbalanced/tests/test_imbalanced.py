@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dyngan_imbalanced
+from core.errors import OptionError
 from core.testing import check_dataset, check_options_schema, check_state_roundtrip, plugin_host
 from dyngan_imbalanced import ImbalancedGrid, mode_counts
 
@@ -57,8 +58,31 @@ def test_every_mode_gets_a_point_and_the_total_is_n():
     for n in (25, 26, 999, 1000):
         assert sum(ImbalancedGrid(n=n, ratio=0.5).counts()) == n
         assert min(ImbalancedGrid(n=n, ratio=0.5).counts()) >= 1
-    with pytest.raises(ValueError, match="smaller than the number of modes"):
+    with pytest.raises(OptionError, match="smaller than the number of modes"):
         ImbalancedGrid(n=10).load(torch.Generator().manual_seed(0))
+
+
+def test_too_small_n_on_the_command_line_is_bad_input_and_leaves_no_run(tmp_path, monkeypatch):
+    """An option value that does not fit is the user's to fix: one ``Error:`` line and exit 2 (not
+    exit 1 naming load()'s ValueError), and the same --out trains once n is fixed."""
+    from click.testing import CliRunner
+
+    from core.cli import cli
+
+    monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "imbalanced-grid", "--steps", "4", "--log-every", "4", "--device", "cpu",
+            "--threads", "1", "-q", "--out", str(out), "-o"]
+    with plugin_host(dyngan_imbalanced, strict=True):
+        res = CliRunner().invoke(cli, [*args, "dataset.n=3"])
+        assert res.exit_code == 2, res.output
+        err = res.stderr.strip()
+        assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
+        assert "n=3 is smaller than the number of modes (25)" in err and "raised in load()" not in err
+        assert not out.exists()
+        res = CliRunner().invoke(cli, [*args, "dataset.n=50"])
+        assert res.exit_code == 0, res.output
+    assert (out / "checkpoints" / "step-00000004.json").exists()
 
 
 def test_seed_changes_the_points_but_not_the_counts():

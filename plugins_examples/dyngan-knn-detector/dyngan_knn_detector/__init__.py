@@ -36,7 +36,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from core import hookimpl
-from core.components import CollapseDetector, Detection, Option, TrainContext
+# OptionError (core.errors, re-exported here): bad option values, so the user gets "Error: ..." and exit 2
+from core.components import CollapseDetector, Detection, Option, OptionError, TrainContext
 
 __version__ = "0.1.0"
 
@@ -116,9 +117,10 @@ class KNNCoverageDetector(CollapseDetector):
         n = int(ctx.data.shape[0])
         m = self._size(n)
         k = int(self.opts.k)
-        if m <= k:
-            raise ValueError(f"detector 'knn-coverage' needs more than k={k} reference samples; "
-                             f"the training set has {n} and samples={self.opts.samples}")
+        if m <= k:  # the options do not fit this data: the user's to fix, so OptionError (exit 2)
+            fix = f"-o detector.k below {m}" + (f" or -o detector.samples above {k}" if n > k else "")
+            raise OptionError(f"detector 'knn-coverage' needs more than k={k} reference samples; "
+                              f"the training set has {n} and samples={self.opts.samples}: set {fix}")
         # draws from ctx.rng; rank 0's draw wins so that every rank scores the same samples
         if self.reference is None:
             ref = torch.randperm(n, generator=ctx.rng, device=ctx.rng.device)[:m]

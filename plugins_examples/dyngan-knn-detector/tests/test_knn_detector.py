@@ -10,6 +10,7 @@ from torch import nn
 
 import dyngan_knn_detector
 from core.components import Comm
+from core.errors import OptionError
 from core.testing import (
     single_thread,
     check_detector,
@@ -185,8 +186,32 @@ def test_work_is_sharded_and_gathered_through_ctx_comm():
 
 def test_too_few_samples_is_a_clear_error():
     det = KNNCoverageDetector(samples=5, k=5)
-    with pytest.raises(ValueError, match="more than k=5"):
+    with pytest.raises(OptionError, match="more than k=5"):
         det.setup(tiny_train_context())
+
+
+def test_k_too_large_on_the_command_line_is_bad_input_and_leaves_no_run(tmp_path, monkeypatch):
+    """k and samples that do not fit are the user's to fix: one ``Error:`` line and exit 2, and the
+    run directory that setup() failed in is gone, so the same --out trains with fixed options."""
+    from click.testing import CliRunner
+
+    from core.cli import cli
+
+    monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
+    out = tmp_path / "run"
+    args = ["train", "--detector", "knn-coverage", "-o", "dataset.n=500", "-o", "detector.samples=20",
+            "-o", "detector.every=10", "--steps", "10", "--log-every", "10", "--eval-every", "0",
+            "--device", "cpu", "--threads", "1", "-q", "--out", str(out), "-o"]
+    with plugin_host(dyngan_knn_detector, strict=True):
+        res = CliRunner().invoke(cli, [*args, "detector.k=50"])
+        assert res.exit_code == 2, res.output
+        err = res.stderr.strip()
+        assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
+        assert "needs more than k=50 reference samples" in err and "-o detector.k below 20" in err
+        assert not out.exists()
+        res = CliRunner().invoke(cli, [*args, "detector.k=5"])
+        assert res.exit_code == 0, res.output
+    assert (out / "checkpoints" / "step-00000010.json").exists()
 
 
 def test_trains_end_to_end_with_the_dyngan_partitioner(tmp_path, monkeypatch):
