@@ -37,6 +37,10 @@ class _Mixture(Dataset):
     def resolve_options(cls, values):
         out = super().resolve_options(values)
         ppm = out.get("points_per_mode")
+        if ppm is not None and "n" in values and out["n"] != cls.options["n"].default:
+            # one of the two would be ignored, and config.json would state a size the data do not have
+            raise OptionError(f"{cls.describe()}: give n={out['n']} or points_per_mode={ppm}, not both "
+                              f"(points_per_mode makes points_per_mode x modes points)")
         if ppm is not None:
             modes = cls.mode_count(out)
             if ppm * modes > MAX_POINTS:

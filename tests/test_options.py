@@ -324,3 +324,22 @@ def test_documented_and_default_sizes_stay_valid():
                   ["--preset", "dyngan-image"], ["--dataset", "stacked-digits", "-o", "dataset.n=5e7"]):
         res = CliRunner().invoke(cli, ["train", "--dry-run", *flags])
         assert res.exit_code == 0, (flags, res.output)
+
+
+@pytest.mark.parametrize("dataset", ["grid25", "ring8"])
+def test_n_and_points_per_mode_together_are_refused_not_one_ignored(dataset):
+    """points_per_mode replaces n: both given would train on one and record the other in config.json."""
+    from click.testing import CliRunner
+
+    from core.api import resolve_settings
+    from core.cli import cli
+
+    res = CliRunner().invoke(cli, ["train", "--dry-run", "--dataset", dataset, "-o", "dataset.n=1000",
+                                   "-o", "dataset.points_per_mode=50"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"dataset '{dataset}': give n=1000 or points_per_mode=50, not both" in res.stderr
+    # a saved config holds both (n at its default, unused): it still resolves
+    cfg = resolve_settings({"dataset": dataset, "options": {"dataset": {"points_per_mode": 50}}})
+    assert cfg["options"]["dataset"]["n"] == 100_000
+    again = resolve_settings({"dataset": dataset, "options": {"dataset": dict(cfg["options"]["dataset"])}})
+    assert again["options"]["dataset"] == cfg["options"]["dataset"]
