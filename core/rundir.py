@@ -48,14 +48,34 @@ def is_run(path: Path) -> bool:
         raise path_error(path, e) from None
 
 
+#: run directory -> the folders above it that ``create`` made for it, nearest first: a run removed
+#: before it began (``discard_unstarted``) takes them along when it leaves them empty
+_MADE_PARENTS: dict[Path, list[Path]] = {}
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, nearest first."""
+    out = []
+    for parent in path.parents:
+        try:
+            if parent.exists():
+                break
+        except OSError:
+            break
+        out.append(parent)
+    return out
+
+
 def create(path: Path | None, root: Path = Path("runs")) -> Path:
     """Make a new run directory; refuses one that already holds a run."""
     if path is None:
         root_abs = root
         for _ in range(100):
             path = next_numbered(root_abs)
+            made = _missing_parents(path)
             try:
                 path.mkdir(parents=True, exist_ok=False)
+                _MADE_PARENTS[path] = made
                 return path
             except FileExistsError:
                 continue
@@ -63,8 +83,10 @@ def create(path: Path | None, root: Path = Path("runs")) -> Path:
                 raise UsageError(f"cannot create run directory {str(path)!r}: {e.strerror or e}") from None
         raise UsageError(f"cannot find a free run directory under {str(root)!r}")
     check_new(path)
+    made = _missing_parents(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        _MADE_PARENTS[path] = made
     except OSError as e:
         raise UsageError(f"cannot create run directory {str(path)!r}: {e.strerror or e}") from None
     if not os.access(path, os.W_OK):
@@ -119,6 +141,8 @@ def discard_unstarted(path: Path) -> bool:
         return False
     try:
         path.rmdir()
+        for parent in _MADE_PARENTS.pop(path, []):  # runs/ (or --out's new parents) made for it, if empty
+            parent.rmdir()
     except OSError:
         pass
     return True

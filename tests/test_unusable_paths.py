@@ -134,3 +134,23 @@ def test_a_run_that_lost_its_config_is_named_as_such_by_train_and_resume(tmp_pat
     assert "use --resume" not in err
     _clean_exit_2(invoke(["train", "--out", str(out), "--resume", "-q"]), "no config.json")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_a_new_run_that_fails_before_it_begins_takes_the_folders_made_for_it(tmp_path, monkeypatch):
+    """runs/ (made for a numbered run) and the new parents of --out go with the failed run; a folder
+    that existed before stays, even empty."""
+    monkeypatch.chdir(tmp_path)
+    bad = ["--sampling", "epoch", "-o", "dataset.n=100", "--steps", "5", "-q"]  # refused after the run directory is made
+    _clean_exit_2(invoke(["train", *bad]), "--sampling epoch needs one full batch")
+    _clean_exit_2(invoke(["train", "--out", "a/b/c", *bad]), "--sampling epoch needs one full batch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "a").mkdir()
+    _clean_exit_2(invoke(["train", *bad]), "--sampling epoch needs one full batch")
+    _clean_exit_2(invoke(["train", "--out", "a/b/c", *bad]), "--sampling epoch needs one full batch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "runs"]
+    assert list((tmp_path / "runs").iterdir()) == [] and list((tmp_path / "a").iterdir()) == []
+    # a run that did begin keeps its folders, of course
+    res = invoke(["train", "--out", "x/y", "--steps", "2", "-o", "dataset.n=300", "--eval-every", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "x" / "y" / "config.json").is_file()
