@@ -129,11 +129,13 @@ _NON_NEGATIVE_STATE = ("step", "exp_avg_sq", "max_exp_avg_sq")
 EMA_PREFIX = EMA_NAME + "/"
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device for a ``device`` setting; UsageError for a malformed name or a device
-    this machine lacks."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device for a ``device`` setting (a name, or a ``torch.device`` as a torch user of the
+    Python API passes it); UsageError for a malformed name or a device this machine lacks."""
     from .config import check_device
 
+    if isinstance(name, torch.device):
+        name = str(name)
     check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1484,9 +1486,12 @@ class Trainer:
         self._sync_ranks()
         if log is not None:
             log.truncate_after(self.step, partition_made=self._partition_pending)
-            log.write({"step": self.step, "event": "rollback", "diverged_at": bad_step, "attempt": attempt})
+            log.write({"step": self.step, "event": "rollback", "diverged_at": bad_step, "attempt": attempt,
+                       **getattr(error, "what", {})})
         self._setup_components()
-        self.progress.message(f"{error}; rolled back to step {self.step} (attempt {attempt} of 3)")
+        cause = getattr(error, "cause", None) or str(error)
+        self.progress.message(f"{cause}; rolled back to the last good checkpoint (step {self.step}) with a new "
+                              f"random stream (attempt {attempt} of 3)")
 
     def _loop(self, log: rundir.MetricsLog | None, flag: _SignalFlag) -> None:
         cfg, dev = self.cfg, self.device
@@ -1706,4 +1711,8 @@ class Trainer:
         kept = f"the last good checkpoint (step {existing[-1][0]}) is kept" if existing else "no checkpoint was saved yet"
         if log is not None:
             log.write({"step": self.step, "event": "divergence", "name": name, "value": value})
-        raise DivergenceError(f"{name} is {value} at step {self.step} with {where}; training stopped; {kept}")
+        error = DivergenceError(f"{name} is {value} at step {self.step} with {where}; training stopped; {kept}")
+        # what a rollback says and logs in place of the divergence record its truncation drops
+        error.what = {"name": name, "value": value}
+        error.cause = f"{name} is {value} at step {self.step} with {where}"
+        raise error

@@ -667,12 +667,18 @@ def test_nan_in_the_weights_is_refused_at_save(tmp_path, faulty):
 def test_rollback_survives_a_transient_nan(tmp_path, faulty, sampling):
     out = tmp_path / "r"
     res = invoke(["train", "--out", str(out), *FLAGS, *DIVERGE, "-o", "loss.once=true",
-                  "--on-divergence", "rollback", "--sampling", sampling, "-q"])
+                  "--on-divergence", "rollback", "--sampling", sampling])
     assert res.exit_code == 0, res.output
     assert ckpt_steps(out)[-1] == 40
     assert_committed_checkpoints_verify(out)
     rollbacks = _events(out, "rollback")
     assert [(r["step"], r["diverged_at"], r["attempt"]) for r in rollbacks] == [(10, 15, 1)]
+    # the record says what diverged (the divergence record itself went with the rolled-back steps)
+    assert rollbacks[0]["name"] == "loss/d" and rollbacks[0]["value"] == "nan"  # (JSON has no NaN: a string)
+    # and the progress says it went on, not that training stopped
+    said = [ln for ln in res.stderr.splitlines() if "rolled back" in ln]
+    assert len(said) == 1 and "rolled back to the last good checkpoint (step 10)" in said[0], res.stderr
+    assert "at step 15 with loss 'nan-after' (plugin 'faulty')" in said[0] and "training stopped" not in said[0]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss/d" in r] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert all(isinstance(r["loss/d"], float) for r in recs if "loss/d" in r)
