@@ -874,6 +874,10 @@ def evaluate(run_dir: str | Path, n: int | None = None, seed: int = 0, *, device
     n = cfg["eval_samples"] if n is None else n
     with _out_of_memory_as_usage("loading the training data", "the dataset does not fit in memory"):
         real = _load_saved_data(comps, cfg, run_dir, loaded.data_shape).to(dev)
+    if not comps.metrics:  # an empty success would look like a score (after the data check: a run
+        # whose data changed says so first)
+        raise UsageError(f"nothing to evaluate: the run in {str(run_dir)!r} has no metrics (it was trained with "
+                         "--metrics none); `dyngan sample` draws its samples")
     for warning in check_metrics(comps, n, real.shape[0]):  # refuses a --n a metric cannot score
         if warn is not None:
             warn(warning)

@@ -228,3 +228,19 @@ def test_a_run_directory_or_settings_of_the_wrong_type_is_a_usage_error(call, ba
     want = "settings must be a mapping" if call in ("resolve_settings", "train") else "a run directory must be a path"
     with pytest.raises(UsageError, match=want):
         fn(bad)
+
+
+def test_evaluate_refuses_a_run_without_metrics_instead_of_an_empty_score(tmp_path):
+    run = api.train({"dataset": "grid25", "steps": 3, "seed": 0, "device": "cpu", "threads": 1, "metrics": [],
+                     "eval_every": 0, "out": str(tmp_path / "nm"), "options": {"dataset": {"n": 300}}},
+                    quiet=True).run_dir
+    with pytest.raises(UsageError, match=r"nothing to evaluate: .* has no metrics \(it was trained with "
+                                         r"--metrics none\)"):
+        api.evaluate(run, n=50)
+    res = invoke(["evaluate", str(run), "--json"])
+    assert res.exit_code == 2 and res.stdout == "" and "Traceback" not in res.output
+    assert res.stderr.startswith("Error: nothing to evaluate") and len(res.stderr.strip().splitlines()) == 1
+    # sampling it still works, on a device given as torch users write it too
+    assert api.sample(run, 4).shape == (4, 2)
+    assert api.sample(run, 4, device=torch.device("cpu")).shape == (4, 2)
+    assert api.load_run(run, device=torch.device("cpu")).device == torch.device("cpu")
