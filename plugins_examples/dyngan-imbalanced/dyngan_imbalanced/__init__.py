@@ -33,11 +33,11 @@ def mode_weights(k: int, profile: str, ratio: float, rare_modes: int, rare_fract
     if profile == "geometric":
         raw = [ratio ** i for i in range(k)]
     elif profile == "rare":
-        r = min(rare_modes, k)
-        if r == k:  # every mode is rare: they are all alike
-            raw = [1.0] * k
-        else:
-            raw = [(1.0 - rare_fraction) / (k - r)] * (k - r) + [rare_fraction / r] * r
+        if rare_modes >= k:  # no common mode would be left: rare_fraction would mean nothing
+            raise OptionError(f"dataset 'imbalanced-grid': rare_modes={rare_modes} leaves no common mode of the "
+                              f"{k}; set -o dataset.rare_modes below {k}")
+        r = rare_modes
+        raw = [(1.0 - rare_fraction) / (k - r)] * (k - r) + [rare_fraction / r] * r
     else:
         raise OptionError(f"dataset 'imbalanced-grid': unknown profile {profile!r} (geometric or rare)")
     total = sum(raw)

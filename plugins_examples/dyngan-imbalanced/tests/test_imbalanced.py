@@ -53,6 +53,13 @@ def test_rare_profile():
     assert sum(info["weights"][-3:]) == pytest.approx(0.03)
 
 
+@pytest.mark.parametrize("rare_modes", [25, 40])
+def test_a_rare_profile_without_a_common_mode_is_refused(rare_modes):
+    with pytest.raises(OptionError, match=f"rare_modes={rare_modes} leaves no common mode of the 25"):
+        ImbalancedGrid(n=1000, profile="rare", rare_modes=rare_modes).counts()
+    assert ImbalancedGrid(n=1000, profile="rare", rare_modes=24, rare_fraction=0.5).counts()[-1] < 30
+
+
 def test_every_mode_gets_a_point_and_the_total_is_n():
     assert mode_counts(30, [0.9] + [0.1 / 24] * 24) == [6] + [1] * 24
     for n in (25, 26, 999, 1000):
