@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import __version__, rundir
+from .console import stop_handler
 from . import checkpoint as ckpt_io
 from .config import DEFAULTS, MAX_SEED, SLOTS, _none, flat_metric_options, read_toml, resolve
 from .errors import (CheckpointError, ComponentFailure, DataError, DynganError, OptionError,
@@ -356,6 +357,7 @@ class _SigtermBeforeStart:
                 self._old[s] = signal.signal(s, self._handle)
 
     @staticmethod
+    @stop_handler
     def _handle(signum: int, frame: Any) -> None:
         raise _Terminated(signum)
 
@@ -518,6 +520,8 @@ def _discard_failed_start(run_dir: Path) -> bool:
 
     metrics = run_dir / rundir.METRICS
     try:
+        if (run_dir / rundir.CHECKPOINTS).exists():  # discard_unstarted keeps such a run: so is its log
+            return False
         if metrics.is_file() and not metrics.is_symlink():
             lines = metrics.read_text(encoding="utf-8").splitlines()
             records = [json.loads(line) for line in lines if line.strip()]

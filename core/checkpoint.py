@@ -277,10 +277,11 @@ def read(json_path: Path) -> Checkpoint:
         if key in sealed:
             try:
                 saved = json.loads(sealed[key])
-            except ValueError:
+            except (ValueError, RecursionError):  # not what save() wrote: it cannot match
                 saved = sealed[key]
             if meta.get(key) != saved:
-                raise CheckpointError(f"{json_path.name}: its {key} {meta.get(key)!r} is not the {saved!r} "
+                was, now = (r if len(r) <= 80 else r[:77] + "..." for r in (repr(saved), repr(meta.get(key))))
+                raise CheckpointError(f"{json_path.name}: its {key} {now} is not the {was} "
                                       f"its tensor file was saved with (edited)")
     for name, t in tensors.items():  # NaN weights are never saved: such a file was edited or damaged
         if name.startswith(NETWORK_PREFIXES) and t.is_floating_point() and not bool(t.isfinite().all()):
@@ -294,7 +295,7 @@ def _header_metadata(blob: bytes) -> dict[str, str]:
     n = int.from_bytes(blob[:8], "little")
     try:
         found = json.loads(blob[8:8 + n]).get("__metadata__") or {}
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return {}
     return {k: v for k, v in found.items() if isinstance(v, str)} if isinstance(found, dict) else {}
 

@@ -428,17 +428,16 @@ def resolve(registry: Registry, layers: list[Mapping[str, Any]]) -> dict[str, An
     try:
         return _resolve(registry, layers)
     except UsageError as e:
-        _attribute_to_file(registry, layers, e)
         name = _merged(layers).get("preset")
-        if _none(name) or not isinstance(name, str) or name not in registry.names("preset"):
-            raise  # no preset, or the preset itself is unknown: nothing to attribute
-        try:
-            _resolve(registry, [{"preset": name}])
-        except UsageError as alone:
-            if str(alone) == str(e):  # the preset's own mistake, whatever the user added
-                preset = registry.get("preset", name)
-                raise UsageError(f"{component_label('preset', preset.name, getattr(preset, 'plugin', None))} "
-                                 f"has settings dyngan refuses: {e}") from e
+        if not _none(name) and isinstance(name, str) and name in registry.names("preset"):
+            try:
+                _resolve(registry, [{"preset": name}])
+            except UsageError as alone:
+                if str(alone) == str(e):  # the preset's own mistake, whatever the user added
+                    preset = registry.get("preset", name)
+                    raise UsageError(f"{component_label('preset', preset.name, getattr(preset, 'plugin', None))} "
+                                     f"has settings dyngan refuses: {e}") from e
+        _attribute_to_file(registry, layers, e)  # else a mistake the config file gives on its own
         raise
 
 

@@ -59,6 +59,8 @@ def safe_write(stream: Any, text: str) -> bool:
     try:
         stream.write(text)
         stream.flush()
+    except BlockingIOError:  # a non-blocking stream that is full for now: this line is lost, not the stream
+        return True
     except (OSError, ValueError) as e:
         if not is_write_failure(e, stream):
             raise
@@ -69,10 +71,21 @@ def safe_write(stream: Any, text: str) -> bool:
 
 def stop_signals() -> tuple[int, ...]:
     """The signals that stop training with a checkpoint (and a new run's set-up, removing it):
-    SIGINT (Ctrl-C), SIGTERM and, where it exists, SIGHUP (the terminal closed), unless the process
-    was started ignoring SIGHUP (``nohup``): a terminal that closes must not then stop the run."""
+    SIGINT (Ctrl-C), SIGTERM and, where it exists, SIGHUP (the terminal closed) while it has its
+    default disposition, which would kill the process unsaved. A SIGHUP that is ignored (``nohup``:
+    a terminal that closes must not then stop the run) or that a program using dyngan as a library
+    handles itself (to reload its settings, say) is left as it is."""
     sigs = [signal.SIGINT, signal.SIGTERM]
     hup = getattr(signal, "SIGHUP", None)
-    if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
-        sigs.append(hup)
+    if hup is not None:
+        current = signal.getsignal(hup)
+        if current is signal.SIG_DFL or getattr(current, "_dyngan_stop", False):  # dyngan's own: set-up's
+            sigs.append(hup)
     return tuple(sigs)
+
+
+def stop_handler(handler: Any) -> Any:
+    """Mark ``handler`` as one of dyngan's own stop handlers (set-up's, training's): a SIGHUP that one
+    of them holds counts as taken from its default disposition when training takes it over."""
+    handler._dyngan_stop = True
+    return handler

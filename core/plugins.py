@@ -425,12 +425,16 @@ class PluginHost:
         config.json ``plugins`` record (``{plugin: {"distribution", "version"}}``, the plugins that
         provided its components); None when it may be the same.
 
-        It is another one when the plugin providing it now is not in the record (another plugin took
-        the name, e.g. while the run's own plugin is blocked or fails to load), or is in the record
-        under a different distribution (another plugin of the same name). ``strict=False`` (a metric,
-        which a resume may add from a plugin the record does not list) lets a plugin outside the
-        record pass while every plugin of the record is loaded. A run with no record (older runs) and
-        a component registered outside any plugin are not checked.
+        It is another one when the plugin providing it now is in the record under a different
+        distribution (another plugin of the same name), or when that plugin is not in the record
+        while one of the record's installed plugins is not loaded (blocked, failed or uninstalled:
+        another plugin took the name it provided). Not refused: a plugin of the same distribution as
+        one in the record (an entry point renamed, a component moved between the modules of one
+        package, built-ins included), plugins that are not installed distributions on both sides
+        (``core.testing.plugin_host`` in a notebook, under another name), and with ``strict=False``
+        (a metric: it changes what is measured, not the saved state, and a resume may add one from a
+        plugin the record does not list) anything but the same-name case. A run with no record
+        (older runs) and a component registered outside any plugin are not checked.
         """
         if not isinstance(record, Mapping) or not record:
             return None
@@ -442,18 +446,30 @@ class PluginHost:
         version_now = info.version if info is not None else None
         now = f"plugin {current!r}" + (f" (distribution {dist_now}{f' {version_now}' if version_now else ''})"
                                        if dist_now else "")
+
+        def dist_of(plugin: str) -> str | None:
+            used = record.get(plugin)
+            dist = used.get("distribution") if isinstance(used, Mapping) else None
+            return dist if isinstance(dist, str) and dist else None
+
         if current in record:
-            used = record[current] if isinstance(record[current], Mapping) else {}
-            dist, version = used.get("distribution"), used.get("version")
-            if isinstance(dist, str) and isinstance(dist_now, str) and _dist_key(dist) != _dist_key(dist_now):
+            dist, version = dist_of(current), (record[current] or {}).get("version") \
+                if isinstance(record[current], Mapping) else None
+            if dist is not None and isinstance(dist_now, str) and _dist_key(dist) != _dist_key(dist_now):
                 return (f"its {kind} {name!r} came from plugin {current!r} of distribution "
                         f"{dist}{f' {version}' if version else ''}, but the plugin {current!r} loaded now is "
                         f"another one, from distribution {dist_now}{f' {version_now}' if version_now else ''}, "
                         f"whose {kind} {name!r} the run was not trained with")
             return None
+        if not strict:
+            return None
+        if isinstance(dist_now, str) and any(
+                dist_of(p) is not None and _dist_key(dist_of(p)) == _dist_key(dist_now) for p in record):
+            return None  # the same package, another entry point or module
+        unloaded = [p for p in record if self.plugins.get(p) is None or self.plugins[p].error is not None]
+        if not unloaded or (dist_now is None and all(dist_of(p) is None for p in unloaded)):
+            return None
         missing = self.missing_plugins(kind, name, record)
-        if missing is None and not strict:
-            return None  # every plugin the run used is loaded: e.g. a metric a resume added
         then = missing or (f"its {kind} {name!r} came from one of its plugins "
                            f"({', '.join(map(repr, record))}), none of which registers it now")
         return (f"{then}; {kind} {name!r} is registered now by {now}, which the run did not use: another "

@@ -48,8 +48,9 @@ def is_run(path: Path) -> bool:
         raise path_error(path, e) from None
 
 
-#: run directory -> the folders above it that ``create`` made for it, nearest first: a run removed
-#: before it began (``discard_unstarted``) takes them along when it leaves them empty
+#: run directory that ``create`` made -> the folders above it that it made for it, nearest first: a
+#: run removed before it began (``discard_unstarted``) takes them along when it leaves them empty; a
+#: folder that existed before (an empty --out the user made) is never removed
 _MADE_PARENTS: dict[Path, list[Path]] = {}
 
 
@@ -85,8 +86,10 @@ def create(path: Path | None, root: Path = Path("runs")) -> Path:
     check_new(path)
     made = _missing_parents(path)
     try:
+        existed = path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        _MADE_PARENTS[path] = made
+        if not existed:
+            _MADE_PARENTS[path] = made
     except OSError as e:
         raise UsageError(f"cannot create run directory {str(path)!r}: {e.strerror or e}") from None
     if not os.access(path, os.W_OK):
@@ -125,8 +128,9 @@ def resume_advice(run_dir: Path | str, torchrun: bool = False) -> str:
 
 def discard_unstarted(path: Path) -> bool:
     """Remove the config.json of a run that failed or was interrupted before training began (no
-    checkpoints, no metrics but an empty metrics.jsonl), and the directory if that leaves it empty;
-    anything else is left alone. Whether the run is gone (its config.json removed)."""
+    checkpoints, no metrics but an empty metrics.jsonl), and the directory if ``create`` made it and
+    that leaves it empty; anything else is left alone. Whether the run is gone (its config.json
+    removed)."""
     metrics = path / METRICS
     try:
         if list_checkpoints(path / CHECKPOINTS) or (path / CHECKPOINTS).exists() or \
@@ -139,12 +143,13 @@ def discard_unstarted(path: Path) -> bool:
         (path / CONFIG).unlink(missing_ok=True)
     except OSError:
         return False
-    try:
-        path.rmdir()
-        for parent in _MADE_PARENTS.pop(path, []):  # runs/ (or --out's new parents) made for it, if empty
-            parent.rmdir()
-    except OSError:
-        pass
+    if path in _MADE_PARENTS:  # made for this run: it goes if that leaves it empty, as do its new parents
+        try:
+            path.rmdir()
+            for parent in _MADE_PARENTS.pop(path):
+                parent.rmdir()
+        except OSError:
+            pass
     return True
 
 
@@ -163,14 +168,19 @@ EVALUATION = ("metrics", "eval_samples")
 
 
 def record_schedule(path: Path, config: dict[str, Any]) -> None:
-    """Write ``config``'s schedule (``SCHEDULE``), evaluation settings (``EVALUATION``) and metric
-    options into the run's config.json where they differ, atomically."""
+    """Write ``config``'s schedule (``SCHEDULE``), evaluation settings (``EVALUATION``), metric
+    options and the plugins it uses that config.json does not list yet (a metric's) into the run's
+    config.json where they differ, atomically."""
     saved = read_config(path)
     changed = {k: config[k] for k in (*SCHEDULE, *EVALUATION) if k in config and saved.get(k) != config[k]}
     metric_opts = (config.get("options") or {}).get("metric")
     saved_opts = saved.get("options") if isinstance(saved.get("options"), dict) else {}
     if metric_opts is not None and saved_opts.get("metric") != metric_opts:
         changed["options"] = {**saved_opts, "metric": metric_opts}
+    # the plugin of a metric the resume added joins the run's record of the plugins it used
+    plugins, saved_plugins = config.get("plugins"), saved.get("plugins")
+    if isinstance(plugins, dict) and isinstance(saved_plugins, dict) and set(plugins) - set(saved_plugins):
+        changed["plugins"] = {**saved_plugins, **{k: v for k, v in plugins.items() if k not in saved_plugins}}
     if not changed:
         return
     try:

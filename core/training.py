@@ -708,6 +708,7 @@ class _SignalFlag:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
+    @console.stop_handler
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # a second Ctrl-C: stop now, without saving
             self.second = signum

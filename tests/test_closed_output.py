@@ -54,6 +54,24 @@ def test_progress_stops_writing_to_a_stream_that_failed_and_raises_nothing(error
     assert stream.getvalue() == "run directory: somewhere\n"
 
 
+def test_a_stream_full_for_now_loses_a_line_not_the_progress():
+    """A non-blocking stream that cannot take a write now (EAGAIN) is not gone: later lines go on."""
+    class Busy(io.StringIO):
+        busy = True
+
+        def write(self, text: str) -> int:
+            if self.busy:
+                self.busy = False
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            return super().write(text)
+
+    stream = Busy()
+    progress = Progress(100, quiet=False, stream=stream)
+    progress.message("first")  # lost
+    progress.message("second")
+    assert not progress.closed and stream.getvalue() == "second\n"
+
+
 def test_a_progress_stream_that_is_no_broken_pipe_still_raises():
     """Only the stream's own failures are swallowed, not a bug that raises something else."""
     class Buggy(io.StringIO):

@@ -839,6 +839,16 @@ def test_a_presets_own_mistake_names_the_preset(preset, says):
         assert "Traceback" not in res.output
 
 
+def test_a_presets_own_mistake_chosen_in_a_config_file_names_the_preset_not_the_file(tmp_path):
+    path = _write_toml(tmp_path / "c.toml", 'preset = "qa-nope"\n')
+    with _attribution_host():
+        res = CliRunner().invoke(cli, ["train", "--config", path, "--dry-run"])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error: preset 'qa-nope' (plugin 'qa') has settings dyngan refuses: "), err
+    assert "unknown detector 'nope'" in err and "config file" not in err
+
+
 def test_a_datasets_unknown_default_model_names_the_dataset():
     with _attribution_host():
         with pytest.raises(UsageError) as e:

@@ -886,3 +886,19 @@ def test_a_sidecar_edited_to_another_data_layout_is_skipped_as_damaged(tmp_path,
     assert api.evaluate(out, n=50, warn=None)["step"] == 10
     # the untouched sidecar still reads, and the header holds the values as JSON
     assert ckpt_io.read(out / "checkpoints" / "step-00000010.json").meta["data_shape"] == [2]
+
+
+def test_a_forged_sealed_value_nested_too_deeply_is_damage_not_a_traceback(tmp_path, runs):
+    from safetensors.torch import save
+
+    out = tmp_path / "r"
+    shutil.copytree(runs / "run20", out)
+    jpath = out / "checkpoints" / "step-00000020.json"
+    blob = save(_t(out / "checkpoints"), metadata={"format": ckpt_io.FORMAT, "step": "20",
+                                                   "data_shape": "[" * 200_000 + "]" * 200_000})
+    resign_checkpoint(jpath, blob=blob)
+    with pytest.raises(core.errors.CheckpointError, match="its data_shape .* is not the"):
+        ckpt_io.read(jpath)
+    res = invoke(["sample", str(out), "--n", "3", "--out", str(tmp_path / "s.npy")])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "using step 10" in res.stderr and len(res.stderr) < 1000  # the forged value is cut short

@@ -148,13 +148,16 @@ def test_sigterm_before_the_first_step_of_a_new_run_exits_143_and_leaves_no_run(
         raise RuntimeError(f"{name} reached the handler train() found")
 
     monkeypatch.setattr(training_mod.Trainer, "_setup_components", send)
-    old = signal.signal(signum, unhandled)
+    # SIGHUP is taken over only from its default disposition (a program's own handler is left to it),
+    # so it has that here: were it not handled, the process running the tests would end
+    before = unhandled if name == "SIGTERM" else signal.SIG_DFL
+    old = signal.signal(signum, before)
     try:
         out = tmp_path / "new"
         res = invoke(["train", "--out", str(out), "--steps", "20", *BASE])
         err = assert_clean_error(res, code, f"interrupted by {name} before the first training step")
         assert "the new run was removed" in err and not out.exists()
-        assert signal.getsignal(signum) is unhandled  # given back
+        assert signal.getsignal(signum) is before  # given back
     finally:
         signal.signal(signum, old)
 
@@ -234,6 +237,33 @@ def test_a_failure_before_the_first_step_keeps_a_folder_that_held_other_files(tm
         assert_clean_error(invoke(_failing_args(kind, out)), code, needle)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failure_before_the_first_step_keeps_an_empty_out_folder_the_user_made(tmp_path):
+    """Only what dyngan made goes: an empty --out folder that existed stays, as a new one made
+    for the run (and its new parents) go."""
+    from core.testing import plugin_host
+
+    made, mine = tmp_path / "new" / "deeper", tmp_path / "mine"
+    mine.mkdir()
+    with plugin_host(("failing", _failing_plugin("loss", RuntimeError("first step refused")))):
+        for out in (mine, made):
+            assert_clean_error(invoke(_failing_args("loss", out)), 1, "first step refused")
+    assert mine.is_dir() and list(mine.iterdir()) == []
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failure_before_the_first_step_beside_an_empty_checkpoints_folder_keeps_its_log(tmp_path):
+    """A --out holding an empty checkpoints/ folder: the run is not removed (as a run whose first
+    checkpoint began), and its log keeps its start record instead of being emptied half-way."""
+    from core.testing import plugin_host
+
+    out = tmp_path / "odd"
+    (out / "checkpoints").mkdir(parents=True)
+    with plugin_host(("failing", _failing_plugin("loss", RuntimeError("first step refused")))):
+        assert_clean_error(invoke(_failing_args("loss", out)), 1, "first step refused")
+    assert (out / "config.json").is_file()
+    assert '"event": "start"' in (out / "metrics.jsonl").read_text()
 
 
 def test_a_failing_setup_on_resume_leaves_the_saved_run_as_it_was(tmp_path, run10, monkeypatch):

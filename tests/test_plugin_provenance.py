@@ -211,9 +211,10 @@ def test_builtin_components_match_their_record():
     cfg = api.resolve_settings({"dataset": "ring8", "loss": "hinge", "preset": "dyngan"}, host)
     assert {"losses", "mixtures", "mlp", "dyngan"} <= set(cfg["plugins"])
     assert api._check_providers(host, cfg, cfg["plugins"]) is None
-    # the same config whose record misses the built-in loss plugin: its loss is another plugin's
-    record = {k: v for k, v in cfg["plugins"].items() if k != "losses"}
-    assert "its loss 'hinge' came from one of its plugins" in api._check_providers(host, cfg, record)
+    # the same config whose record names the loss's built-in module otherwise (a component moved between
+    # the modules of one package): the same distribution, so not another plugin's loss
+    record = {("losses_old" if k == "losses" else k): v for k, v in cfg["plugins"].items()}
+    assert api._check_providers(host, cfg, record) is None
 
 
 # --------------------------------------------------------------------------- PluginHost.substituted
@@ -239,17 +240,37 @@ def test_substituted_compares_plugin_names_and_normalised_distributions():
                    "Dyngan_X 1.0), which the run did not use: another plugin's loss is never put in its place")
 
 
-def test_a_metric_from_a_plugin_outside_the_record_passes_only_while_the_runs_plugins_are_loaded():
-    """A resume may add a metric of another plugin (config.json's record is not rewritten then): that is
-    no substitution while every plugin the run recorded is loaded; with one of them missing it may be."""
+def test_a_plugin_outside_the_record_is_refused_only_in_place_of_an_unloaded_plugin_of_another_package():
     host = _host(("a", "dyngan-a", make_plugin("a", register_losses=registering(Loss, "a-loss"))),
-                 ("m", "dyngan-m", make_plugin("m", register_metrics=registering(Metric, "m-metric"))))
+                 ("m", "dyngan-m", make_plugin("m", register_losses=registering(Loss, "m-loss"),
+                                              register_metrics=registering(Metric, "m-metric"))))
     record = {"a": {"distribution": "dyngan-a", "version": "1.0"}}
-    assert host.substituted("metric", "m-metric", record, strict=False) is None
-    assert "registered now by plugin 'm'" in host.substituted("metric", "m-metric", record)
+    # every plugin the run recorded is loaded: nothing was put in the place of a missing one
+    assert host.substituted("loss", "m-loss", record) is None
+    # the run's plugin 'b' is gone and 'm', of another package, registers the name now: refused
     gone = {**record, "b": {"distribution": "dyngan-b", "version": "1.0"}}
-    assert "came from plugin 'b' (distribution dyngan-b 1.0), which is not installed" in \
-        host.substituted("metric", "m-metric", gone, strict=False)
+    said = host.substituted("loss", "m-loss", gone)
+    assert "came from plugin 'b' (distribution dyngan-b 1.0), which is not installed" in said
+    assert "registered now by plugin 'm' (distribution dyngan-m 1.0)" in said
+    # ... unless 'm' is of the same package as a recorded plugin (an entry point renamed)
+    renamed = {**record, "b": {"distribution": "Dyngan_M", "version": "0.9"}}
+    assert host.substituted("loss", "m-loss", renamed) is None
+    # a metric changes what is measured, not the run: only the same-name case is refused for it
+    assert host.substituted("metric", "m-metric", gone, strict=False) is None
+    assert "from distribution dyngan-m" in host.substituted(
+        "metric", "m-metric", {"m": {"distribution": "other-m", "version": "1.0"}}, strict=False)
+
+
+def test_in_process_plugins_under_another_name_are_not_refused():
+    """A run trained in a notebook with ``plugin_host(("dev", plug))``, reopened with ``("mine", plug)``:
+    neither is an installed distribution, so no installed plugin took another's place."""
+    host = PluginHost()
+    host.reserved_commands = {}
+    host.add_plugin("mine", lambda: make_plugin("mine", register_losses=registering(Loss, "dev-loss")))
+    assert host.substituted("loss", "dev-loss", {"dev": {"distribution": None, "version": None}}) is None
+    # but an installed plugin recorded and gone, with an in-process one in its place, is refused
+    assert "registered now by plugin 'mine'" in host.substituted(
+        "loss", "dev-loss", {"dev": {"distribution": "dyngan-dev", "version": "1.0"}})
 
 
 def test_a_resume_records_the_plugin_of_a_metric_it_adds(trained, tmp_path):
@@ -275,3 +296,22 @@ def test_a_resume_records_the_plugin_of_a_metric_it_adds(trained, tmp_path):
         cfg, _ = api.prepare({"out": str(run_dir), "metrics": ["mixture", "prov-tally"]}, resume=True, host=host)
     assert set(cfg["plugins"]) >= {"softhinge", "prov_tally"}
     assert cfg["metrics"] == ["mixture", "prov-tally"]
+
+
+def test_a_resume_that_changes_the_metrics_records_their_plugin_and_the_old_ones_may_go(tmp_path, monkeypatch):
+    """Trained with prdc, resumed with mixture: config.json then lists mixture's plugin too, and the
+    run needs prdc no more (blocking it keeps evaluate, sample and resume working)."""
+    monkeypatch.setenv("DYNGAN_NO_PICTURES", "1")
+    out = tmp_path / "r"
+    base = {"dataset": "grid25", "seed": 0, "device": "cpu", "threads": 1, "out": str(out), "eval_every": 0,
+            "options": {"dataset": {"n": 300}}}
+    api.train({**base, "steps": 4, "metrics": ["prdc"]}, quiet=True)
+    assert "mixture_metrics" not in json.loads((out / "config.json").read_text())["plugins"]
+    api.train({**base, "steps": 8, "metrics": ["mixture"]}, resume=True, quiet=True)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["metrics"] == ["mixture"] and {"prdc", "mixture_metrics"} <= set(saved["plugins"])
+    monkeypatch.setenv("DYNGAN_BLOCK_PLUGINS", "prdc")
+    host = load_plugins()
+    assert "prdc" not in host.registry.names("metric")
+    assert "mixture/modes" in api.evaluate(out, n=100, host=host)["metrics"]
+    assert api.sample(out, 5, host=host).shape == (5, 2)

@@ -152,3 +152,24 @@ def test_a_signal_during_the_final_evaluation_stops_after_it(tmp_path):
     assert _checkpoints(out) == [10]
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert [e["sig-at-eval/x"] for e in evals] == [1.0]  # the evaluation finished and is logged
+
+
+def test_sighup_is_taken_over_only_from_its_default_disposition():
+    """A program using dyngan as a library that handles SIGHUP itself keeps its handler while it trains."""
+    from core.console import stop_signals
+
+    old = signal.getsignal(signal.SIGHUP)
+    calls = []
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert signal.SIGHUP in stop_signals()
+        for other in (signal.SIG_IGN, lambda signum, frame: calls.append(signum)):
+            signal.signal(signal.SIGHUP, other)
+            assert stop_signals() == (signal.SIGINT, signal.SIGTERM)
+        from core.training import _SignalFlag
+
+        with _SignalFlag():
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert calls == [signal.SIGHUP]  # the program's handler ran, not training's stop
+    finally:
+        signal.signal(signal.SIGHUP, old)
