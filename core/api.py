@@ -419,8 +419,11 @@ def train(settings: Mapping[str, Any], *, resume: bool = False, quiet: bool = Tr
         if comm is None or not collective_failure(e):
             raise
         # torchrun: another process stopped or timed out; one line, not Gloo's traceback. Before the
-        # first step (a rank whose set-up failed), a new run leaves nothing behind
-        discarded = main and not resume and run_dir is not None and rundir.discard_unstarted(run_dir)
+        # first step (a rank whose set-up failed), a new run leaves nothing behind. Decided once, under
+        # the run lock: once it is released, another run may already be starting in that folder
+        discarded = getattr(e, _DISCARDED, None)
+        if discarded is None:
+            discarded = main and not resume and run_dir is not None and rundir.discard_unstarted(run_dir)
         raise peer_stopped(e, run_dir, discarded) from e
     finally:
         sigterm.end()
@@ -463,7 +466,7 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
         # bad data or a broken component, before the first step: do not leave a run that
         # blocks the same --out ("already holds a run") with nothing in it to resume
         if not resume and (comm is None or comm.rank == 0):
-            rundir.discard_unstarted(run_dir)
+            _mark_discarded(e, rundir.discard_unstarted(run_dir))
         if is_out_of_memory(e):
             raise out_of_memory(e, "while setting up the run",
                                 "the dataset or the networks do not fit; try a smaller dataset or model") from None
@@ -493,6 +496,8 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
         # that the same --out trains once the cause is fixed
         discarded = (not resume and (comm is None or comm.rank == 0) and trainer.step == 0
                      and _discard_failed_start(run_dir))
+        if not resume and (comm is None or comm.rank == 0):
+            _mark_discarded(e, discarded)
         if not is_out_of_memory(e):
             raise
         saved = rundir.list_checkpoints(run_dir / rundir.CHECKPOINTS)
@@ -508,6 +513,17 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
     if not pictures_disabled() and (comm is None or comm.rank == 0):
         _pictures(run_dir, trainer)
     return result
+
+
+#: the attribute on a failure of a new run that says whether ``_train_locked`` removed the run already
+_DISCARDED = "_dyngan_run_discarded"
+
+
+def _mark_discarded(error: BaseException, discarded: bool) -> None:
+    try:
+        setattr(error, _DISCARDED, bool(discarded))
+    except (AttributeError, TypeError):  # an exception type that takes no attributes: decided again later
+        pass
 
 
 def _discard_failed_start(run_dir: Path) -> bool:
