@@ -495,7 +495,7 @@ def _train_locked(cfg: dict[str, Any], run_dir: Path, host: PluginHost, resume: 
         # step's loss): a new run leaves nothing behind, as one whose data failed to load, so
         # that the same --out trains once the cause is fixed
         discarded = (not resume and (comm is None or comm.rank == 0) and trainer.step == 0
-                     and _discard_failed_start(run_dir))
+                     and rundir.discard_unstarted(run_dir, start_records=True))
         if not resume and (comm is None or comm.rank == 0):
             _mark_discarded(e, discarded)
         if not is_out_of_memory(e):
@@ -524,30 +524,6 @@ def _mark_discarded(error: BaseException, discarded: bool) -> None:
         setattr(error, _DISCARDED, bool(discarded))
     except (AttributeError, TypeError):  # an exception type that takes no attributes: decided again later
         pass
-
-
-def _discard_failed_start(run_dir: Path) -> bool:
-    """Remove a new run whose training failed before its first step finished: its metrics.jsonl
-    holds no more than the ``start`` events written before that step (then emptied), and
-    ``rundir.discard_unstarted`` removes config.json, the empty log and the directory if that
-    leaves it empty (a folder that held other files before is kept, with them). Whether the run is
-    gone. Anything else (a logged step, a checkpoint, a line it cannot read) is left as it is."""
-    import json
-
-    metrics = run_dir / rundir.METRICS
-    try:
-        if (run_dir / rundir.CHECKPOINTS).exists():  # discard_unstarted keeps such a run: so is its log
-            return False
-        if metrics.is_file() and not metrics.is_symlink():
-            lines = metrics.read_text(encoding="utf-8").splitlines()
-            records = [json.loads(line) for line in lines if line.strip()]
-            if not all(isinstance(r, dict) and r.get("event") == "start" and r.get("step") == 0 for r in records):
-                return False
-            if records:
-                metrics.write_bytes(b"")
-    except (OSError, ValueError):  # cannot tell: leave it alone (and do not mask the run's own error)
-        return False
-    return rundir.discard_unstarted(run_dir)
 
 
 def pictures_disabled() -> bool:

@@ -126,15 +126,28 @@ def resume_advice(run_dir: Path | str, torchrun: bool = False) -> str:
     return f"continue with: dyngan train --out {run_dir} --resume"
 
 
-def discard_unstarted(path: Path) -> bool:
+def _only_start_events(metrics: Path) -> bool:
+    """Whether ``metrics`` (a regular file, not a link) holds nothing but step-0 ``start`` events."""
+    if metrics.is_symlink() or not metrics.is_file():
+        return False
+    try:
+        records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except ValueError:  # a line it cannot read: not a log it may discard
+        return False
+    return all(isinstance(r, dict) and r.get("event") == "start" and r.get("step") == 0 for r in records)
+
+
+def discard_unstarted(path: Path, start_records: bool = False) -> bool:
     """Remove the config.json of a run that failed or was interrupted before training began (no
-    checkpoints, no metrics but an empty metrics.jsonl), and the directory if ``create`` made it and
+    checkpoints, no metrics but an empty metrics.jsonl, or with ``start_records`` one holding only
+    the ``start`` events written before the first step), and the directory if ``create`` made it and
     that leaves it empty; anything else is left alone. Whether the run is gone (its config.json
     removed)."""
     metrics = path / METRICS
     try:
         if list_checkpoints(path / CHECKPOINTS) or (path / CHECKPOINTS).exists() or \
-                (metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0)):
+                (metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0)
+                 and not (start_records and _only_start_events(metrics))):
             return False
     except OSError:  # cannot tell: leave it alone (and do not mask the error that brought us here)
         return False
