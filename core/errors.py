@@ -114,4 +114,10 @@ class ComponentFailure(RunFailure):
 
 
 class DivergenceError(RunFailure):
-    """NaN or inf in a loss or in the weights."""
+    """NaN or inf in a loss or in the weights. ``cause``: what diverged, without what follows (a
+    rollback says its own); ``record``: the metrics.jsonl fields that name it (a loss's name and value)."""
+
+    def __init__(self, message: str, cause: str | None = None, record: dict | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause or message
+        self.record = dict(record or {})

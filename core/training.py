@@ -1488,11 +1488,10 @@ class Trainer:
         if log is not None:
             log.truncate_after(self.step, partition_made=self._partition_pending)
             log.write({"step": self.step, "event": "rollback", "diverged_at": bad_step, "attempt": attempt,
-                       **getattr(error, "what", {})})
+                       **error.record})
         self._setup_components()
-        cause = getattr(error, "cause", None) or str(error)
-        self.progress.message(f"{cause}; rolled back to the last good checkpoint (step {self.step}) with a new "
-                              f"random stream (attempt {attempt} of 3)")
+        self.progress.message(f"{error.cause}; rolled back to the last good checkpoint (step {self.step}) with a "
+                              f"new random stream (attempt {attempt} of 3)")
 
     def _loop(self, log: rundir.MetricsLog | None, flag: _SignalFlag) -> None:
         cfg, dev = self.cfg, self.device
@@ -1712,8 +1711,6 @@ class Trainer:
         kept = f"the last good checkpoint (step {existing[-1][0]}) is kept" if existing else "no checkpoint was saved yet"
         if log is not None:
             log.write({"step": self.step, "event": "divergence", "name": name, "value": value})
-        error = DivergenceError(f"{name} is {value} at step {self.step} with {where}; training stopped; {kept}")
-        # what a rollback says and logs in place of the divergence record its truncation drops
-        error.what = {"name": name, "value": value}
-        error.cause = f"{name} is {value} at step {self.step} with {where}"
-        raise error
+        cause = f"{name} is {value} at step {self.step} with {where}"
+        # cause and record: what a rollback says and logs in place of the record its truncation drops
+        raise DivergenceError(f"{cause}; training stopped; {kept}", cause, {"name": name, "value": value})
