@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .console import safe_write
 from .errors import DynganError, format_traceback, traceback_wanted
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -25,14 +26,9 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 def fail(error: DynganError) -> "click.exceptions.Exit":
     """Print a library error as one line (after its traceback with ``DYNGAN_TRACEBACK=1``) and exit
     with its code."""
-    try:
-        if traceback_wanted():
-            click.echo(format_traceback(error), err=True)
-        click.echo(f"Error: {_bounded(str(error))}", err=True)
-    except OSError:  # stderr is gone (a closed pipe, a hung-up terminal): the exit code still says it
-        from .console import write_failed
-
-        write_failed(sys.stderr)
+    # a stderr that is gone (a closed pipe, a hung-up terminal) is muted: the exit code still says it
+    if not traceback_wanted() or safe_write(sys.stderr, format_traceback(error) + "\n"):
+        safe_write(sys.stderr, f"Error: {_bounded(str(error))}\n")
     return click.exceptions.Exit(error.exit_code)
 
 
@@ -329,12 +325,8 @@ def train(options: tuple[str, ...], compile_: bool | None, resume: bool, dry_run
         if comm is not None:
             comm.close()
     if comm is None or comm.rank == 0:
-        try:
-            click.echo(str(result.run_dir))
-        except OSError:  # stdout was closed (`| head -1`): the run is trained and saved all the same
-            from .console import write_failed
-
-            write_failed(sys.stdout)
+        # a closed stdout (`| head -1`) is muted: the run is trained and saved all the same
+        safe_write(sys.stdout, f"{result.run_dir}\n")
 
 
 @cli.command()
